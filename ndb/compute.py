@@ -1,0 +1,355 @@
+"""Keys and residuals of facts (paper appendix F, details as in ROME/MEMIT).
+
+key k_i:      the input of the edited FFN output projection at the subject's last token,
+              averaged over context templates (bare prompt, and model-sampled prefixes).
+residual r_i: a vector added to that projection's output at the subject's last token,
+              optimized so the model predicts the new object (NLL on the object, KL on
+              "{subject} is a", norm decay, norm clamp, early stop).
+
+Speed: many facts are optimized at once, one delta each (Adam is elementwise, so this equals
+separate runs). Only positions from the subject's last token onward depend on the delta, so
+everything before it (at every layer) and everything below the edited layer is computed once
+per batch and cached; each step runs only the layers from the edited one up, on the suffix,
+and computes logits only where the loss reads them. A fact leaves the batch once it converged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ndb import nethook
+from ndb.anchor import anchor_token_id, encode_with_span
+from ndb.facts import Fact
+from ndb.models import decoder_layers, ffn_out_path, get_module
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass
+class ComputeConfig:
+    """Hyper-parameters of key and residual computation (MEMIT's, unless noted)."""
+
+    n_prefixes: int = 5  # model-sampled context prefixes, beside the bare prompt
+    prefix_tokens: int = 10  # length of each sampled prefix
+    steps: int = 25  # Adam steps at most
+    lr: float = 0.5
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.5  # times ||delta|| / ||h||^2
+    clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
+    stop_loss: float = 0.05  # a fact stops once its loss falls below this
+    batch_size: int = 32  # facts optimized together
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def context_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
+    """The bare prefix "" plus ``n`` short texts sampled from the model (top-5), seeded."""
+    if n == 0:
+        return [""]
+    device = _device(model)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    starts = [tokenizer(PREFIX_SEEDS[i % len(PREFIX_SEEDS)], add_special_tokens=False).input_ids
+              for i in range(n)]
+    width = max(map(len, starts))
+    anchor = anchor_token_id(tokenizer)
+    # left-pad the starts so that sampling appends in one column for all
+    ids = torch.tensor([[anchor] * (width - len(s)) + [anchor] + s for s in starts])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * (len(s) + 1) for s in starts])
+    special = torch.tensor(tokenizer.all_special_ids)
+    sampled: list[list[int]] = [[] for _ in range(n)]
+    past = None
+    step_ids = ids
+    for _ in range(length - min(map(len, starts))):
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device), cache=past, use_cache=True)
+        past = out.cache
+        logits = out.logits[:, -1].float().cpu()
+        logits[:, special] = -float("inf")
+        top = logits.topk(5, dim=-1)
+        choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
+        step_ids = top.indices.gather(1, choice)
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], dim=1)
+        for i in range(n):
+            sampled[i].append(int(step_ids[i]))
+    prefixes = [""]
+    for start, tokens in zip(starts, sampled):
+        text = tokenizer.decode(start + tokens[: length - len(start)])
+        text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
+        prefixes.append(f"{text}. ")
+    return prefixes
+
+
+def _subject_span(prefix: str, prompt: str, subject: str) -> tuple[str, int, int]:
+    start = len(prefix) + prompt.index("{}")
+    return prefix + prompt.format(subject), start, start + len(subject)
+
+
+def _encode(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
+    """Anchored ids of prefix + filled prompt, and the subject's last token index."""
+    text, start, end = _subject_span(prefix, prompt, subject)
+    return encode_with_span(tokenizer, text, start, end)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _group_mean(vectors: torch.Tensor, n_prefixes: int) -> torch.Tensor:
+    """Average per fact as MEMIT does: bare prompt and sampled prefixes weigh half each."""
+    vectors = vectors.view(-1, n_prefixes + 1, vectors.shape[-1])
+    if n_prefixes == 0:
+        return vectors[:, 0]
+    return 0.5 * vectors[:, 0] + 0.5 * vectors[:, 1:].mean(1)
+
+
+@torch.no_grad()
+def compute_keys(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    layer: int,
+    prefixes: Sequence[str],
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Keys (n, d1), float32 on the CPU, not normalized. Runs only the layers up to ``layer``."""
+    module = get_module(model, ffn_out_path(model, layer))
+    device = _device(model)
+    pad = anchor_token_id(tokenizer)
+    keys = []
+    for i in tqdm(range(0, len(facts), batch_size), desc="keys", disable=not progress,
+                  unit_scale=batch_size):
+        rows, last = [], []
+        for fact in facts[i : i + batch_size]:
+            for prefix in prefixes:
+                ids, s = _encode(tokenizer, prefix, fact.prompt, fact.subject)
+                rows.append(ids[: s + 1])  # a key depends on nothing after it
+                last.append(s)
+        ids, mask = _pad(rows, pad)
+        x = nethook.run_until(model, module, input_ids=ids.to(device),
+                              attention_mask=mask.to(device), use_cache=False)
+        x = x[torch.arange(len(rows), device=device), torch.tensor(last, device=device)]
+        keys.append(_group_mean(x.float().cpu(), len(prefixes) - 1))
+    return torch.cat(keys)
+
+
+@dataclass
+class _Row:
+    fact: int  # index of the fact in the batch
+    ids: list[int]  # anchored prompt ids (+ object ids but the last, for rewrite rows)
+    subject: int  # index of the subject's last token
+    targets: list[int] | None  # object ids for rewrite rows; None for the KL row
+
+
+def _rows(tokenizer, facts: Sequence[Fact], prefixes: Sequence[str]) -> list[_Row]:
+    rows = []
+    for f, fact in enumerate(facts):
+        target = tokenizer(" " + fact.target_new.strip(), add_special_tokens=False).input_ids
+        for prefix in prefixes:
+            ids, s = _encode(tokenizer, prefix, fact.prompt, fact.subject)
+            rows.append(_Row(f, ids + target[:-1], s, target))
+        ids, s = _encode(tokenizer, "", "{} is a", fact.subject)
+        rows.append(_Row(f, ids, s, None))
+    return rows
+
+
+class _Batch:
+    """Rows aligned so that every subject's last token sits in column ``p``.
+
+    Columns before ``p`` (left-padded) never depend on the delta; columns from ``p`` on
+    (right-padded) form the suffix that each optimization step recomputes.
+    """
+
+    def __init__(self, rows: list[_Row], pad: int):
+        self.rows = rows
+        self.p = max(r.subject for r in rows)
+        t = max(len(r.ids) - r.subject for r in rows)
+        n = len(rows)
+        self.ids = torch.full((n, self.p + t), pad, dtype=torch.long)
+        self.mask = torch.zeros((n, self.p + t), dtype=torch.long)
+        self.fact = torch.tensor([r.fact for r in rows])
+        loss_rows, loss_cols, loss_ids, kl_cols = [], [], [], []
+        for i, r in enumerate(rows):
+            shift = self.p - r.subject
+            self.ids[i, shift : shift + len(r.ids)] = torch.tensor(r.ids)
+            self.mask[i, shift : shift + len(r.ids)] = 1
+            if r.targets is None:
+                kl_cols.append(len(r.ids) - 1 - r.subject)
+            else:
+                first = len(r.ids) - len(r.targets)  # position predicting the first object token
+                for j, tok in enumerate(r.targets):
+                    loss_rows.append(i)
+                    loss_cols.append(first + j - r.subject)
+                    loss_ids.append(tok)
+        self.position_ids = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.loss_rows = torch.tensor(loss_rows)
+        self.loss_cols = torch.tensor(loss_cols)  # in suffix coordinates
+        self.loss_ids = torch.tensor(loss_ids)
+        self.kl_rows = torch.tensor([i for i, r in enumerate(rows) if r.targets is None])
+        self.kl_cols = torch.tensor(kl_cols)
+        self.n_rewrite = torch.bincount(self.fact[self.loss_rows.unique()])
+
+    def to(self, device):
+        for name in ("ids", "mask", "fact", "position_ids", "loss_rows", "loss_cols",
+                     "loss_ids", "kl_rows", "kl_cols", "n_rewrite"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def select(self, facts: torch.Tensor) -> torch.Tensor:
+        """Keep only the rows of the given facts (indices into the batch's facts)."""
+        keep_fact = torch.zeros(int(self.fact.max()) + 1, dtype=torch.bool, device=self.fact.device)
+        keep_fact[facts] = True
+        keep = keep_fact[self.fact]
+        new_index = keep.long().cumsum(0) - 1
+        loss_keep = keep[self.loss_rows]
+        self.loss_rows = new_index[self.loss_rows[loss_keep]]
+        self.loss_cols, self.loss_ids = self.loss_cols[loss_keep], self.loss_ids[loss_keep]
+        kl_keep = keep[self.kl_rows]
+        self.kl_rows, self.kl_cols = new_index[self.kl_rows[kl_keep]], self.kl_cols[kl_keep]
+        self.ids, self.mask = self.ids[keep], self.mask[keep]
+        self.position_ids, self.fact = self.position_ids[keep], self.fact[keep]
+        return keep.nonzero().squeeze(1)
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    for layer in cache.layers:
+        if layer.is_initialized:
+            # detached: entries before ``length`` never depend on the delta being optimized
+            layer.keys = layer.keys[..., :length, :].detach()
+            layer.values = layer.values[..., :length, :].detach()
+
+
+def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+
+def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(hidden).float()
+
+
+def compute_residuals(
+    model,
+    tokenizer,
+    facts: Sequence[Fact],
+    layer: int,
+    prefixes: Sequence[str],
+    config: ComputeConfig | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact."""
+    config = config or ComputeConfig()
+    out = []
+    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=not progress)
+    for i in range(0, len(facts), config.batch_size):
+        batch = facts[i : i + config.batch_size]
+        out.append(_optimize(model, tokenizer, batch, layer, prefixes, config))
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(out)
+
+
+def _optimize(model, tokenizer, facts, layer, prefixes, config: ComputeConfig) -> torch.Tensor:
+    device = _device(model)
+    batch = _Batch(_rows(tokenizer, facts, prefixes), anchor_token_id(tokenizer)).to(device)
+    layers = decoder_layers(model)
+    edited = layers[layer]
+    ffn_out = get_module(model, ffn_out_path(model, layer))
+    base = model.base_model
+    p = batch.p
+
+    with torch.no_grad():
+        with nethook.capture_input(edited) as h_in, \
+                nethook.capture_output(edited) as h_out:
+            cache = DynamicCache(config=model.config)
+            run = base(input_ids=batch.ids, attention_mask=batch.mask,
+                       position_ids=batch.position_ids, cache=cache, use_cache=True)
+        suffix_in = h_in["x"][:, p:].detach()
+        bare = torch.arange(len(facts), device=device) * (len(prefixes) + 1)  # see _rows
+        h_norm = h_out["x"][bare, p].float().norm(dim=-1)  # residual stream at the subject
+        kl_init = F.log_softmax(
+            _lm_logits(model, run.last_hidden_state[batch.kl_rows, p + batch.kl_cols]), -1)
+        _crop(cache, p)
+        del run
+
+    delta = torch.zeros(len(facts), suffix_in.shape[-1], device=device)
+    adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
+    active = torch.arange(len(facts), device=device)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, config.steps + 1):
+        d = delta[active].clone().requires_grad_(True)
+        row_delta_index = torch.searchsorted(active, batch.fact)
+
+        def add_delta(output, d=d, idx=row_delta_index):
+            return torch.cat([output[:, :1] + d[idx].unsqueeze(1).to(output.dtype),
+                              output[:, 1:]], dim=1)
+
+        with nethook.truncated(layers, layer), nethook.replace_input(edited, suffix_in), \
+                nethook.edit_output(ffn_out, add_delta):
+            hidden = base(
+                input_ids=batch.ids[:, p:],
+                attention_mask=batch.mask,
+                position_ids=batch.position_ids[:, p:],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+        _crop(cache, p)
+
+        logp = F.log_softmax(_lm_logits(model, hidden[batch.loss_rows, batch.loss_cols]), -1)
+        token_nll = -logp.gather(1, batch.loss_ids[:, None]).squeeze(1)
+        # mean over rewrite prompts of the per-prompt NLL averaged over the object's tokens
+        row_tokens = torch.bincount(batch.loss_rows, minlength=len(batch.fact)).clamp(min=1)
+        per_row = torch.zeros(len(batch.fact), device=device).index_add(
+            0, batch.loss_rows, token_nll / row_tokens[batch.loss_rows])
+        rewrite_rows = torch.bincount(batch.loss_rows, minlength=len(batch.fact)) > 0
+        nll = torch.zeros(len(active), device=device).index_add(
+            0, row_delta_index[rewrite_rows], per_row[rewrite_rows])
+        nll = nll / batch.n_rewrite[active]
+        kl_logp = F.log_softmax(_lm_logits(model, hidden[batch.kl_rows, batch.kl_cols]), -1)
+        kl = (kl_logp.exp() * (kl_logp - kl_init[active])).sum(-1)
+        norms = h_norm[active]
+        loss = nll + config.kl_weight * kl + config.weight_decay * d.norm(dim=-1) / norms**2
+
+        done = loss.detach() < config.stop_loss
+        if step == config.steps or bool(done.all()):
+            break
+        loss[~done].sum().backward()
+        with torch.no_grad():
+            g = d.grad
+            go = ~done
+            rows = active[go]
+            adam_m[rows] = b1 * adam_m[rows] + (1 - b1) * g[go]
+            adam_v[rows] = b2 * adam_v[rows] + (1 - b2) * g[go] ** 2
+            m_hat = adam_m[rows] / (1 - b1**step)
+            v_hat = adam_v[rows] / (1 - b2**step)
+            new = delta[rows] - config.lr * m_hat / (v_hat.sqrt() + eps)
+            limit = config.clamp * norms[go]
+            scale = (limit / new.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+            delta[rows] = new * scale.unsqueeze(1)
+            if bool(done.any()):
+                active = rows
+                keep = batch.select(active)
+                _select(cache, keep)
+                suffix_in = suffix_in[keep]
+    return delta.detach().float().cpu()

