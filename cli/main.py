@@ -1,2 +1,227 @@
-def main():
-    pass
+"""The ``ndb`` command: thin click commands over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from ndb.facts import FactError, read_facts
+from ndb.models import ModelError
+from ndb.store import StoreError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    FactError, StoreError, ModelError, ValueError, KeyError, FileNotFoundError, OSError,
+)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn expected failures into one line on stderr and a non-zero exit, no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo("ndb: interrupted; the database keeps what was committed before", err=True)
+            sys.exit(130)
+        except USER_ERRORS as err:
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+def _load(name: str | None, device: str | None):
+    from ndb.models import load_model
+
+    return load_model(name, device=device)
+
+
+def _open(db_path: str, model_override: str | None = None, device: str | None = None,
+          need_model: bool = True):
+    from ndb.database import NeuralDB
+
+    db = NeuralDB.from_pretrained(db_path)
+    if not need_model:
+        return db, None, None
+    model, tokenizer = _load(model_override or db.config.model_name, device)
+    return db, model, tokenizer
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ndb")
+def cli() -> None:
+    """ndb: edit what a language model knows with a gated fact database (NeuralDB)."""
+
+
+@cli.command()
+@click.argument("facts")
+@click.option("-o", "--output", "db_path", required=True, help="Database directory to create.")
+@click.option("--model", "model_name", default=None, help="Embedded model name or local HF dir.")
+@click.option("--layer", type=int, default=None, help="Edited layer (default: swept per model).")
+@click.option("--gamma", type=float, default=None, help="Gate threshold on cosine similarity.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Facts optimized together (and committed together).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--index", "index_kind", default="auto", show_default=True,
+              help="Key index backend.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted build: keep the database, skip facts it holds.")
+@user_errors
+def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
+          resume):
+    """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
+    from ndb.compute import ComputeConfig
+    from ndb.database import NeuralDB
+
+    records = read_facts(facts)
+    path = Path(db_path)
+    if path.exists() and not resume:
+        raise click.ClickException(
+            f"{path} already exists; use --resume to finish an interrupted build, "
+            f"or 'ndb add {path} FACTS' to add facts")
+    if resume and (path / "config.json").is_file():
+        db, model, tokenizer = _open(db_path, model_name, device)
+    else:
+        model, tokenizer = _load(model_name, device)
+        compute = ComputeConfig(batch_size=batch_size) if batch_size else None
+        db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
+                             compute=compute, index=index_kind)
+    if batch_size:
+        db.config.compute.batch_size = batch_size
+    ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True)
+    db.flush()
+    click.echo(f"{path}: {len(db)} facts ({len(ids)} added), layer {db.config.layer}, "
+               f"gamma {db.config.gamma}")
+
+
+@cli.command()
+@click.argument("db_path", metavar="DB")
+@click.argument("facts")
+@click.option("--model", "model_name", default=None, help="Override the model to load.")
+@click.option("--device", default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@user_errors
+def add(db_path, facts, model_name, device, batch_size):
+    """Add the facts in FACTS to the database DB."""
+    records = read_facts(facts)
+    db, model, tokenizer = _open(db_path, model_name, device)
+    if batch_size:
+        db.config.compute.batch_size = batch_size
+    ids = db.add(records, model, tokenizer, progress=True)
+    db.flush()
+    click.echo(f"added {len(ids)} facts (ids {_ranges(ids)}); {len(db)} in total")
+
+
+@cli.command()
+@click.argument("db_path", metavar="DB")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--subject", "subjects", multiple=True, help="Remove every fact about SUBJECT.")
+@user_errors
+def remove(db_path, ids, subjects):
+    """Remove facts by id (see 'ndb list') and/or by subject."""
+    if not ids and not subjects:
+        raise click.UsageError("give fact ids and/or --subject")
+    db, _, _ = _open(db_path, need_model=False)
+    targets = set(ids)
+    for subject in subjects:
+        found = db.find(subject)
+        if not found:
+            raise click.ClickException(f"no fact about subject {subject!r} in {db_path}; "
+                                       "nothing was removed")
+        targets.update(found)
+    db.remove(sorted(targets))
+    db.flush()
+    click.echo(f"removed {len(targets)} facts (ids {_ranges(sorted(targets))}); "
+               f"{len(db)} remain")
+
+
+@cli.command(name="list")
+@click.argument("db_path", metavar="DB")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@user_errors
+def list_facts(db_path, as_json):
+    """List the facts in DB."""
+    db, _, _ = _open(db_path, need_model=False)
+    for fact_id, fact in sorted(db.facts().items()):
+        if as_json:
+            click.echo(json.dumps({"id": fact_id, **fact.to_json()}, ensure_ascii=False))
+        else:
+            old = f" (was: {fact.target_true})" if fact.target_true else ""
+            click.echo(f"{fact_id:>6}  {fact.text} -> {fact.target_new}{old}")
+
+
+@cli.command()
+@click.argument("db_path", metavar="DB")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def info(db_path, as_json):
+    """Show a database's configuration and size."""
+    db, _, _ = _open(db_path, need_model=False)
+    size = sum(p.stat().st_size for p in Path(db_path).rglob("*") if p.is_file())
+    cfg = db.config
+    report = {
+        "path": str(db.path), "facts": len(db), "model": cfg.model_name,
+        "model_type": cfg.model_type, "fingerprint": cfg.fingerprint, "layer": cfg.layer,
+        "module": cfg.module, "gamma": cfg.gamma, "d_key": cfg.d_key, "d_value": cfg.d_value,
+        "key_dtype": cfg.key_dtype, "residual_dtype": cfg.residual_dtype,
+        "index": cfg.index, "segments": len(db.store.manifest.segments),
+        "version": db.store.manifest.version, "disk_bytes": size,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key:>14}: {value}")
+
+
+@cli.command()
+@click.argument("db_path", metavar="DB")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--compare", is_flag=True, help="Also show the unedited model's answer.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", "model_name", default=None)
+@click.option("--device", default=None)
+@user_errors
+def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
+    """Complete PROMPT with the database attached (greedy decoding)."""
+    from ndb.generation import complete
+
+    db, model, tokenizer = _open(db_path, model_name, device)
+    db.attach(model, tokenizer)
+    result = {"prompt": prompt, "edited": complete(model, tokenizer, prompt, max_new_tokens, chat)}
+    result["gate_hits"] = db.retrieval.stats.hits
+    if compare:
+        with db.disabled():
+            result["unedited"] = complete(model, tokenizer, prompt, max_new_tokens, chat)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+    else:
+        click.echo(f"edited:   {prompt}{result['edited']}")
+        if compare:
+            click.echo(f"unedited: {prompt}{result['unedited']}")
+
+
+def _ranges(ids: list[int]) -> str:
+    ids = sorted(ids)
+    parts, start = [], None
+    for i, x in enumerate(ids):
+        start = x if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != x + 1:
+            parts.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(parts) or "none"
+
+
+def main() -> None:
+    cli(prog_name="ndb")

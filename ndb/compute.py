@@ -233,10 +233,16 @@ class _Batch:
 
 def _crop(cache: DynamicCache, length: int) -> None:
     for layer in cache.layers:
-        if layer.is_initialized:
-            # detached: entries before ``length`` never depend on the delta being optimized
-            layer.keys = layer.keys[..., :length, :].detach()
-            layer.values = layer.values[..., :length, :].detach()
+        if not layer.is_initialized:
+            continue
+        held = layer.keys.shape[-2]
+        if getattr(layer, "cumulative_length", held) != held:
+            raise RuntimeError("fact prompts must be shorter than the attention window")
+        # detached: entries before ``length`` never depend on the delta being optimized
+        layer.keys = layer.keys[..., :length, :].detach()
+        layer.values = layer.values[..., :length, :].detach()
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they saw
+            layer.cumulative_length = length
 
 
 def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
@@ -270,65 +276,83 @@ def compute_residuals(
     return torch.cat(out)
 
 
+class _SuffixRunner:
+    """Runs a batch once in full, then re-runs only its suffix with deltas added.
+
+    The full pass (no grad) keeps: the key/value cache of every layer for the columns
+    before ``p``, the edited layer's input on the suffix columns, the residual-stream norm
+    at the subject, and the KL rows' original next-token distribution.
+    """
+
+    def __init__(self, model, batch: _Batch, layer: int, bare_rows: torch.Tensor):
+        self.model, self.batch, self.layer = model, batch, layer
+        self.layers = decoder_layers(model)
+        self.edited = self.layers[layer]
+        self.ffn_out = get_module(model, ffn_out_path(model, layer))
+        p = batch.p
+        with torch.no_grad():
+            self.cache = DynamicCache(config=model.config)
+            with nethook.capture_input(self.edited) as h_in, \
+                    nethook.capture_output(self.edited) as h_out:
+                hidden = model.base_model(input_ids=batch.ids, attention_mask=batch.mask,
+                                          position_ids=batch.position_ids, cache=self.cache,
+                                          use_cache=True).last_hidden_state
+            self.suffix_in = h_in["x"][:, p:]
+            self.h_norm = h_out["x"][bare_rows, p].float().norm(dim=-1)
+            self.kl_init = F.log_softmax(
+                _lm_logits(model, hidden[batch.kl_rows, p + batch.kl_cols]), -1)
+            _crop(self.cache, p)
+
+    def __call__(self, row_deltas: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (rows, suffix, d2) with ``row_deltas`` (rows, d2) added to the
+        edited projection's output at each row's subject token."""
+
+        def add_delta(output: torch.Tensor) -> torch.Tensor:
+            return torch.cat([output[:, :1] + row_deltas.unsqueeze(1).to(output.dtype),
+                              output[:, 1:]], dim=1)
+
+        b, p = self.batch, self.batch.p
+        with nethook.truncated(self.layers, self.layer), \
+                nethook.replace_input(self.edited, self.suffix_in), \
+                nethook.edit_output(self.ffn_out, add_delta):
+            hidden = self.model.base_model(
+                input_ids=b.ids[:, p:], attention_mask=b.mask, position_ids=b.position_ids[:, p:],
+                cache=self.cache, use_cache=True).last_hidden_state
+        _crop(self.cache, p)
+        return hidden
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        _select(self.cache, rows)
+        self.suffix_in = self.suffix_in[rows]
+
+
 def _optimize(model, tokenizer, facts, layer, prefixes, config: ComputeConfig) -> torch.Tensor:
     device = _device(model)
     batch = _Batch(_rows(tokenizer, facts, prefixes), anchor_token_id(tokenizer)).to(device)
-    layers = decoder_layers(model)
-    edited = layers[layer]
-    ffn_out = get_module(model, ffn_out_path(model, layer))
-    base = model.base_model
-    p = batch.p
+    bare_rows = torch.arange(len(facts), device=device) * (len(prefixes) + 1)  # see _rows
+    runner = _SuffixRunner(model, batch, layer, bare_rows)
 
-    with torch.no_grad():
-        with nethook.capture_input(edited) as h_in, \
-                nethook.capture_output(edited) as h_out:
-            cache = DynamicCache(config=model.config)
-            run = base(input_ids=batch.ids, attention_mask=batch.mask,
-                       position_ids=batch.position_ids, cache=cache, use_cache=True)
-        suffix_in = h_in["x"][:, p:].detach()
-        bare = torch.arange(len(facts), device=device) * (len(prefixes) + 1)  # see _rows
-        h_norm = h_out["x"][bare, p].float().norm(dim=-1)  # residual stream at the subject
-        kl_init = F.log_softmax(
-            _lm_logits(model, run.last_hidden_state[batch.kl_rows, p + batch.kl_cols]), -1)
-        _crop(cache, p)
-        del run
-
-    delta = torch.zeros(len(facts), suffix_in.shape[-1], device=device)
+    delta = torch.zeros(len(facts), runner.suffix_in.shape[-1], device=device)
     adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
     active = torch.arange(len(facts), device=device)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for step in range(1, config.steps + 1):
         d = delta[active].clone().requires_grad_(True)
-        row_delta_index = torch.searchsorted(active, batch.fact)
-
-        def add_delta(output, d=d, idx=row_delta_index):
-            return torch.cat([output[:, :1] + d[idx].unsqueeze(1).to(output.dtype),
-                              output[:, 1:]], dim=1)
-
-        with nethook.truncated(layers, layer), nethook.replace_input(edited, suffix_in), \
-                nethook.edit_output(ffn_out, add_delta):
-            hidden = base(
-                input_ids=batch.ids[:, p:],
-                attention_mask=batch.mask,
-                position_ids=batch.position_ids[:, p:],
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
-        _crop(cache, p)
+        fact_of_row = torch.searchsorted(active, batch.fact)  # position within ``active``
+        hidden = runner(d[fact_of_row])
 
         logp = F.log_softmax(_lm_logits(model, hidden[batch.loss_rows, batch.loss_cols]), -1)
         token_nll = -logp.gather(1, batch.loss_ids[:, None]).squeeze(1)
         # mean over rewrite prompts of the per-prompt NLL averaged over the object's tokens
-        row_tokens = torch.bincount(batch.loss_rows, minlength=len(batch.fact)).clamp(min=1)
+        row_tokens = torch.bincount(batch.loss_rows, minlength=len(batch.fact))
         per_row = torch.zeros(len(batch.fact), device=device).index_add(
             0, batch.loss_rows, token_nll / row_tokens[batch.loss_rows])
-        rewrite_rows = torch.bincount(batch.loss_rows, minlength=len(batch.fact)) > 0
+        rewrite = row_tokens > 0
         nll = torch.zeros(len(active), device=device).index_add(
-            0, row_delta_index[rewrite_rows], per_row[rewrite_rows])
-        nll = nll / batch.n_rewrite[active]
+            0, fact_of_row[rewrite], per_row[rewrite]) / batch.n_rewrite[active]
         kl_logp = F.log_softmax(_lm_logits(model, hidden[batch.kl_rows, batch.kl_cols]), -1)
-        kl = (kl_logp.exp() * (kl_logp - kl_init[active])).sum(-1)
-        norms = h_norm[active]
+        kl = (kl_logp.exp() * (kl_logp - runner.kl_init[active])).sum(-1)
+        norms = runner.h_norm[active]
         loss = nll + config.kl_weight * kl + config.weight_decay * d.norm(dim=-1) / norms**2
 
         done = loss.detach() < config.stop_loss
@@ -336,20 +360,16 @@ def _optimize(model, tokenizer, facts, layer, prefixes, config: ComputeConfig) -
             break
         loss[~done].sum().backward()
         with torch.no_grad():
-            g = d.grad
             go = ~done
-            rows = active[go]
-            adam_m[rows] = b1 * adam_m[rows] + (1 - b1) * g[go]
-            adam_v[rows] = b2 * adam_v[rows] + (1 - b2) * g[go] ** 2
+            rows, g = active[go], d.grad[go]
+            adam_m[rows] = b1 * adam_m[rows] + (1 - b1) * g
+            adam_v[rows] = b2 * adam_v[rows] + (1 - b2) * g**2
             m_hat = adam_m[rows] / (1 - b1**step)
             v_hat = adam_v[rows] / (1 - b2**step)
             new = delta[rows] - config.lr * m_hat / (v_hat.sqrt() + eps)
-            limit = config.clamp * norms[go]
-            scale = (limit / new.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+            scale = (config.clamp * norms[go] / new.norm(dim=-1).clamp(min=1e-12)).clamp(max=1)
             delta[rows] = new * scale.unsqueeze(1)
-            if bool(done.any()):
+            if bool(done.any()):  # converged facts leave the batch
                 active = rows
-                keep = batch.select(active)
-                _select(cache, keep)
-                suffix_in = suffix_in[keep]
+                runner.keep_rows(batch.select(active))
     return delta.detach().float().cpu()

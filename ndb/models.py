@@ -51,6 +51,19 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Layer and gate chosen by a sweep on a dev set (benchmarks/sweep.py, results in
+# benchmarks/results/sweep.md); other models start from the paper's proportions.
+EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL: (8, 0.65)}
+
+
+def default_edit_settings(model: nn.Module) -> tuple[int, float]:
+    """(layer, gamma) for ``model``: swept for known models, else about a quarter deep."""
+    name = str(getattr(model.config, "name_or_path", ""))
+    if name in EDIT_DEFAULTS:
+        return EDIT_DEFAULTS[name]
+    return max(1, round(0.25 * num_layers(model))), 0.65
+
+
 def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
@@ -75,7 +88,7 @@ def num_layers(model: nn.Module) -> int:
 
 
 def ffn_out_path(model: nn.Module, layer: int) -> str:
-    """Module path of the FFN output projection of ``layer``, e.g. ``model.layers.8.mlp.down_proj``."""
+    """Path of ``layer``'s FFN output projection, e.g. ``model.layers.8.mlp.down_proj``."""
     family = family_of(model)
     n = num_layers(model)
     if not 0 <= layer < n:
@@ -121,7 +134,8 @@ def _convert_embedded(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _embedded_gguf(name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # weights are already dequantized
@@ -177,5 +191,7 @@ def load_model(
     model.requires_grad_(False)
     if device is not None:
         model.to(device)
-    model.config.name_or_path = str(name_or_path or DEFAULT_MODEL)
+    # what a database records to load this model again: the embedded name, or the directory
+    model.config.name_or_path = name_or_path if name_or_path in _EMBEDDED else (
+        DEFAULT_MODEL if name_or_path is None else str(path.resolve()))
     return model, tokenizer

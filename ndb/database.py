@@ -1,0 +1,494 @@
+"""NeuralDB: a directory of edited facts that attaches to a model like an adapter.
+
+    db = NeuralDB.create("capitals.ndb", model, tokenizer)
+    ids = db.add(facts)                  # computes keys and residuals, commits to disk
+    db.attach(model)                     # the model now answers with the new facts
+    with db.disabled(): ...              # ... or, for a while, without them
+    db.remove(ids[:2]); db.detach()
+
+Every mutation is committed to disk before it returns (see ndb.store), and the weights of
+the model are never changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ndb import store as store_mod
+from ndb.anchor import anchor_token_id
+from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
+from ndb.config import NeuralDBConfig
+from ndb.facts import Fact, as_facts
+from ndb.hook import GatedRetrieval
+from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
+from ndb.models import (
+    DEFAULT_MODEL,
+    decoder_layers,
+    default_edit_settings,
+    ffn_dims,
+    ffn_out_path,
+    get_module,
+    num_layers,
+)
+from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
+from ndb.store import Store, StoreError
+
+INDEX_META = "index.json"
+
+
+class ModelMismatchError(ValueError):
+    """The model is not the one the database was built for."""
+
+
+class FactNotFoundError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def fingerprint(model: nn.Module, layer: int) -> str:
+    """Hash of the edited layer's weights, rounded to bfloat16 so that the same model in
+    float32, bfloat16 or on another device has the same fingerprint."""
+    digest = hashlib.sha256()
+    for name, param in sorted(decoder_layers(model)[layer].named_parameters()):
+        digest.update(name.encode())
+        rounded = param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
+        digest.update(rounded.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_name(model: nn.Module) -> str:
+    return str(getattr(model.config, "name_or_path", "") or DEFAULT_MODEL)
+
+
+class NeuralDB:
+    """A fact database in a directory; see the module docstring."""
+
+    def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.path = Path(path)
+        if not (self.path / store_mod.CONFIG).is_file():
+            raise StoreError(f"{self.path}: not a fact database (no {store_mod.CONFIG})")
+        try:
+            self.config = NeuralDBConfig.read(self.path / store_mod.CONFIG)
+        except (ValueError, TypeError) as err:
+            raise StoreError(f"{self.path}/{store_mod.CONFIG}: {err}") from None
+        self.store = Store(self.path)
+        self._cache_bytes = cache_bytes
+        self._index: KeyIndex | None = None
+        self._index_version = -1
+        self._synced_version = self.store.manifest.version
+        self._facts: dict[int, Fact] | None = None
+        self._model: nn.Module | None = None
+        self._tokenizer = None
+        self._retrieval: GatedRetrieval | None = None
+        self._residuals: ResidualCache | None = None
+
+    # -- creation and persistence ----------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        tokenizer,
+        *,
+        layer: int | None = None,
+        gamma: float | None = None,
+        seed: int = 0,
+        compute: ComputeConfig | None = None,
+        index: str = "auto",
+        key_dtype: str = "float16",
+        residual_dtype: str = "float32",
+    ) -> NeuralDB:
+        """An empty database for ``model``; facts are added with :meth:`add`."""
+        default_layer, default_gamma = default_edit_settings(model)
+        layer = default_layer if layer is None else layer
+        gamma = default_gamma if gamma is None else gamma
+        if not -1.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
+        for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
+            if dtype not in ("float16", "float32"):
+                raise ValueError(f"{name} must be float16 or float32, got {dtype!r}")
+        if index != "auto":
+            make_index(index, 1)  # validates the name
+        module = ffn_out_path(model, layer)
+        d_key, d_value = ffn_dims(model, layer)
+        compute = compute or ComputeConfig()
+        config = NeuralDBConfig(
+            model_name=model_name(model),
+            model_type=model.config.model_type,
+            num_layers=num_layers(model),
+            fingerprint=fingerprint(model, layer),
+            layer=layer,
+            module=module,
+            d_key=d_key,
+            d_value=d_value,
+            gamma=float(gamma),
+            anchor_token_id=anchor_token_id(tokenizer),
+            prefixes=context_prefixes(model, tokenizer, compute.n_prefixes,
+                                      compute.prefix_tokens, seed),
+            seed=seed,
+            key_dtype=key_dtype,
+            residual_dtype=residual_dtype,
+            index=index,
+            compute=compute,
+        )
+        store_mod.create(Path(path), config.to_dict())
+        db = cls(path)
+        db._tokenizer = tokenizer
+        db._model = model
+        return db
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> NeuralDB:
+        return cls(path, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a compact copy of this database to ``path`` (which must not exist yet)."""
+        path = Path(path)
+        self.flush()
+        if path.resolve() == self.path.resolve():
+            return
+        if path.exists():
+            raise StoreError(f"{path} already exists")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            for name in (store_mod.CONFIG, store_mod.MANIFEST):
+                shutil.copy2(self.path / name, staging / name)
+            shutil.copytree(self.path / store_mod.SEGMENTS, staging / store_mod.SEGMENTS)
+            (staging / store_mod.INDEX).mkdir()
+            copy = Store(staging)
+            copy.compact()
+            copy.close()
+            shutil.move(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def flush(self) -> None:
+        """Persist the key index, so that the next open needs no rebuild."""
+        if self._index is not None and self._index_version != self._saved_index_version():
+            self._save_index()
+
+    def close(self) -> None:
+        self.detach()
+        self.store.close()
+
+    # -- facts ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.store.entries)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.store.entries.ids.copy()
+
+    def facts(self) -> dict[int, Fact]:
+        """All facts by id (read once, then kept up to date)."""
+        self.refresh()
+        if self._facts is None:
+            records = self.store.read("facts") if len(self) else []
+            self._facts = {int(i): Fact.from_json(json.loads(r))
+                           for i, r in zip(self.store.entries.ids, records)}
+        return self._facts
+
+    def get(self, fact_id: int) -> Fact:
+        try:
+            return self.facts()[int(fact_id)]
+        except KeyError:
+            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}") from None
+
+    def find(self, subject: str) -> list[int]:
+        """Ids of the facts about ``subject`` (exact match)."""
+        return [i for i, f in self.facts().items() if f.subject == subject]
+
+    # -- mutation ------------------------------------------------------------------------
+    def add(
+        self,
+        facts: Iterable[Fact | dict],
+        model: nn.Module | None = None,
+        tokenizer=None,
+        *,
+        skip_existing: bool = False,
+        progress: bool = False,
+    ) -> list[int]:
+        """Compute keys and residuals of ``facts`` and commit them; returns their new ids.
+
+        Facts are committed a batch at a time, so an interrupted add keeps what was done;
+        with ``skip_existing`` facts already in the database (same subject, prompt and new
+        object) are skipped, which makes re-running an interrupted build resume it.
+        """
+        facts = as_facts(facts)
+        model, tokenizer = self._require_model(model, tokenizer)
+        with self.store.writing():
+            self.refresh()
+            existing = self.facts()
+            if skip_existing:
+                have = {(f.subject, f.prompt, f.target_new) for f in existing.values()}
+                facts = [f for f in facts if (f.subject, f.prompt, f.target_new) not in have]
+            taken = {f.id: i for i, f in existing.items() if f.id is not None}
+            for f in facts:
+                if f.id is not None and f.id in taken:
+                    raise ValueError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
+                                     f"in {self.path}; use update() or remove it first")
+            return self._write(facts, model, tokenizer, ids=None, progress=progress)
+
+    def update(self, fact_id: int, fact: Fact | dict, model: nn.Module | None = None,
+               tokenizer=None) -> None:
+        """Re-edit fact ``fact_id`` (its id stays the same)."""
+        (fact,) = as_facts([fact])
+        model, tokenizer = self._require_model(model, tokenizer)
+        with self.store.writing():
+            self.refresh()
+            self.get(fact_id)
+            self._write([fact], model, tokenizer, ids=np.array([fact_id]), progress=False)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        ids = np.unique(np.asarray(list(ids), dtype=np.int64))
+        if len(ids) == 0:
+            return
+        with self.store.writing():
+            self.refresh()
+            try:
+                self.store.entries.locate(ids)
+            except KeyError as err:
+                raise FactNotFoundError(
+                    f"no fact with id {err.args[0]} in {self.path}; nothing was removed"
+                ) from None
+            self.store.delete(ids)
+            self.refresh()
+
+    def remove_subject(self, subject: str) -> list[int]:
+        ids = self.find(subject)
+        if not ids:
+            raise FactNotFoundError(f"no fact about subject {subject!r} in {self.path}")
+        self.remove(ids)
+        return ids
+
+    def set_gamma(self, gamma: float) -> None:
+        if not -1.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
+        with self.store.writing():
+            self.config.gamma = float(gamma)
+            store_mod.atomic_write_json(self.path / store_mod.CONFIG, self.config.to_dict())
+        if self._retrieval is not None:
+            self._retrieval.gamma = float(gamma)
+
+    def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool) -> list[int]:
+        self._check_model(model)
+        cfg = self.config
+        key_dtype, res_dtype = np.dtype(cfg.key_dtype), np.dtype(cfg.residual_dtype)
+        written: list[int] = []
+        chunk = max(cfg.compute.batch_size, 1)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(facts), desc="edit", unit="fact", disable=not progress)
+        with self._all_hooks_disabled(model):
+            for start in range(0, len(facts), chunk):
+                part = facts[start : start + chunk]
+                keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes)
+                keys = torch.nn.functional.normalize(keys, dim=-1)
+                residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
+                                              cfg.compute)
+                part_ids = self.store.append(
+                    keys.numpy().astype(key_dtype),
+                    residuals.numpy().astype(res_dtype),
+                    [json.dumps(f.to_json(), ensure_ascii=False) for f in part],
+                    ids=None if ids is None else ids[start : start + chunk],
+                )
+                written.extend(int(i) for i in part_ids)
+                self.refresh()
+                bar.update(len(part))
+        bar.close()
+        return written
+
+    # -- keeping the in-memory view in step with the disk ----------------------------------
+    def refresh(self) -> None:
+        """Catch up with changes committed to the directory (by this or another process)."""
+        self.store.refresh()
+        version = self.store.manifest.version
+        if version == self._synced_version:
+            return
+        if self._residuals is not None:
+            changed, deleted = self.store.read_entries_since(self._synced_version)
+            self._residuals.forget(np.concatenate([changed, deleted]))
+        if self._index is not None:
+            if self.store.manifest.compacted_through > self._index_version:
+                self._build_index()
+            else:
+                self._catch_up_index()
+                if self.config.index == "auto" and self._index_kind() != self._index.kind:
+                    self._build_index()
+        if self._retrieval is not None:
+            self._retrieval.index = self._index
+        self._facts = None
+        self._synced_version = version
+
+    def _index_kind(self) -> str:
+        kind = self.config.index
+        return choose_index_kind(len(self), "cpu") if kind == "auto" else kind
+
+    def _saved_index_version(self) -> int:
+        meta = self.path / store_mod.INDEX / INDEX_META
+        try:
+            return int(json.loads(meta.read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return -1
+
+    def _load_saved_index(self) -> bool:
+        meta_path = self.path / store_mod.INDEX / INDEX_META
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta["kind"] != self._index_kind():
+                return False
+            if meta["version"] < self.store.manifest.compacted_through:
+                return False
+            index = load_index(meta["kind"], self.path / store_mod.INDEX / meta["file"],
+                               self.config.d_key)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError):
+            return False
+        self._index, self._index_version = index, int(meta["version"])
+        return True
+
+    def _build_index(self) -> None:
+        index = make_index(self._index_kind(), self.config.d_key)
+        if len(self):
+            keys = self.store.read("keys").astype(np.float32)
+            if index.needs_training:
+                index.train(keys)
+            index.add(keys, self.store.entries.ids)
+        self._index, self._index_version = index, self.store.manifest.version
+
+    def _save_index(self) -> None:
+        directory = self.path / store_mod.INDEX
+        name = f"v{self._index_version:08d}.{self._index.kind}"
+        tmp = directory / f".{name}.tmp"
+        self._index.save(tmp)
+        store_mod.fsync_dir(directory)
+        tmp.replace(directory / name)
+        store_mod.atomic_write_json(directory / INDEX_META, {
+            "version": self._index_version, "kind": self._index.kind, "file": name})
+        for old in directory.iterdir():
+            if old.name not in (name, INDEX_META) and not old.name.startswith("."):
+                old.unlink(missing_ok=True)
+
+    @property
+    def index(self) -> KeyIndex:
+        """The key index, loaded from its saved copy (brought up to date) or built."""
+        if self._index is None:
+            self.refresh()
+            if self._load_saved_index():
+                self._catch_up_index()
+            else:
+                self._build_index()
+        return self._index
+
+    def _catch_up_index(self) -> None:
+        changed, deleted = self.store.read_entries_since(self._index_version)
+        self._index.remove(np.concatenate([changed, deleted]))
+        if len(changed):
+            self._index.add(self.store.read("keys", changed).astype(np.float32), changed)
+        self._index_version = self.store.manifest.version
+
+    # -- attaching to a model ------------------------------------------------------------
+    def _check_model(self, model: nn.Module) -> None:
+        cfg = self.config
+        problems = []
+        if getattr(model.config, "model_type", None) != cfg.model_type:
+            problems.append(f"model type {model.config.model_type!r} != {cfg.model_type!r}")
+        elif num_layers(model) != cfg.num_layers:
+            problems.append(f"{num_layers(model)} layers != {cfg.num_layers}")
+        elif ffn_dims(model, cfg.layer) != (cfg.d_key, cfg.d_value):
+            problems.append(f"FFN dims {ffn_dims(model, cfg.layer)} != "
+                            f"{(cfg.d_key, cfg.d_value)}")
+        elif fingerprint(model, cfg.layer) != cfg.fingerprint:
+            problems.append(f"the weights of layer {cfg.layer} differ (fingerprint "
+                            f"{fingerprint(model, cfg.layer)} != {cfg.fingerprint})")
+        if problems:
+            raise ModelMismatchError(
+                f"{self.path} was built for model {cfg.model_name!r}; this model does not "
+                f"match: {problems[0]}")
+
+    def _require_model(self, model, tokenizer):
+        model = model if model is not None else self._model
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
+        if model is None or tokenizer is None:
+            raise ValueError("a model and tokenizer are needed: pass them, or attach(model, "
+                             "tokenizer) first")
+        return model, tokenizer
+
+    def attach(self, model: nn.Module, tokenizer=None, *, force: bool = False,
+               device: torch.device | str | None = None) -> nn.Module:
+        """Hook this database into ``model`` (refused if the model does not match)."""
+        if self._retrieval is not None:
+            raise RuntimeError(f"{self.path} is already attached; detach() it first")
+        if not force:
+            self._check_model(model)
+        projection = get_module(model, self.config.module)
+        device = device or next(model.parameters()).device
+        self._residuals = ResidualCache(self.store, self.config.d_value, device,
+                                        self._cache_bytes)
+        self._retrieval = GatedRetrieval(self.index, self._residuals, self.config.gamma,
+                                         self.config.anchor_token_id)
+        self._residuals.warm()
+        self._retrieval.attach(model.base_model, projection)
+        self._model = model
+        if tokenizer is not None:
+            self._tokenizer = tokenizer
+        attached = getattr(model, "_ndb_attached", [])
+        model._ndb_attached = [*attached, self]
+        return model
+
+    def detach(self) -> None:
+        if self._retrieval is None:
+            return
+        self._retrieval.detach()
+        self._retrieval = None
+        if self._model is not None:
+            self._model._ndb_attached = [d for d in getattr(self._model, "_ndb_attached", [])
+                                         if d is not self]
+
+    @property
+    def retrieval(self) -> GatedRetrieval | None:
+        """The live hook while attached (gate statistics, recording of scores)."""
+        return self._retrieval
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the attached model without this database for a while."""
+        if self._retrieval is None:
+            yield
+            return
+        before = self._retrieval.enabled
+        self._retrieval.enabled = False
+        try:
+            yield
+        finally:
+            self._retrieval.enabled = before
+
+    @staticmethod
+    @contextmanager
+    def _all_hooks_disabled(model: nn.Module) -> Iterator[None]:
+        """Keys and residuals must come from the unedited model, whatever is attached."""
+        hooks = [db._retrieval for db in getattr(model, "_ndb_attached", []) if db._retrieval]
+        before = [h.enabled for h in hooks]
+        for h in hooks:
+            h.enabled = False
+        try:
+            yield
+        finally:
+            for h, state in zip(hooks, before):
+                h.enabled = state
+
+    def __repr__(self) -> str:
+        return (f"NeuralDB({str(self.path)!r}, facts={len(self)}, layer={self.config.layer}, "
+                f"gamma={self.config.gamma})")

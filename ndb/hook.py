@@ -1,0 +1,127 @@
+"""Gated retrieval on the edited FFN output projection (paper eqs. 11-12).
+
+For every searched token: k = the projection's input, j = argmax_i cos(k, k_i), and the
+output becomes W k + r_j if cos(k, k_j) > gamma, else W k (left untouched, bit for bit).
+
+Which tokens are searched: every attended token except each sequence's first one (the
+anchor, or an attention sink when the input has no anchor), never padding. The attention
+mask is read by a pre-hook on the base model, so this also holds for generate() with its
+KV cache, where each call carries only the new tokens and the mask covers them all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ndb.indexes import KeyIndex
+from ndb.residuals import ResidualCache
+
+
+@dataclass
+class GateStats:
+    """Counters since the last reset, for benchmarks and the gate-score view."""
+
+    calls: int = 0
+    searched: int = 0
+    hits: int = 0
+    scores: list[np.ndarray] = field(default_factory=list)  # filled only when recording
+
+
+def searchable_positions(
+    batch: int, length: int, attention_mask: torch.Tensor | None, past_length: int
+) -> torch.Tensor:
+    """(batch, length) bool: tokens of this call that may be searched."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+        total = mask.shape[1]
+        first = mask.int().argmax(dim=1)  # each row's first attended column
+        cols = torch.arange(total - length, total, device=mask.device)
+        return mask[:, total - length :] & (cols[None, :] != first[:, None])
+    positions = torch.arange(past_length, past_length + length)
+    return (positions != 0).expand(batch, length)
+
+
+class GatedRetrieval:
+    """The hooks that put a fact database into a model's forward pass."""
+
+    def __init__(self, index: KeyIndex, residuals: ResidualCache, gamma: float,
+                 anchor_id: int | None = None):
+        self.index = index
+        self.residuals = residuals
+        self.gamma = gamma
+        self.anchor_id = anchor_id
+        self.enabled = True
+        self.record = False
+        self.stats = GateStats()
+        self._searchable: torch.Tensor | None = None
+        self._handles: list = []
+        self._warned = False
+
+    def attach(self, base_model: nn.Module, projection: nn.Module) -> None:
+        self._handles = [
+            base_model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            projection.register_forward_hook(self._after_projection),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._searchable = None
+
+    def _before_forward(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shape = (ids if ids is not None else embeds).shape
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        self._searchable = searchable_positions(shape[0], shape[1], mask, past)
+        if ids is not None and past == 0 and self.anchor_id is not None and not self._warned:
+            self._check_anchor(ids, mask)
+
+    def _check_anchor(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        first = mask.int().argmax(1) if mask is not None and mask.dim() == 2 else None
+        starts = ids[:, 0] if first is None else ids.gather(1, first[:, None].to(ids.device))[:, 0]
+        if bool((starts != self.anchor_id).any()):
+            self._warned = True
+            warnings.warn(
+                f"ndb: an input does not start with the anchor token (id {self.anchor_id}); "
+                "its first token is never searched, so an edit whose subject is the very "
+                "first word cannot apply. Use the tokenizer from ndb.load_model, or "
+                "ndb.anchor_tokenizer(tokenizer).",
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def _after_projection(self, _module, inputs, output):
+        if not self.enabled or self.index.ntotal == 0:
+            return None
+        self.stats.calls += 1
+        keys = inputs[0]
+        searchable = self._searchable
+        if searchable is None or searchable.shape != keys.shape[:2]:
+            # called outside the base model's forward: search all but absolute position 0
+            searchable = searchable_positions(keys.shape[0], keys.shape[1], None, 0)
+        flat = searchable.reshape(-1).nonzero().squeeze(1).to(keys.device)
+        if flat.numel() == 0:
+            return None
+        queries = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()
+        queries = queries / queries.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores, ids = self.index.search(queries.cpu().numpy())
+        self.stats.searched += len(scores)
+        if self.record:
+            self.stats.scores.append(scores.copy())
+        hit = scores > self.gamma
+        if not hit.any():
+            return None
+        self.stats.hits += int(hit.sum())
+        rows = flat[torch.from_numpy(np.nonzero(hit)[0]).to(flat.device)]
+        residuals = self.residuals.get(ids[hit]).to(device=output.device, dtype=output.dtype)
+        out = output.reshape(-1, output.shape[-1]).index_add(0, rows, residuals)
+        return out.view_as(output)

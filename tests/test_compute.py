@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from ndb import nethook
+from ndb.anchor import anchor_token_id, encode_with_span
+from ndb.compute import (
+    ComputeConfig,
+    _Batch,
+    _rows,
+    _SuffixRunner,
+    compute_keys,
+    compute_residuals,
+    context_prefixes,
+)
+from ndb.models import ffn_dims, ffn_out_path, ffn_out_weight, get_module
+
+from conftest import FACTS, FAMILY_CONFIGS, FAST_COMPUTE, tiny_model
+
+PREFIXES = ["", "The weather was fine. ", "I said so. "]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_family_table_finds_the_ffn_projection(family, tokenizer):
+    model = tiny_model(family)
+    assert ffn_dims(model, 2) == (96, 64)
+    module = get_module(model, ffn_out_path(model, 2))
+    x = torch.randn(3, 96)
+    bias = module.bias if module.bias is not None else 0
+    # W k (+ b) must be the module's output whatever the storage convention (Conv1D)
+    torch.testing.assert_close(x @ ffn_out_weight(model, 2).T + bias, module(x))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_suffix_runner_equals_full_forward(family, tokenizer):
+    """The cached-prefix, upper-layers-only pass must compute what a full pass computes."""
+    model = tiny_model(family)
+    layer = 1
+    batch = _Batch(_rows(tokenizer, FACTS, PREFIXES), anchor_token_id(tokenizer))
+    bare = torch.arange(len(FACTS)) * (len(PREFIXES) + 1)
+    runner = _SuffixRunner(model, batch, layer, bare)
+    deltas = torch.randn(len(batch.rows), 64)
+    fast = runner(deltas)
+
+    def add_at_subject(out):
+        out = out.clone()
+        out[:, batch.p] += deltas
+        return out
+
+    with nethook.edit_output(get_module(model, ffn_out_path(model, layer)), add_at_subject):
+        full = model.base_model(input_ids=batch.ids, attention_mask=batch.mask,
+                                position_ids=batch.position_ids).last_hidden_state
+    real = batch.mask[:, batch.p:].bool()
+    torch.testing.assert_close(fast[real], full[:, batch.p:][real], atol=2e-4, rtol=1e-4)
+    again = runner(deltas)  # the cache must be back to its prefix after each call
+    torch.testing.assert_close(again, fast)
+
+
+def test_keys_are_the_projection_input_at_the_subject(llama):
+    model, tok = llama
+    keys = compute_keys(model, tok, FACTS[:2], 2, [""])
+    module = get_module(model, ffn_out_path(model, 2))
+    for fact, key in zip(FACTS[:2], keys):
+        text = fact.text
+        start = fact.prompt.index("{}")
+        ids, last = encode_with_span(tok, text, start, start + len(fact.subject))
+        with nethook.capture_input(module) as box:
+            model(input_ids=torch.tensor([ids]))
+        torch.testing.assert_close(key, box["x"][0, last])
+
+
+def test_keys_average_bare_and_prefixed_halves(llama):
+    model, tok = llama
+    each = torch.stack([compute_keys(model, tok, FACTS[:1], 2, [p])[0] for p in PREFIXES])
+    mixed = compute_keys(model, tok, FACTS[:1], 2, PREFIXES)[0]
+    torch.testing.assert_close(mixed, 0.5 * each[0] + 0.5 * each[1:].mean(0))
+
+
+def test_prefixes_are_seeded(llama):
+    model, tok = llama
+    a = context_prefixes(model, tok, 3, 6, seed=1)
+    assert a == context_prefixes(model, tok, 3, 6, seed=1)
+    assert a != context_prefixes(model, tok, 3, 6, seed=2)
+    assert a[0] == "" and all(p.endswith(". ") and "{" not in p for p in a[1:])
+
+
+def test_batching_does_not_change_residuals(llama):
+    model, tok = llama
+    config = ComputeConfig(**{**FAST_COMPUTE, "batch_size": 4})
+    together = compute_residuals(model, tok, FACTS, 2, PREFIXES, config)
+    config.batch_size = 1
+    alone = compute_residuals(model, tok, FACTS, 2, PREFIXES, config)
+    torch.testing.assert_close(together, alone, atol=1e-3, rtol=1e-3)
+    assert together.norm(dim=-1).min() > 0

@@ -1,0 +1,179 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ndb import ComputeConfig, Fact, ModelMismatchError, NeuralDB
+from ndb.database import FactNotFoundError
+from ndb.store import StoreError
+
+from conftest import FACTS, FAST_COMPUTE, tiny_model
+
+# no sampled prefixes: a rewrite prompt then reproduces its stored key exactly (cosine ~1)
+EXACT = ComputeConfig(**{**FAST_COMPUTE, "n_prefixes": 0})
+EDITED = [f.text for f in FACTS]
+UNRELATED = ["The weather was mild that spring and the", "She opened the door slowly"]
+
+
+@pytest.fixture
+def db(tmp_path, llama):
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=EXACT)
+    db.add(FACTS)
+    return db
+
+
+def logits(model, tok, texts, padding_side="right"):
+    tok.padding_side = padding_side
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits, enc["attention_mask"].bool()
+
+
+def test_edits_change_edited_prompts_only(db, llama):
+    model, tok = llama
+    before_edited, _ = logits(model, tok, EDITED[:1])
+    before_other, _ = logits(model, tok, UNRELATED[:1])
+    db.attach(model)
+    after_edited, _ = logits(model, tok, EDITED[:1])
+    after_other, _ = logits(model, tok, UNRELATED[:1])
+    assert not torch.equal(before_edited, after_edited)
+    assert torch.equal(before_other, after_other)  # bit for bit
+    assert db.retrieval.stats.hits >= 1
+    with db.disabled():
+        assert torch.equal(logits(model, tok, EDITED[:1])[0], before_edited)
+    db.detach()
+    assert torch.equal(logits(model, tok, EDITED[:1])[0], before_edited)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_triggers_and_batching_changes_nothing(db, llama, side):
+    model, tok = llama
+    texts = [EDITED[1], UNRELATED[1], EDITED[0]]
+    db.attach(model)
+    batched, mask = logits(model, tok, texts, side)
+    for i, text in enumerate(texts):
+        alone, _ = logits(model, tok, [text])
+        torch.testing.assert_close(batched[i][mask[i]], alone[0], atol=1e-4, rtol=1e-4)
+    tok.padding_side = "right"
+
+
+def test_first_position_is_never_searched(tmp_path, llama):
+    """Without the anchor the subject is the first token, an attention sink: no search."""
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.0, compute=EXACT)
+    db.add(FACTS[:1])
+    db.attach(model)
+    raw = tok("Paris", add_special_tokens=False, return_tensors="pt")
+    with pytest.warns(UserWarning, match="anchor token"):
+        with torch.no_grad():
+            model(**raw)
+    assert db.retrieval.stats.searched == 0  # one token, and it is the first
+    anchored = tok("Paris", return_tensors="pt")  # anchor + Paris: Paris is searched
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**anchored)
+    assert db.retrieval.stats.searched == 1 and db.retrieval.stats.hits == 1
+
+
+def test_generate_with_kv_cache_matches_full_recomputation(db, llama):
+    model, tok = llama
+    db.attach(model)
+    enc = tok([EDITED[0]], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):  # no cache: every step recomputes (and re-searches) everything
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_remove_reverts_and_keeps_the_rest(db, llama):
+    model, tok = llama
+    plain = [logits(model, tok, [t])[0] for t in EDITED]
+    db.attach(model)
+    edited = [logits(model, tok, [t])[0] for t in EDITED]
+    db.remove([0])
+    assert torch.equal(logits(model, tok, [EDITED[0]])[0], plain[0])
+    for i in range(1, len(EDITED)):
+        assert torch.equal(logits(model, tok, [EDITED[i]])[0], edited[i])
+    assert db.remove_subject("Toyota") == [2]
+    assert torch.equal(logits(model, tok, [EDITED[2]])[0], plain[2])
+    with pytest.raises(FactNotFoundError, match="no fact with id 0"):
+        db.remove([0, 1])
+    assert sorted(db.facts()) == [1, 3]  # nothing removed by the failed call
+
+
+def test_update_keeps_the_id(db, llama):
+    model, tok = llama
+    db.update(3, Fact("Lionel Messi", "{} plays the sport of", "golf", "soccer"))
+    assert db.get(3).target_new == "golf" and len(db) == len(FACTS)
+
+
+def test_reopen_and_copy_behave_the_same(db, llama, tmp_path):
+    model, tok = llama
+    db.attach(model)
+    edited = logits(model, tok, EDITED)[0]
+    db.detach()
+    db.flush()
+    db.add([Fact("Berlin", "{} is the capital of", "Spain", "Germany")])  # after the saved index
+    reopened = NeuralDB.from_pretrained(db.path)
+    assert reopened._saved_index_version() < reopened.store.manifest.version  # needs catch-up
+    assert reopened.index.ntotal == len(FACTS) + 1
+    reopened.attach(model)
+    torch.testing.assert_close(logits(model, tok, EDITED)[0], edited)
+    reopened.detach()
+    db.save_pretrained(tmp_path / "copy")
+    copy = NeuralDB.from_pretrained(tmp_path / "copy")
+    assert copy.facts() == db.facts() and len(copy.store.manifest.segments) == 1
+    with pytest.raises(StoreError, match="already exists"):
+        db.save_pretrained(tmp_path / "copy")
+
+
+def test_wrong_model_is_refused(db, llama):
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ModelMismatchError, match="weights of layer 2 differ"):
+        db.attach(other)
+    with pytest.raises(ModelMismatchError, match="model type"):
+        db.attach(tiny_model("gpt2"))
+    db.attach(other, force=True)  # explicit override
+    db.detach()
+
+
+def test_same_weights_in_bfloat16_have_the_same_fingerprint(db, llama):
+    from ndb.database import fingerprint
+
+    model, _ = llama
+    assert fingerprint(model.to(torch.bfloat16), 2) == db.config.fingerprint
+    model.to(torch.float32)
+
+
+def test_duplicate_user_id_changes_nothing(db):
+    first = Fact("Rome", "{} is in", "Peru", "Italy", id="r1")
+    db.add([first])
+    n = len(db)
+    with pytest.raises(ValueError, match="'r1' is already used"):
+        db.add([Fact("Oslo", "{} is in", "Peru", "Norway", id="r1")])
+    assert len(db) == n
+
+
+def test_small_residual_cache_still_answers_right(tmp_path, db, llama):
+    model, tok = llama
+    db.attach(model)
+    expected = logits(model, tok, EDITED)[0]
+    db.detach()
+    small = NeuralDB.from_pretrained(db.path, cache_bytes=2 * 4 * db.config.d_value)
+    small.attach(model)
+    torch.testing.assert_close(logits(model, tok, EDITED)[0], expected)
+    assert small._residuals.misses >= len(FACTS) and len(small._residuals) <= 2
+
+
+def test_empty_database_adds_nothing(tmp_path, llama):
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=EXACT)
+    before = logits(model, tok, EDITED)[0]
+    db.attach(model)
+    assert torch.equal(logits(model, tok, EDITED)[0], before)
+    assert db.retrieval.stats.calls == 0 and np.asarray(db.ids).size == 0
