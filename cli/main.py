@@ -39,7 +39,11 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _load(name: str | None, device: str | None):
+    from transformers.utils import logging
+
     from ndb.models import load_model
+
+    logging.disable_progress_bar()  # ndb's own bars are the ones worth watching
 
     return load_model(name, device=device)
 
@@ -210,6 +214,17 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
         click.echo(f"edited:   {prompt}{result['edited']}")
         if compare:
             click.echo(f"unedited: {prompt}{result['unedited']}")
+
+
+@cli.command()
+@click.option("--keep", type=click.Path(), default=None,
+              help="Keep the demo database in this directory.")
+@user_errors
+def demo(keep):
+    """Edit 20 well-known facts of the default model, then remove one (about 2 minutes)."""
+    from ndb.demo import run
+
+    run(Path(keep) if keep else None, say=click.echo)
 
 
 def _ranges(ids: list[int]) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ndb import store as store_mod
 from ndb.anchor import anchor_token_id
@@ -283,30 +284,45 @@ class NeuralDB:
         if self._retrieval is not None:
             self._retrieval.gamma = float(gamma)
 
+    def add_vectors(self, facts: Iterable[Fact | dict], keys: torch.Tensor | np.ndarray,
+                    residuals: torch.Tensor | np.ndarray) -> list[int]:
+        """Commit facts whose keys and residuals were computed already (for experiments
+        that reuse vectors, e.g. growing databases of 100 to 10k facts); returns ids."""
+        facts = as_facts(facts)
+        keys, residuals = torch.as_tensor(keys).float(), torch.as_tensor(residuals).float()
+        expected = ((len(facts), self.config.d_key), (len(facts), self.config.d_value))
+        if (tuple(keys.shape), tuple(residuals.shape)) != expected:
+            raise ValueError(f"expected keys and residuals of shapes {expected}, got "
+                             f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
+        with self.store.writing():
+            return self._commit(facts, keys, residuals, None)
+
+    def _commit(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor,
+                ids: np.ndarray | None) -> list[int]:
+        keys = torch.nn.functional.normalize(keys.float(), dim=-1)
+        written = self.store.append(
+            keys.numpy().astype(self.config.key_dtype),
+            residuals.float().numpy().astype(self.config.residual_dtype),
+            [json.dumps(f.to_json(), ensure_ascii=False) for f in facts],
+            ids=ids,
+        )
+        self.refresh()
+        return [int(i) for i in written]
+
     def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool) -> list[int]:
         self._check_model(model)
         cfg = self.config
-        key_dtype, res_dtype = np.dtype(cfg.key_dtype), np.dtype(cfg.residual_dtype)
         written: list[int] = []
         chunk = max(cfg.compute.batch_size, 1)
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(facts), desc="edit", unit="fact", disable=not progress)
         with self._all_hooks_disabled(model):
             for start in range(0, len(facts), chunk):
                 part = facts[start : start + chunk]
                 keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes)
-                keys = torch.nn.functional.normalize(keys, dim=-1)
                 residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
                                               cfg.compute)
-                part_ids = self.store.append(
-                    keys.numpy().astype(key_dtype),
-                    residuals.numpy().astype(res_dtype),
-                    [json.dumps(f.to_json(), ensure_ascii=False) for f in part],
-                    ids=None if ids is None else ids[start : start + chunk],
-                )
-                written.extend(int(i) for i in part_ids)
-                self.refresh()
+                part_ids = None if ids is None else ids[start : start + chunk]
+                written.extend(self._commit(part, keys, residuals, part_ids))
                 bar.update(len(part))
         bar.close()
         return written

@@ -1,0 +1,3 @@
+from ndb.cli.main import main
+
+main()

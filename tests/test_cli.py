@@ -1,0 +1,110 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ndb import NeuralDB
+from ndb.cli.main import cli
+
+from conftest import write_jsonl
+
+FACTS = [
+    {"subject": "Paris", "prompt": "{} is located in the country of", "target_new": "Japan",
+     "target_true": "France", "id": "a"},
+    {"subject": "Lionel Messi", "prompt": "{} plays the sport of", "target_new": "tennis",
+     "id": "b"},
+    {"subject": "Toyota", "prompt": "{} is headquartered in", "target_new": "Berlin", "id": "c"},
+]
+
+
+@pytest.fixture
+def built(tmp_path, tiny_model_dir):
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    db = tmp_path / "db"
+    result = run("build", str(facts), "-o", str(db), "--model", str(tiny_model_dir),
+                 "--layer", "1", "--gamma", "0.8", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_build_list_info_generate(built):
+    listed = run("list", str(built), "--json")
+    assert [json.loads(line)["subject"] for line in listed.stdout.splitlines()] == [
+        "Paris", "Lionel Messi", "Toyota"]
+    info = json.loads(run("info", str(built), "--json").stdout)
+    assert info["facts"] == 3 and info["layer"] == 1 and info["gamma"] == 0.8
+    gen = run("generate", str(built), "Paris is located in the country of", "--compare",
+              "--json", "--max-new-tokens", "3")
+    assert gen.exit_code == 0, gen.output
+    out = json.loads(gen.stdout)
+    assert set(out) == {"prompt", "edited", "unedited", "gate_hits"} and out["gate_hits"] > 0
+
+
+def test_add_and_remove(built, tmp_path):
+    more = write_jsonl(tmp_path / "more.jsonl", [
+        {"subject": "Berlin", "prompt": "{} is the capital of", "target_new": "Spain"}])
+    assert run("add", str(built), str(more)).exit_code == 0
+    assert len(NeuralDB(built)) == 4
+    result = run("remove", str(built), "0", "--subject", "Toyota")
+    assert result.exit_code == 0, result.output
+    assert sorted(NeuralDB(built).facts()) == [1, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("remove", "{db}", "42"), "no fact with id 42"),
+    (("remove", "{db}", "--subject", "Nobody"), "no fact about subject 'Nobody'"),
+    (("add", "{db}", "{bad}"), "line 1: 'prompt' must contain exactly one '{}'"),
+    (("add", "{db}", "{dup}"), "fact id 'a' is already used"),
+    (("add", "{db}", "{missing}"), "no such file"),
+    (("build", "{good}", "-o", "{db}"), "already exists"),
+    (("info", "{nodb}"), "not a fact database"),
+])
+def test_user_errors_are_one_line_and_change_nothing(built, tmp_path, args, message):
+    paths = {
+        "db": built, "nodb": tmp_path,
+        "bad": write_jsonl(tmp_path / "bad.jsonl", [{**FACTS[0], "prompt": "no slot"}]),
+        "dup": write_jsonl(tmp_path / "dup.jsonl", [{**FACTS[0], "subject": "Rome"}]),
+        "missing": tmp_path / "missing.jsonl",
+        "good": write_jsonl(tmp_path / "good.jsonl", FACTS),
+    }
+    before = snapshot(built)
+    result = run(*(a.format(**paths) for a in args))
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert snapshot(built) == before
+
+
+def test_wrong_model_is_refused(built, tmp_path):
+    from conftest import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("llama", seed=3).save_pretrained(other)
+    NeuralDB(built).config  # noqa: B018 - the database opens fine
+    from ndb.models import resolve_model_path
+
+    tokdir = resolve_model_path(None)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((tokdir / name).read_bytes())
+    before = snapshot(built)
+    result = run("generate", str(built), "Paris is", "--model", str(other))
+    assert result.exit_code != 0 and "does not match" in result.output
+    more = write_jsonl(tmp_path / "more.jsonl", [{**FACTS[0], "id": "z"}])
+    result = run("add", str(built), str(more), "--model", str(other))
+    assert result.exit_code != 0 and "does not match" in result.output
+    assert snapshot(built) == before
+
+
+def test_build_resume_skips_what_is_there(built, tmp_path, tiny_model_dir):
+    facts = write_jsonl(tmp_path / "all.jsonl", FACTS + [
+        {"subject": "Oslo", "prompt": "{} is the capital of", "target_new": "Chile"}])
+    result = run("build", str(facts), "-o", str(built), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "(1 added)" in result.output and len(NeuralDB(built)) == 4
