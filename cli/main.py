@@ -216,6 +216,84 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
             click.echo(f"unedited: {prompt}{result['unedited']}")
 
 
+@cli.command(name="eval")
+@click.argument("facts")
+@click.option("--db", "db_path", default=None,
+              help="NeuralDB to evaluate; built (or finished, if interrupted) from FACTS.")
+@click.option("--n", "limit", type=click.IntRange(1), default=None, help="Use the first N facts.")
+@click.option("--methods", default="neuraldb", show_default=True,
+              help="Comma-separated: neuraldb.")
+@click.option("--general", "general_dir", default=None,
+              help="Directory of general-ability data (e.g. ../shared/data/general).")
+@click.option("--general-tasks", default=None, help="Comma-separated task names.")
+@click.option("--general-limit", type=click.IntRange(1), default=None,
+              help="Documents per task (quick runs).")
+@click.option("--fluency-cases", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--consistency-dir", default=None,
+              help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
+@click.option("--json", "json_out", default=None, help="Write all results to this JSON file.")
+@click.option("--model", "model_name", default=None)
+@click.option("--device", default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@user_errors
+def evaluate(facts, db_path, limit, methods, general_dir, general_tasks, general_limit,
+             fluency_cases, consistency_dir, json_out, model_name, device, batch_size):
+    """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
+    import tempfile
+    import time
+    from contextlib import contextmanager
+
+    from ndb.database import NeuralDB
+    from ndb.eval.generation import TfidfReference
+    from ndb.eval.run import EvalSettings, evaluate, markdown_table, schema_of
+
+    records = read_facts(facts)[:limit]
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - {"neuraldb"})
+    if unknown:
+        raise click.ClickException(f"unknown method(s): {', '.join(unknown)}")
+    settings = EvalSettings(
+        batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
+        general_tasks=general_tasks.split(",") if general_tasks else None,
+        general_limit=general_limit,
+        consistency=TfidfReference.load(consistency_dir) if consistency_dir else None)
+    model, tokenizer = _load(model_name, device)
+    tmp = tempfile.TemporaryDirectory() if db_path is None else None
+    path = Path(db_path) if db_path else Path(tmp.name) / "eval.ndb"
+    if (path / "config.json").is_file():
+        db = NeuralDB.from_pretrained(path)
+    else:
+        db = NeuralDB.create(path, model, tokenizer)
+    start = time.perf_counter()
+    added = db.add(records, model, tokenizer, skip_existing=True, progress=True)
+    build_s = time.perf_counter() - start
+    db.flush()
+
+    @contextmanager
+    def neuraldb():
+        db.attach(model, tokenizer)
+        try:
+            yield
+        finally:
+            db.detach()
+
+    rows = evaluate(model, tokenizer, records, {"neuraldb": neuraldb}, settings,
+                    say=lambda s: click.echo(s, err=True))
+    click.echo(f"{len(records)} facts ({schema_of(records)} schema); NeuralDB layer "
+               f"{db.config.layer}, gamma {db.config.gamma}; {len(added)} edits computed in "
+               f"{build_s:.0f} s\n")
+    click.echo(markdown_table(rows))
+    if json_out:
+        report = {"facts": facts, "n": len(records), "schema": schema_of(records),
+                  "db": str(path) if db_path else None, "layer": db.config.layer,
+                  "gamma": db.config.gamma, "edits_computed": len(added),
+                  "build_seconds": build_s, "seconds": settings.timings, "rows": rows}
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    db.close()
+    if tmp is not None:
+        tmp.cleanup()
+
+
 @cli.command()
 @click.option("--keep", type=click.Path(), default=None,
               help="Keep the demo database in this directory.")

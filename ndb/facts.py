@@ -101,6 +101,10 @@ def _target(value: Any) -> str:
     return value["str"] if isinstance(value, dict) else value
 
 
+def _target_id(value: Any) -> str | None:
+    return value.get("id") if isinstance(value, dict) else None
+
+
 def _from_counterfact(record: dict[str, Any]) -> Fact:
     rw = record["requested_rewrite"]
     extra = {
@@ -108,6 +112,10 @@ def _from_counterfact(record: dict[str, Any]) -> Fact:
         for k in ("neighborhood_prompts", "attribute_prompts", "generation_prompts")
         if k in record
     }
+    for key, value in (("relation_id", rw.get("relation_id")),
+                       ("target_new_id", _target_id(rw["target_new"]))):
+        if value:
+            extra[key] = value
     ident = record.get("case_id", record.get("id"))
     return Fact(
         subject=rw["subject"],
@@ -116,7 +124,7 @@ def _from_counterfact(record: dict[str, Any]) -> Fact:
         target_true=_target(rw["target_true"]) if "target_true" in rw else None,
         id=None if ident is None else str(ident),
         paraphrases=tuple(record.get("paraphrase_prompts", ())),
-        extra=extra | {"relation_id": rw.get("relation_id")} if rw.get("relation_id") else extra,
+        extra=extra,
     )
 
 

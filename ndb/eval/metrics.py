@@ -81,6 +81,30 @@ def counterfact_metrics(model, tokenizer, facts: Sequence[Fact], batch_size: int
     return out
 
 
+def zsre_metrics(model, tokenizer, facts: Sequence[Fact], batch_size: int = 32
+                 ) -> dict[str, np.ndarray]:
+    """Per-case top-1 token accuracy of the new answer on the question (efficacy) and its
+    rephrasing (generalization), and of the unchanged answer to an unrelated question."""
+    n = len(facts)
+    out = {}
+    sets = {
+        "efficacy": (PromptSet.of([[f.text] for f in facts]), [f.target_new for f in facts]),
+        "generalization": (PromptSet.of([f.paraphrases for f in facts]),
+                           [f.target_new for f in facts]),
+        "specificity": (PromptSet.of([[f.extra["loc"] + "?"] if "loc" in f.extra else []
+                                      for f in facts]),
+                        [f.extra.get("loc_ans", "") for f in facts]),
+    }
+    for name, (prompts, targets) in sets.items():
+        if not prompts.prompts:
+            out[name] = np.full(n, np.nan)
+            continue
+        _, top1 = score_targets(model, tokenizer, prompts.prompts,
+                                [targets[c] for c in prompts.case], batch_size)
+        out[name] = _per_case_mean(top1, prompts.case, n)
+    return out
+
+
 def summarize(per_case: dict[str, np.ndarray]) -> dict[str, float]:
     """Means over cases (cases without prompts of a kind are left out of that mean)."""
     return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")

@@ -1,0 +1,116 @@
+"""One evaluation run: the unedited model and each editing method, on the same facts.
+
+Rows: "pre-edited" (the model as loaded), then one per method. Each row holds the edit
+metrics of the facts' schema (CounterFact or ZsRE), fluency and consistency where the facts
+allow, and general ability when a data directory is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ndb.eval.generation import TfidfReference, ngram_entropy, sample_generations
+from ndb.eval.metrics import counterfact_metrics, summarize, zsre_metrics
+from ndb.facts import Fact
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 32
+    fluency_cases: int = 100  # cases whose first generation prompt is sampled from
+    fluency_tokens: int = 100
+    seed: int = 0
+    consistency: TfidfReference | None = None
+    general_dir: str | None = None
+    general_tasks: Sequence[str] | None = None
+    general_limit: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def schema_of(facts: Sequence[Fact]) -> str:
+    """"zsre" when the facts carry ZsRE's locality question, else "counterfact"."""
+    return "zsre" if all("loc" in f.extra for f in facts) else "counterfact"
+
+
+def _generation_metrics(model, tok, facts: Sequence[Fact], settings: EvalSettings
+                        ) -> dict[str, float]:
+    cases = [f for f in facts if f.extra.get("generation_prompts")][: settings.fluency_cases]
+    if not cases or settings.fluency_cases == 0:
+        return {}
+    texts = sample_generations(model, tok, [f.extra["generation_prompts"][0] for f in cases],
+                               settings.fluency_tokens, seed=settings.seed,
+                               batch_size=min(16, settings.batch_size))
+    out = {"fluency": 100 * float(np.mean([ngram_entropy(t) for t in texts]))}
+    ref = settings.consistency
+    if ref is not None:
+        scores = [ref.similarity(text, " ".join(refs)) for f, text in zip(cases, texts)
+                  if (refs := ref.references(f.extra.get("relation_id"),
+                                             f.extra.get("target_new_id")))]
+        if scores:
+            out["consistency"] = 100 * float(np.mean(scores))
+    return out
+
+
+def measure(model, tok, facts: Sequence[Fact], settings: EvalSettings,
+            label: str = "") -> dict[str, float]:
+    """All metrics of one model state, as percentages (fluency: ROME's x100 entropy)."""
+    start = time.perf_counter()
+    if schema_of(facts) == "zsre":
+        per_case = zsre_metrics(model, tok, facts, settings.batch_size)
+    else:
+        per_case = counterfact_metrics(model, tok, facts, settings.batch_size)
+    row = {k: 100 * v for k, v in summarize(per_case).items()}
+    if schema_of(facts) == "counterfact":
+        row.update(_generation_metrics(model, tok, facts, settings))
+    if settings.general_dir:
+        from ndb.eval.general import general_ability
+
+        general = general_ability(model, tok, settings.general_dir, settings.general_tasks,
+                                  settings.general_limit)
+        for task, result in general.items():
+            row[f"general/{task}"] = 100 * result["acc"]
+        row["general/mean"] = float(np.mean([100 * r["acc"] for r in general.values()]))
+    settings.timings[label or "row"] = time.perf_counter() - start
+    return row
+
+
+Method = Callable[[], AbstractContextManager]
+
+
+def evaluate(model, tok, facts: Sequence[Fact], methods: dict[str, Method],
+             settings: EvalSettings, say: Callable[[str], None] = lambda _: None
+             ) -> dict[str, dict[str, float]]:
+    """Rows for the unedited model and for each method (a context manager that applies the
+    edit to ``model`` on entry and takes it back on exit)."""
+    say("measuring the unedited model")
+    rows = {"pre-edited": measure(model, tok, facts, settings, "pre-edited")}
+    for name, apply in methods.items():
+        say(f"measuring {name}")
+        with apply():
+            rows[name] = measure(model, tok, facts, settings, name)
+    return rows
+
+
+COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
+           ("efficacy_magnitude", "Eff.M"), ("generalization_magnitude", "Gen.M"),
+           ("specificity_magnitude", "Spe.M"), ("fluency", "Flu."), ("consistency", "Consis."),
+           ("general/mean", "General")]
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    present = [(k, h) for k, h in COLUMNS if any(k in r for r in rows.values())]
+    general = sorted({k for r in rows.values() for k in r
+                      if k.startswith("general/") and k != "general/mean"})
+    present += [(k, k.removeprefix("general/")) for k in general]
+    lines = ["| method | " + " | ".join(h for _, h in present) + " |",
+             "|---" * (len(present) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[k]:.1f}" if k in row and np.isfinite(row[k]) else "-"
+                 for k, _ in present]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
