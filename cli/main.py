@@ -10,13 +10,11 @@ from pathlib import Path
 
 import click
 
-from ndb.facts import FactError, read_facts
-from ndb.models import ModelError
-from ndb.store import StoreError
+from ndb.errors import USER_ERRORS as NDB_ERRORS
+from ndb.facts import read_facts
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    FactError, StoreError, ModelError, ValueError, KeyError, FileNotFoundError, OSError,
-)
+# ValueError and OSError too: bad option values and unreadable paths are the user's errors
+USER_ERRORS: tuple[type[BaseException], ...] = (*NDB_ERRORS, ValueError, OSError)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -222,7 +220,13 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
               help="NeuralDB to evaluate; built (or finished, if interrupted) from FACTS.")
 @click.option("--n", "limit", type=click.IntRange(1), default=None, help="Use the first N facts.")
 @click.option("--methods", default="neuraldb", show_default=True,
-              help="Comma-separated: neuraldb.")
+              help="Comma-separated: neuraldb, memit (5 layers), memit-1 (one layer), "
+                   "alphaedit.")
+@click.option("--stats-text", multiple=True,
+              help="Generic text (.txt or JSONL) for MEMIT/AlphaEdit's C0 statistics; "
+                   "default: lambada_test.jsonl in the --general directory.")
+@click.option("--stats-positions", type=click.IntRange(1000), default=100_000,
+              show_default=True, help="Token positions sampled for C0.")
 @click.option("--general", "general_dir", default=None,
               help="Directory of general-ability data (e.g. ../shared/data/general).")
 @click.option("--general-tasks", default=None, help="Comma-separated task names.")
@@ -236,22 +240,26 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
 @click.option("--device", default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @user_errors
-def evaluate(facts, db_path, limit, methods, general_dir, general_tasks, general_limit,
-             fluency_cases, consistency_dir, json_out, model_name, device, batch_size):
+def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, general_dir,
+             general_tasks, general_limit, fluency_cases, consistency_dir, json_out,
+             model_name, device, batch_size):
     """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
     import tempfile
     import time
-    from contextlib import contextmanager
 
     from ndb.database import NeuralDB
     from ndb.eval.generation import TfidfReference
+    from ndb.eval.methods import METHODS, make_methods
     from ndb.eval.run import EvalSettings, evaluate, markdown_table, schema_of
 
     records = read_facts(facts)[:limit]
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = sorted(set(chosen) - {"neuraldb"})
+    unknown = sorted(set(chosen) - set(METHODS))
     if unknown:
-        raise click.ClickException(f"unknown method(s): {', '.join(unknown)}")
+        raise click.ClickException(f"unknown method(s): {', '.join(unknown)} "
+                                   f"(known: {', '.join(METHODS)})")
+    lambada = Path(general_dir or "") / "lambada_test.jsonl"
+    stats_text = list(stats_text) or ([lambada] if general_dir and lambada.is_file() else [])
     settings = EvalSettings(
         batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
@@ -269,22 +277,19 @@ def evaluate(facts, db_path, limit, methods, general_dir, general_tasks, general
     build_s = time.perf_counter() - start
     db.flush()
 
-    @contextmanager
-    def neuraldb():
-        db.attach(model, tokenizer)
-        try:
-            yield
-        finally:
-            db.detach()
+    def say(message: str) -> None:
+        click.echo(message, err=True)
 
-    rows = evaluate(model, tokenizer, records, {"neuraldb": neuraldb}, settings,
-                    say=lambda s: click.echo(s, err=True))
+    contexts = make_methods(chosen, model, tokenizer, records, db, stats_text, stats_positions,
+                            say)
+    rows = evaluate(model, tokenizer, records, contexts, settings, say)
     click.echo(f"{len(records)} facts ({schema_of(records)} schema); NeuralDB layer "
                f"{db.config.layer}, gamma {db.config.gamma}; {len(added)} edits computed in "
                f"{build_s:.0f} s\n")
     click.echo(markdown_table(rows))
     if json_out:
         report = {"facts": facts, "n": len(records), "schema": schema_of(records),
+                  "methods": chosen, "stats_text": [str(p) for p in stats_text],
                   "db": str(path) if db_path else None, "layer": db.config.layer,
                   "gamma": db.config.gamma, "edits_computed": len(added),
                   "build_seconds": build_s, "seconds": settings.timings, "rows": rows}
@@ -318,3 +323,12 @@ def _ranges(ids: list[int]) -> str:
 
 def main() -> None:
     cli(prog_name="ndb")
+
+
+def _register_subgroups() -> None:
+    from ndb.cli.data import data
+
+    cli.add_command(data)
+
+
+_register_subgroups()

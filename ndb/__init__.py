@@ -1,12 +1,25 @@
-"""ndb: a gated key-value fact database attached to a causal language model (NeuralDB)."""
+"""ndb: a gated key-value fact database attached to a causal language model (NeuralDB).
 
-from ndb.anchor import anchor_tokenizer
-from ndb.compute import ComputeConfig
-from ndb.config import NeuralDBConfig
-from ndb.database import FactNotFoundError, ModelMismatchError, NeuralDB
-from ndb.facts import Fact, FactError, read_facts
-from ndb.models import load_model
-from ndb.store import LockedError, StoreError
+Names are imported on first use, so that ``ndb`` commands which need no model start fast.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ComputeConfig": "ndb.compute",
+    "Fact": "ndb.facts",
+    "FactError": "ndb.errors",
+    "read_facts": "ndb.facts",
+    "FactNotFoundError": "ndb.errors",
+    "ModelMismatchError": "ndb.errors",
+    "NeuralDB": "ndb.database",
+    "NeuralDBConfig": "ndb.config",
+    "LockedError": "ndb.errors",
+    "StoreError": "ndb.errors",
+    "anchor_tokenizer": "ndb.anchor",
+    "load_model": "ndb.models",
+}
 
 __all__ = [
     "ComputeConfig",
@@ -22,3 +35,24 @@ __all__ = [
     "load_model",
     "read_facts",
 ]
+
+if TYPE_CHECKING:
+    from ndb.anchor import anchor_tokenizer
+    from ndb.compute import ComputeConfig
+    from ndb.config import NeuralDBConfig
+    from ndb.database import NeuralDB
+    from ndb.errors import (
+        FactError,
+        FactNotFoundError,
+        LockedError,
+        ModelMismatchError,
+        StoreError,
+    )
+    from ndb.facts import Fact, read_facts
+    from ndb.models import load_model
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ndb' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -98,7 +98,7 @@ def _subject_span(prefix: str, prompt: str, subject: str) -> tuple[str, int, int
     return prefix + prompt.format(subject), start, start + len(subject)
 
 
-def _encode(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
+def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
     """Anchored ids of prefix + filled prompt, and the subject's last token index."""
     text, start, end = _subject_span(prefix, prompt, subject)
     return encode_with_span(tokenizer, text, start, end)
@@ -142,7 +142,7 @@ def compute_keys(
         rows, last = [], []
         for fact in facts[i : i + batch_size]:
             for prefix in prefixes:
-                ids, s = _encode(tokenizer, prefix, fact.prompt, fact.subject)
+                ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
                 rows.append(ids[: s + 1])  # a key depends on nothing after it
                 last.append(s)
         ids, mask = _pad(rows, pad)
@@ -166,9 +166,9 @@ def _rows(tokenizer, facts: Sequence[Fact], prefixes: Sequence[str]) -> list[_Ro
     for f, fact in enumerate(facts):
         target = tokenizer(" " + fact.target_new.strip(), add_special_tokens=False).input_ids
         for prefix in prefixes:
-            ids, s = _encode(tokenizer, prefix, fact.prompt, fact.subject)
+            ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
             rows.append(_Row(f, ids + target[:-1], s, target))
-        ids, s = _encode(tokenizer, "", "{} is a", fact.subject)
+        ids, s = encode_prompt(tokenizer, "", "{} is a", fact.subject)
         rows.append(_Row(f, ids, s, None))
     return rows
 

@@ -30,6 +30,7 @@ from ndb import store as store_mod
 from ndb.anchor import anchor_token_id
 from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
 from ndb.config import NeuralDBConfig
+from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
@@ -43,18 +44,9 @@ from ndb.models import (
     num_layers,
 )
 from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
-from ndb.store import Store, StoreError
+from ndb.store import Store
 
 INDEX_META = "index.json"
-
-
-class ModelMismatchError(ValueError):
-    """The model is not the one the database was built for."""
-
-
-class FactNotFoundError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
@@ -207,6 +199,18 @@ class NeuralDB:
             return self.facts()[int(fact_id)]
         except KeyError:
             raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}") from None
+
+    def lookup(self, facts: Iterable[Fact]) -> list[int]:
+        """Ids of facts stored with the same subject, prompt and new object, in order."""
+        by_edit = {(f.subject, f.prompt, f.target_new): i for i, f in self.facts().items()}
+        ids = []
+        for fact in facts:
+            key = (fact.subject, fact.prompt, fact.target_new)
+            if key not in by_edit:
+                raise FactNotFoundError(f"{self.path} holds no edit {fact.text!r} -> "
+                                        f"{fact.target_new!r}")
+            ids.append(by_edit[key])
+        return ids
 
     def find(self, subject: str) -> list[int]:
         """Ids of the facts about ``subject`` (exact match)."""

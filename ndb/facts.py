@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class FactError(ValueError):
-    """A facts file or record that cannot be used."""
+from ndb.errors import FactError
 
 
 @dataclass(frozen=True)

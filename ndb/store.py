@@ -30,20 +30,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ndb.errors import LockedError, StoreError
+
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 INDEX = "index"
 LOCK = ".lock"
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
-
-
-class StoreError(RuntimeError):
-    """A database directory that cannot be opened or written."""
-
-
-class LockedError(StoreError):
-    """Another process is writing the database."""
 
 
 def fsync_dir(path: Path) -> None:

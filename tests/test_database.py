@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from ndb import ComputeConfig, Fact, ModelMismatchError, NeuralDB
-from ndb.database import FactNotFoundError
-from ndb.store import StoreError
+from ndb.errors import FactNotFoundError, StoreError
 
 from conftest import FACTS, FAST_COMPUTE, tiny_model
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ndb.facts import Fact, FactError, as_facts, parse_facts, read_facts
+from ndb.errors import FactError
+from ndb.facts import Fact, as_facts, parse_facts, read_facts
 
 from conftest import write_jsonl
 

@@ -5,8 +5,15 @@ without its fact database attached, on the benchmarks the NeuralDB paper uses (A
 ARC-challenge, CommonsenseQA, WSC273, LAMBADA, MMLU; PIQA, BoolQ, COPA, OpenBookQA and
 WinoGrande optional). The scoring is lm-eval's own (its ``HFLM`` model wrapper, task
 machinery, metrics and aggregation); only the task definitions are ndb's: each mirrors
-lm-eval's built-in task of the same name (prompt, choices, target, metrics) but reads the
-local files described in ``/work/shared/data/README.md``, so nothing is downloaded.
+lm-eval's built-in task of the same name (prompt, choices, target, metrics) but reads
+local files, so nothing is downloaded. The data directory holds (llm-foundry's JSONL
+format, except LAMBADA and MMLU):
+
+- ``arc_easy.jsonl``, ``arc_challenge.jsonl``, ``openbook_qa.jsonl``, ``piqa.jsonl``,
+  ``boolq.jsonl``, ``copa.jsonl``, ``commonsense_qa.jsonl``: ``{"query", "choices", "gold"}``
+- ``winograd_wsc.jsonl``, ``winogrande.jsonl``: ``{"context_options", "continuation", "gold"}``
+- ``lambada_test.jsonl``: ``{"text"}``, the LAMBADA (OpenAI) test set lm-eval uses
+- ``mmlu/test/<subject>_test.csv`` for the 57 subjects: question, choice0-3, answer (0-3)
 
 Every request reaches the model starting with ndb's anchor token, exactly as ndb's own
 scoring does: ``HFLM`` is told ``add_bos_token=True``, which makes it tokenize with
@@ -175,8 +182,8 @@ _MMLU_TEMPLATE = {
 def _mmlu_features():
     from datasets import Features, Value
 
-    # Without them the CSV reader turns answers such as "None" or "NA" into nulls and "4"
-    # into an int.
+    # Left to itself, the CSV reader (pandas) reads answer options such as "None" or "NA" as
+    # missing values and "4" as a number.
     return Features(
         {
             "question": Value("string"),
@@ -188,7 +195,7 @@ def _mmlu_features():
 
 # lm-eval's mmlu group: four category groups over the 57 subject tasks, each averaging
 # accuracy over questions (weight_by_size), which also fixes how the stderr is pooled.
-_MMLU_CATEGORIES = {
+MMLU_CATEGORIES = {
     "stem": (
         "abstract_algebra anatomy astronomy college_biology college_chemistry "
         "college_computer_science college_mathematics college_physics computer_security "
@@ -246,7 +253,7 @@ def _mmlu_config(data_dir: Path) -> dict[str, Any]:
                 "task": [_mmlu_task(data_dir, s) for s in subjects.split()],
                 "aggregate_metric_list": _BY_SIZE,
             }
-            for category, subjects in _MMLU_CATEGORIES.items()
+            for category, subjects in MMLU_CATEGORIES.items()
         ],
         "aggregate_metric_list": _BY_SIZE,
     }
@@ -305,6 +312,24 @@ def _quiet(active: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _no_telemetry() -> Iterator[None]:
+    """Stop datasets from pinging its S3 bucket (a download counter) on every local load.
+
+    Unless ``HF_HUB_OFFLINE`` or ``HF_UPDATE_DOWNLOAD_COUNTS=0`` was set before it was
+    imported, each load of a local file makes a request that, with no network, can wait
+    its 3 s timeout: minutes for MMLU's 57 files.
+    """
+    from datasets import config
+
+    counts = config.HF_UPDATE_DOWNLOAD_COUNTS
+    config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+
+
 def make_lm(model, tokenizer, batch_size: int = 16):
     """lm-eval's ``HFLM`` around an already-loaded model, fed ndb's anchored token ids."""
     from lm_eval.models.huggingface import HFLM
@@ -342,19 +367,30 @@ def _build_group(manager, config: dict):
     return group
 
 
-def run_lm_eval(lm, configs: list, limit: int | None, task_manager=None) -> dict:
-    """Evaluate ``configs`` (task or group dicts, or names known to ``task_manager``) with
-    lm-eval's ``evaluate``; returns its raw results."""
-    from lm_eval.evaluator import evaluate
+def load_tasks(configs: list, task_manager=None) -> dict:
+    """lm-eval tasks and groups, zero-shot, for ``configs``: task or group dicts, or names
+    known to ``task_manager`` (default: one that knows no built-in task)."""
     from lm_eval.tasks import TaskManager
 
     manager = task_manager or TaskManager(include_defaults=False)
-    loaded = manager.load([_build_group(manager, c) if _is_group(c) else c for c in configs])
+    with _no_telemetry():  # the tasks load their data as they are built
+        loaded = manager.load([_build_group(manager, c) if _is_group(c) else c for c in configs])
     for task in loaded["tasks"].values():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
+    return loaded
+
+
+def run_lm_eval(lm, configs: list, limit: int | None, task_manager=None) -> dict:
+    """Evaluate ``configs`` (see ``load_tasks``) with lm-eval's ``evaluate``; its raw results."""
+    from lm_eval.evaluator import evaluate
+
     return evaluate(
-        lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
+        lm=lm,
+        task_dict=load_tasks(configs, task_manager),
+        limit=limit,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=False,
     )
 
 
@@ -405,26 +441,30 @@ def general_ability(
     ``model`` is used as is (with any hooks attached); ``tokenizer`` must be ndb's, which
     starts every text with the anchor token. ``limit`` caps the documents of each task,
     taken from the start of its file (lm-eval's ``--limit``); for ``mmlu`` it caps each of
-    the 57 subjects, so up to 57 x ``limit`` questions.
+    the 57 subjects, so up to 57 x ``limit`` questions. ``progress`` shows lm-eval's progress
+    bars and log; without it, stdout and stderr are silenced while lm-eval runs.
 
-    Returns ``{task: {"acc", "acc_stderr", "n", ...}}`` (``acc_norm`` for ARC, PIQA and
-    OpenBookQA, ``perplexity`` for LAMBADA, ``subtasks`` for MMLU), plus a ``"settings"``
-    entry recording how lm-eval was run.
+    Returns ``{task: {"acc", "acc_stderr", "n", ..., "settings"}}``: ``acc_norm`` too for
+    ARC, PIQA and OpenBookQA, ``perplexity`` for LAMBADA, ``subtasks`` for MMLU, and under
+    ``settings`` how lm-eval was run (version, ``add_bos_token``, anchor token, limit).
     """
     names = list(DEFAULT_TASKS if tasks is None else tasks)
     configs = task_configs(data_dir, names)
+    anchor = anchor_token_id(tokenizer)
     with _quiet(not progress):
         raw = run_lm_eval(make_lm(model, tokenizer, batch_size), configs, limit)
-    out: dict[str, dict] = summarize(raw, names)
-    out["settings"] = {
+    settings = {
         "lm_eval_version": version("lm_eval"),
         "num_fewshot": 0,
         "add_bos_token": True,
-        "anchor_token_id": anchor_token_id(tokenizer),
-        "anchor_token": tokenizer.convert_ids_to_tokens(anchor_token_id(tokenizer)),
+        "anchor_token_id": anchor,
+        "anchor_token": tokenizer.convert_ids_to_tokens(anchor),
         "limit": limit,
         "limit_applies_to": "each task; each MMLU subject",
         "batch_size": batch_size,
         "bootstrap_iters": BOOTSTRAP_ITERS,
     }
-    return out
+    return {
+        task: scores | {"settings": dict(settings)}
+        for task, scores in summarize(raw, names).items()
+    }

@@ -7,6 +7,9 @@ second opinions on languages and currencies). Install them with ``pip install 'n
 Every subject name in a generated set belongs to exactly one record, because NeuralDB keys a
 fact at the subject's last token: two facts about one subject whose prompts share the text
 before the subject would get the same key. Names that denote several entities are dropped.
+Neighborhood and attribute prompts name only subjects that no record of the set edits, so that
+they keep their true answers when the whole set is applied; a seeded share of subjects
+(``holdout``) is kept out of every set for that purpose.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import os
 import random
@@ -28,6 +32,8 @@ from typing import Any, NamedTuple
 
 MAX_NEIGHBORHOOD_PROMPTS = 10
 MAX_ATTRIBUTE_PROMPTS = 10
+# Share of subjects no record edits, kept as the unedited neighbors that locality is measured on
+DEFAULT_HOLDOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,7 @@ class _Fact(NamedTuple):
     target: str
     target_id: str
     also_true: frozenset[str] = frozenset()  # other right answers, never chosen as target_new
+    key: str = ""  # the subject's _key, filled in by _tables
 
 
 @contextlib.contextmanager
@@ -648,11 +655,15 @@ def _tables(min_city_population: int) -> dict[str, tuple[_Fact, ...]]:
     for relation in RELATIONS.values():
         # A subject that also occurs in the prompt's own words could not be found again in it.
         text = _relation_text(relation)
-        rows = sorted(
-            (f for f in facts[relation.id] if f.subject not in text),
-            key=lambda f: f.subject,
-        )
-        tables[relation.id] = tuple(rows)
+        rows = [f for f in facts[relation.id] if f.subject not in text]
+        # Every fact needs some object that is wrong for it, to be its target_new.
+        objects = {f.target for f in rows}
+        rows = [
+            f._replace(key=_key(f.subject))
+            for f in rows
+            if len(objects) > 1 + len(f.also_true) or objects - {f.target} - f.also_true
+        ]
+        tables[relation.id] = tuple(sorted(rows, key=lambda f: f.subject))
     return tables
 
 
@@ -675,10 +686,38 @@ def true_objects(relation_id: str, min_city_population: int = 500) -> dict[str, 
     return {f.subject: f.target for f in _tables(min_city_population)[relation_id]}
 
 
-def count_available(relations: Sequence[str] | None = None, min_city_population: int = 500) -> int:
-    """How many records ``build_geo(n=None, ...)`` returns: one per distinct subject."""
+@functools.lru_cache(maxsize=8)
+def _held_out_keys(min_city_population: int, seed: int, holdout: float) -> frozenset[str]:
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    keys = {f.key for rows in _tables(min_city_population).values() for f in rows}
+    threshold = holdout * 2**64
+    return frozenset(
+        k
+        for k in keys
+        if int.from_bytes(hashlib.blake2b(f"{seed}|{k}".encode(), digest_size=8).digest(), "big")
+        < threshold
+    )
+
+
+def _editable(
+    relation_ids: list[str], min_city_population: int, seed: int, holdout: float
+) -> dict[str, tuple[_Fact, ...]]:
+    held_out = _held_out_keys(min_city_population, seed, holdout)
     tables = _tables(min_city_population)
-    return len({_key(f.subject) for r in _check_relations(relations) for f in tables[r]})
+    return {r: tuple(f for f in tables[r] if f.key not in held_out) for r in relation_ids}
+
+
+def count_available(
+    relations: Sequence[str] | None = None,
+    min_city_population: int = 500,
+    seed: int = 0,
+    holdout: float = DEFAULT_HOLDOUT,
+) -> int:
+    """How many records ``build_geo(n=None, ...)`` returns with the same arguments: one per
+    distinct subject that is not held out."""
+    editable = _editable(_check_relations(relations), min_city_population, seed, holdout)
+    return len({f.key for rows in editable.values() for f in rows})
 
 
 def _draft(
@@ -700,10 +739,10 @@ def _draft(
         for q in active:
             relation_id, rows = queues[q]
             pos = positions[q]
-            while pos < len(rows) and _key(rows[pos].subject) in used:
+            while pos < len(rows) and rows[pos].key in used:
                 pos += 1
             if pos < len(rows):
-                used.add(_key(rows[pos].subject))
+                used.add(rows[pos].key)
                 picked.append((relation_id, rows[pos]))
                 pos += 1
                 still_active.append(q)
@@ -717,32 +756,29 @@ def _draft(
 def _sample_prompts(
     rng: random.Random, pool: Sequence[str], template: str, subject: str, k: int
 ) -> list[str]:
-    """Up to k prompts of other subjects from pool that do not contain ``subject``."""
-    # A few spares cover the subject itself and names that contain it ("York", "New York").
+    """Up to k prompts of subjects from pool that do not contain ``subject``."""
+    # A few spares cover names that contain the subject ("York", "New York").
     candidates = rng.sample(pool, min(len(pool), k + 5))
-    prompts = []
-    for other in candidates:
-        prompt = template.format(other)
-        if other != subject and subject not in prompt:
-            prompts.append(prompt)
-            if len(prompts) == k:
-                break
-    return prompts
+    prompts = [template.format(other) for other in candidates]
+    return [prompt for prompt in prompts if subject not in prompt][:k]
 
 
 class _Lookup(NamedTuple):
     targets: tuple[str, ...]  # distinct objects, sorted
     target_ids: dict[str, str]
-    subjects_by_target: dict[str, tuple[str, ...]]
+    bystanders_by_target: dict[str, tuple[str, ...]]  # subjects outside the set, by object
 
 
-def _lookup(rows: tuple[_Fact, ...]) -> _Lookup:
+def _lookup(rows: tuple[_Fact, ...], in_set: set[str]) -> _Lookup:
+    # Neighborhood and attribute prompts only use subjects that no record of the set edits:
+    # an edited subject's prompts answer with its new object once the whole set is applied.
     by_target: dict[str, list[str]] = defaultdict(list)
     ids = {}
     for fact in rows:
-        by_target[fact.target].append(fact.subject)
         ids[fact.target] = fact.target_id
-    return _Lookup(tuple(sorted(by_target)), ids, {t: tuple(s) for t, s in by_target.items()})
+        if fact.key not in in_set:
+            by_target[fact.target].append(fact.subject)
+    return _Lookup(tuple(sorted(ids)), ids, {t: tuple(s) for t, s in by_target.items()})
 
 
 def _record(case_id: int, relation: Relation, fact: _Fact, lookup: _Lookup, seed: int) -> dict:
@@ -769,13 +805,17 @@ def _record(case_id: int, relation: Relation, fact: _Fact, lookup: _Lookup, seed
         "paraphrase_prompts": paraphrases,
         "neighborhood_prompts": _sample_prompts(
             rng,
-            lookup.subjects_by_target[fact.target],
+            lookup.bystanders_by_target.get(fact.target, ()),
             main,
             fact.subject,
             MAX_NEIGHBORHOOD_PROMPTS,
         ),
         "attribute_prompts": _sample_prompts(
-            rng, lookup.subjects_by_target[target_new], main, fact.subject, MAX_ATTRIBUTE_PROMPTS
+            rng,
+            lookup.bystanders_by_target.get(target_new, ()),
+            main,
+            fact.subject,
+            MAX_ATTRIBUTE_PROMPTS,
         ),
         "generation_prompts": [t.format(fact.subject) for t in relation.generation_templates],
     }
@@ -786,26 +826,33 @@ def build_geo(
     seed: int = 0,
     relations: Sequence[str] | None = None,
     min_city_population: int = 500,
+    holdout: float = DEFAULT_HOLDOUT,
     progress: bool = False,
 ) -> list[dict]:
     """CounterFact-schema records of real facts, each subject in one record only.
 
-    ``n=None`` gives every available fact (``count_available``); a smaller n takes facts from
-    the relations in turn, so small relations are used up before large ones dominate.
+    A seeded ``holdout`` share of subjects is never edited. ``n=None`` gives every other fact
+    (``count_available``); a smaller n takes facts from the relations in turn, so small
+    relations are used up before large ones dominate. Neighborhood and attribute prompts name
+    only subjects outside the set: held-out ones and those n left out. Cities of fewer than
+    ``min_city_population`` people are left out; a name is judged ambiguous against all
+    GeoNames cities of 500 or more people whatever the threshold.
     """
     relation_ids = _check_relations(relations)
     if n is not None and n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     tables = _tables(min_city_population)
-    available = count_available(relation_ids, min_city_population)
+    editable = _editable(relation_ids, min_city_population, seed, holdout)
+    available = len({f.key for rows in editable.values() for f in rows})
     if n is not None and n > available:
         which = f" for {', '.join(relation_ids)}" if relations is not None else ""
         raise ValueError(
-            f"asked for {n} facts but only {available} are available{which} "
-            f"with min_city_population={min_city_population}"
+            f"asked for {n} facts but only {available} are available{which} with "
+            f"min_city_population={min_city_population} and holdout={holdout}"
         )
-    picked = _draft(tables, relation_ids, n, seed)
-    lookups = {r: _lookup(tables[r]) for r in relation_ids}
+    picked = _draft(editable, relation_ids, n, seed)
+    in_set = {fact.key for _, fact in picked}
+    lookups = {r: _lookup(tables[r], in_set) for r in relation_ids}
     rows: Iterable[tuple[str, _Fact]] = picked
     if progress:
         from tqdm.auto import tqdm
@@ -817,44 +864,58 @@ def build_geo(
         ]
 
 
-def to_zsre(records: list[dict], seed: int = 0) -> list[dict]:
-    """ZsRE-schema records from ``build_geo`` records. ``loc`` is another record's question
-    (another relation's where possible), with its true answer as ``loc_ans``."""
+def to_zsre(records: list[dict], seed: int = 0, min_city_population: int = 500) -> list[dict]:
+    """ZsRE-schema records from ``build_geo`` records.
+
+    ``loc`` is the question of a fact outside the set (of another relation where possible),
+    with its true answer as ``loc_ans``: the set's own facts would answer with their edits.
+    """
     if not records:
         return []
-    questions = []
+    in_set = {_key(r["requested_rewrite"]["subject"]) for r in records}
+    bystanders = [
+        (relation_id, fact)
+        for relation_id, rows in _tables(min_city_population).items()
+        for fact in rows
+        if fact.key not in in_set
+    ]
+    if not bystanders:
+        raise ValueError(
+            "every available subject is in the set, so no fact is left for 'loc': "
+            "build the set with an n below count_available()"
+        )
+    out = []
     for record in records:
         rewrite = record["requested_rewrite"]
-        relation = RELATIONS.get(rewrite["relation_id"])
-        if relation is None:
+        subject, relation_id = rewrite["subject"], rewrite["relation_id"]
+        if relation_id not in RELATIONS:
             raise ValueError(
-                f"record {record.get('case_id')}: relation {rewrite['relation_id']!r} is not "
+                f"record {record.get('case_id')}: relation {relation_id!r} is not "
                 "one of ndb.eval.geo's"
             )
-        rng = random.Random(f"{seed}|zsre|{rewrite['subject']}")
-        src, rephrase = rng.sample(relation.questions, 2)
-        questions.append((src.format(rewrite["subject"]), rephrase.format(rewrite["subject"])))
-    out = []
-    for i, record in enumerate(records):
-        rewrite = record["requested_rewrite"]
-        rng = random.Random(f"{seed}|zsre-loc|{rewrite['subject']}")
-        j = i
-        for _ in range(8):  # a few tries at another relation; any other record will do
-            j = rng.randrange(len(records))
-            if records[j]["requested_rewrite"]["relation_id"] != rewrite["relation_id"]:
+        rng = random.Random(f"{seed}|zsre|{subject}")
+        src, rephrase = rng.sample(RELATIONS[relation_id].questions, 2)
+        loc = None
+        for attempt in range(64):
+            loc_relation, loc_fact = rng.choice(bystanders)
+            question = RELATIONS[loc_relation].questions[0].format(loc_fact.subject)
+            if subject in question:
+                continue
+            loc = (question, loc_fact.target)
+            if loc_relation != relation_id or attempt >= 8:  # another relation, if it comes soon
                 break
-        if j == i:
-            j = (i + 1) % len(records)
+        if loc is None:
+            raise ValueError(f"no question without {subject!r} found for 'loc'")
         out.append(
             {
                 "case_id": record["case_id"],
-                "subject": rewrite["subject"],
-                "src": questions[i][0],
-                "rephrase": questions[i][1],
+                "subject": subject,
+                "src": src.format(subject),
+                "rephrase": rephrase.format(subject),
                 "alt": rewrite["target_new"]["str"],
                 "answers": [rewrite["target_true"]["str"]],
-                "loc": f"nq question: {questions[j][0]}",
-                "loc_ans": records[j]["requested_rewrite"]["target_true"]["str"],
+                "loc": f"nq question: {loc[0]}",
+                "loc_ans": loc[1],
             }
         )
     return out
@@ -868,6 +929,9 @@ def write_records(records: list[dict], path: str | os.PathLike) -> Path:
         raise ValueError(f"{path}: the file name must end in .json or .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's private 0600 would outlive the rename
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if path.suffix == ".json":
