@@ -232,6 +232,8 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
 @click.option("--general-tasks", default=None, help="Comma-separated task names.")
 @click.option("--general-limit", type=click.IntRange(1), default=None,
               help="Documents per task (quick runs).")
+@click.option("--mmlu-limit", type=click.IntRange(1), default=None,
+              help="Questions per MMLU subject (default: --general-limit).")
 @click.option("--fluency-cases", type=click.IntRange(0), default=100, show_default=True)
 @click.option("--consistency-dir", default=None,
               help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
@@ -241,7 +243,7 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @user_errors
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, general_dir,
-             general_tasks, general_limit, fluency_cases, consistency_dir, json_out,
+             general_tasks, general_limit, mmlu_limit, fluency_cases, consistency_dir, json_out,
              model_name, device, batch_size):
     """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
     import tempfile
@@ -263,7 +265,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, genera
     settings = EvalSettings(
         batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
-        general_limit=general_limit,
+        general_limit=general_limit, mmlu_limit=mmlu_limit,
         consistency=TfidfReference.load(consistency_dir) if consistency_dir else None)
     model, tokenizer = _load(model_name, device)
     tmp = tempfile.TemporaryDirectory() if db_path is None else None

@@ -29,6 +29,7 @@ class EvalSettings:
     general_dir: str | None = None
     general_tasks: Sequence[str] | None = None
     general_limit: int | None = None
+    mmlu_limit: int | None = None  # questions per MMLU subject (57 subjects); default as above
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -68,15 +69,25 @@ def measure(model, tok, facts: Sequence[Fact], settings: EvalSettings,
     if schema_of(facts) == "counterfact":
         row.update(_generation_metrics(model, tok, facts, settings))
     if settings.general_dir:
-        from ndb.eval.general import general_ability
-
-        general = general_ability(model, tok, settings.general_dir, settings.general_tasks,
-                                  settings.general_limit)
+        general = _general(model, tok, settings)
         for task, result in general.items():
             row[f"general/{task}"] = 100 * result["acc"]
         row["general/mean"] = float(np.mean([100 * r["acc"] for r in general.values()]))
     settings.timings[label or "row"] = time.perf_counter() - start
     return row
+
+
+def _general(model, tok, settings: EvalSettings) -> dict[str, dict]:
+    from ndb.eval.general import DEFAULT_TASKS, general_ability
+
+    tasks = list(settings.general_tasks or DEFAULT_TASKS)
+    mmlu_limit = settings.mmlu_limit or settings.general_limit
+    others = [t for t in tasks if t != "mmlu"]
+    results = general_ability(model, tok, settings.general_dir, others,
+                              settings.general_limit) if others else {}
+    if "mmlu" in tasks:
+        results.update(general_ability(model, tok, settings.general_dir, ["mmlu"], mmlu_limit))
+    return results
 
 
 Method = Callable[[], AbstractContextManager]

@@ -1,0 +1,162 @@
+"""Edit metrics and general ability as the number of edited facts grows (paper Figs. 1, 4).
+
+Keys and residuals are computed once, for the largest N, into a NeuralDB at --db (built
+with skip-existing, so an interrupted run resumes where it stopped); each smaller N reuses
+the first N facts' vectors. MEMIT and AlphaEdit reuse the same residuals. Every finished
+(method, N) row is written to the JSON at once, so a rerun skips what is done.
+
+    python benchmarks/scaling.py --facts .scratch/geo2000.json --sizes 100,500,1000,2000 \\
+        --methods neuraldb,memit,alphaedit --general ../shared/data/general
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ndb import NeuralDB, load_model, read_facts
+from ndb.eval.methods import make_methods
+from ndb.eval.run import EvalSettings, markdown_table, measure
+
+HERE = Path(__file__).resolve().parent
+PLOTTED = ("efficacy", "generalization", "specificity")
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def save(path: Path, meta: dict, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    tmp.replace(path)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    general = sorted({k for r in rows for k in r["metrics"] if k.startswith("general/")})
+    panels = [("mean of E, G, S", None), *[(k, k) for k in PLOTTED], *[(k, k) for k in general]]
+    cols = 4
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols,
+                             figsize=(4 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, (title, key) in zip(axes.flat, panels):
+        for method in methods:
+            pts = sorted((r["n"], _value(r, key)) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_title(title.removeprefix("general/"))
+        ax.set_xlabel("edited facts")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def _value(row: dict, key: str | None) -> float:
+    m = row["metrics"]
+    return float(np.mean([m[k] for k in PLOTTED])) if key is None else m.get(key, np.nan)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--facts", required=True)
+    ap.add_argument("--sizes", default="100,500,1000,2000")
+    ap.add_argument("--methods", default="neuraldb,memit,alphaedit")
+    ap.add_argument("--db", type=Path, default=HERE.parent / ".scratch" / "scaling.ndb")
+    ap.add_argument("--general", default=None, help="general-ability data directory")
+    ap.add_argument("--general-tasks", default="arc_easy,arc_challenge,wsc273,lambada,mmlu")
+    ap.add_argument("--general-limit", type=int, default=100)
+    ap.add_argument("--mmlu-limit", type=int, default=4, help="questions per MMLU subject")
+    ap.add_argument("--fluency-cases", type=int, default=50)
+    ap.add_argument("--stats-text", default=None, help="default: lambada in --general")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "scaling")
+    args = ap.parse_args()
+
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    methods = args.methods.split(",")
+    model, tok = load_model()
+    facts = read_facts(args.facts)[: sizes[-1]]
+    if len(facts) < sizes[-1]:
+        raise SystemExit(f"{args.facts} holds {len(facts)} facts, fewer than {sizes[-1]}")
+
+    big = NeuralDB.from_pretrained(args.db) if (args.db / "config.json").is_file() else \
+        NeuralDB.create(args.db, model, tok)
+    start = time.perf_counter()
+    computed = big.add(facts, model, tok, skip_existing=True, progress=True)
+    if computed:
+        print(f"computed {len(computed)} edits in {time.perf_counter() - start:.0f} s")
+    ids = big.lookup(facts)
+    keys = torch.from_numpy(big.store.read("keys", ids)).float()
+    residuals = torch.from_numpy(big.store.read("residuals", ids)).float()
+
+    stats_text = args.stats_text or (str(Path(args.general) / "lambada_test.jsonl")
+                                     if args.general else None)
+    settings = EvalSettings(fluency_cases=args.fluency_cases, general_dir=args.general,
+                            general_tasks=args.general_tasks.split(","),
+                            general_limit=args.general_limit, mmlu_limit=args.mmlu_limit)
+    out_json = args.out.with_suffix(".json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(out_json)
+    done = {(r["method"], r["n"]) for r in rows}
+    meta = {"facts": args.facts, "layer": big.config.layer, "gamma": big.config.gamma,
+            "general_limit": args.general_limit, "mmlu_limit": args.mmlu_limit,
+            "general_tasks": args.general_tasks,
+            "fluency_cases": args.fluency_cases}
+    for n in sizes:
+        subset = facts[:n]
+        if ("pre-edited", n) not in done:
+            rows.append({"method": "pre-edited", "n": n,
+                         "metrics": measure(model, tok, subset, settings)})
+            save(out_json, meta, rows)
+        todo = [m for m in methods if (m, n) not in done]
+        if not todo:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=big.config.layer,
+                                 gamma=big.config.gamma)
+            db.add_vectors(subset, keys[:n], residuals[:n])
+            contexts = make_methods(todo, model, tok, subset, db,
+                                    [stats_text] if stats_text else [], say=print)
+            for method in todo:
+                began = time.perf_counter()
+                with contexts[method]():
+                    metrics = measure(model, tok, subset, settings)
+                rows.append({"method": method, "n": n, "metrics": metrics,
+                             "seconds": time.perf_counter() - began})
+                save(out_json, meta, rows)
+                print(f"n={n} {method}: " + ", ".join(
+                    f"{k} {metrics[k]:.1f}" for k in PLOTTED if k in metrics))
+            db.close()
+
+    lines = ["# Scaling: edit metrics and general ability vs number of edits", "",
+             f"Facts: `{args.facts}`; layer {big.config.layer}, gamma {big.config.gamma}; "
+             f"general ability on {args.general_tasks} with --general-limit "
+             f"{args.general_limit}; fluency on {args.fluency_cases} cases.", "",
+             "Reproduce: `python benchmarks/scaling.py --facts " + args.facts +
+             f" --sizes {args.sizes} --methods {args.methods}" +
+             (f" --general {args.general}" if args.general else "") + "`", ""]
+    for n in sizes:
+        lines += [f"## {n} edits", "",
+                  markdown_table({r["method"]: r["metrics"] for r in rows if r["n"] == n}), ""]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    plot(rows, args.out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
