@@ -45,6 +45,14 @@ class ComputeConfig:
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
     batch_size: int = 32  # facts optimized together
+    # ndb, not the paper: keep the bare-prompt key (subject at the start of a text) and the
+    # mean of the prefixed keys (subject inside a text, tokenized with a leading space) as
+    # two keys of the fact instead of averaging them; see benchmarks/results/sweep.md
+    split_keys: bool = True
+
+    @property
+    def keys_per_fact(self) -> int:
+        return 2 if self.split_keys and self.n_prefixes > 0 else 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,12 +122,14 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _group_mean(vectors: torch.Tensor, n_prefixes: int) -> torch.Tensor:
-    """Average per fact as MEMIT does: bare prompt and sampled prefixes weigh half each."""
+def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
+    """Per fact: MEMIT's average (bare prompt and sampled prefixes weigh half each), or with
+    ``split`` the bare-prompt key and the prefixes' mean side by side, (n, 2, d)."""
     vectors = vectors.view(-1, n_prefixes + 1, vectors.shape[-1])
     if n_prefixes == 0:
         return vectors[:, 0]
-    return 0.5 * vectors[:, 0] + 0.5 * vectors[:, 1:].mean(1)
+    bare, prefixed = vectors[:, 0], vectors[:, 1:].mean(1)
+    return torch.stack([bare, prefixed], 1) if split else 0.5 * bare + 0.5 * prefixed
 
 
 @torch.no_grad()
@@ -131,8 +141,10 @@ def compute_keys(
     prefixes: Sequence[str],
     batch_size: int = 64,
     progress: bool = False,
+    split: bool = False,
 ) -> torch.Tensor:
-    """Keys (n, d1), float32 on the CPU, not normalized. Runs only the layers up to ``layer``."""
+    """Keys (n, d1), float32 on the CPU, not normalized; with ``split`` (and prefixes beyond
+    the bare one) two keys per fact, (n, 2, d1). Runs only the layers up to ``layer``."""
     module = get_module(model, ffn_out_path(model, layer))
     device = _device(model)
     pad = anchor_token_id(tokenizer)
@@ -149,7 +161,7 @@ def compute_keys(
         x = nethook.run_until(model, module, input_ids=ids.to(device),
                               attention_mask=mask.to(device), use_cache=False)
         x = x[torch.arange(len(rows), device=device), torch.tensor(last, device=device)]
-        keys.append(_group_mean(x.float().cpu(), len(prefixes) - 1))
+        keys.append(_group(x.float().cpu(), len(prefixes) - 1, split))
     return torch.cat(keys)
 
 

@@ -294,7 +294,10 @@ class NeuralDB:
         that reuse vectors, e.g. growing databases of 100 to 10k facts); returns ids."""
         facts = as_facts(facts)
         keys, residuals = torch.as_tensor(keys).float(), torch.as_tensor(residuals).float()
-        expected = ((len(facts), self.config.d_key), (len(facts), self.config.d_value))
+        per_fact = self.config.compute.keys_per_fact
+        key_shape = ((len(facts), per_fact, self.config.d_key) if per_fact > 1
+                     else (len(facts), self.config.d_key))
+        expected = (key_shape, (len(facts), self.config.d_value))
         if (tuple(keys.shape), tuple(residuals.shape)) != expected:
             raise ValueError(f"expected keys and residuals of shapes {expected}, got "
                              f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
@@ -322,7 +325,8 @@ class NeuralDB:
         with self._all_hooks_disabled(model):
             for start in range(0, len(facts), chunk):
                 part = facts[start : start + chunk]
-                keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes)
+                keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes,
+                                    split=cfg.compute.keys_per_fact > 1)
                 residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
                                               cfg.compute)
                 part_ids = None if ids is None else ids[start : start + chunk]
@@ -379,13 +383,23 @@ class NeuralDB:
         self._index, self._index_version = index, int(meta["version"])
         return True
 
+    def _index_entries(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index rows of facts ``ids``: their keys, one row per key, under index ids
+        ``fact_id * keys_per_fact + k`` (the hook divides to get the fact back)."""
+        keys = self.store.read("keys", ids).astype(np.float32).reshape(-1, self.config.d_key)
+        return keys, self._index_ids(ids)
+
+    def _index_ids(self, ids: np.ndarray) -> np.ndarray:
+        per_fact = self.config.compute.keys_per_fact
+        return (np.asarray(ids, np.int64)[:, None] * per_fact + np.arange(per_fact)).reshape(-1)
+
     def _build_index(self) -> None:
         index = make_index(self._index_kind(), self.config.d_key)
         if len(self):
-            keys = self.store.read("keys").astype(np.float32)
+            keys, index_ids = self._index_entries(self.store.entries.ids)
             if index.needs_training:
                 index.train(keys)
-            index.add(keys, self.store.entries.ids)
+            index.add(keys, index_ids)
         self._index, self._index_version = index, self.store.manifest.version
 
     def _save_index(self) -> None:
@@ -414,9 +428,9 @@ class NeuralDB:
 
     def _catch_up_index(self) -> None:
         changed, deleted = self.store.read_entries_since(self._index_version)
-        self._index.remove(np.concatenate([changed, deleted]))
+        self._index.remove(self._index_ids(np.concatenate([changed, deleted])))
         if len(changed):
-            self._index.add(self.store.read("keys", changed).astype(np.float32), changed)
+            self._index.add(*self._index_entries(changed))
         self._index_version = self.store.manifest.version
 
     # -- attaching to a model ------------------------------------------------------------
@@ -458,7 +472,8 @@ class NeuralDB:
         self._residuals = ResidualCache(self.store, self.config.d_value, device,
                                         self._cache_bytes)
         self._retrieval = GatedRetrieval(self.index, self._residuals, self.config.gamma,
-                                         self.config.anchor_token_id)
+                                         self.config.anchor_token_id,
+                                         self.config.compute.keys_per_fact)
         self._residuals.warm()
         self._retrieval.attach(model.base_model, projection)
         self._model = model

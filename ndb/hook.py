@@ -50,8 +50,9 @@ class GatedRetrieval:
     """The hooks that put a fact database into a model's forward pass."""
 
     def __init__(self, index: KeyIndex, residuals: ResidualCache, gamma: float,
-                 anchor_id: int | None = None):
+                 anchor_id: int | None = None, keys_per_fact: int = 1):
         self.index = index
+        self.keys_per_fact = keys_per_fact  # index ids are fact_id * keys_per_fact + k
         self.residuals = residuals
         self.gamma = gamma
         self.anchor_id = anchor_id
@@ -122,6 +123,7 @@ class GatedRetrieval:
             return None
         self.stats.hits += int(hit.sum())
         rows = flat[torch.from_numpy(np.nonzero(hit)[0]).to(flat.device)]
-        residuals = self.residuals.get(ids[hit]).to(device=output.device, dtype=output.dtype)
+        facts = ids[hit] // self.keys_per_fact
+        residuals = self.residuals.get(facts).to(device=output.device, dtype=output.dtype)
         out = output.reshape(-1, output.shape[-1]).index_add(0, rows, residuals)
         return out.view_as(output)

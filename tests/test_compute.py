@@ -91,3 +91,12 @@ def test_batching_does_not_change_residuals(llama):
     alone = compute_residuals(model, tok, FACTS, 2, PREFIXES, config)
     torch.testing.assert_close(together, alone, atol=1e-3, rtol=1e-3)
     assert together.norm(dim=-1).min() > 0
+
+
+def test_split_keys_are_the_two_halves_of_the_average(llama):
+    model, tok = llama
+    split = compute_keys(model, tok, FACTS[:2], 2, PREFIXES, split=True)
+    assert split.shape == (2, 2, 96)
+    torch.testing.assert_close(split.mean(1), compute_keys(model, tok, FACTS[:2], 2, PREFIXES))
+    bare = compute_keys(model, tok, FACTS[:2], 2, [""])
+    torch.testing.assert_close(split[:, 0], bare)

@@ -91,7 +91,7 @@ def test_cli_add_and_remove_survive_kill_9(tmp_path, tiny_model_dir):
         proc.wait()
         db = NeuralDB(db_path)
         assert db.facts().keys() == set(db.ids.tolist())
-        assert db.index.ntotal == len(db)
+        assert db.index.ntotal == len(db) * db.config.compute.keys_per_fact
         counts.append(len(db))
         db.close()
         listed = subprocess.run([*ndb, "list", str(db_path)], env=env, capture_output=True,

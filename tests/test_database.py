@@ -176,3 +176,21 @@ def test_empty_database_adds_nothing(tmp_path, llama):
     db.attach(model)
     assert torch.equal(logits(model, tok, EDITED)[0], before)
     assert db.retrieval.stats.calls == 0 and np.asarray(db.ids).size == 0
+
+
+def test_two_keys_per_fact_map_back_to_one_fact(tmp_path, llama):
+    model, tok = llama
+    split = ComputeConfig(**FAST_COMPUTE)  # sampled prefixes: bare and in-text keys
+    assert split.keys_per_fact == 2
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=split)
+    ids = db.add(FACTS[:2])
+    assert db.index.ntotal == 4
+    db.attach(model)
+    db.retrieval.record = True
+    with torch.no_grad():
+        model(**tok(FACTS[1].text, return_tensors="pt"))
+    assert db.retrieval.stats.hits >= 1  # the bare-prompt key matches exactly
+    db.remove([ids[1]])
+    assert db.index.ntotal == 2
+    reopened = NeuralDB.from_pretrained(db.path)
+    assert reopened.index.ntotal == 2
