@@ -56,6 +56,30 @@ def trigger_rate(model, tok, db, texts: list[str]) -> float:
     return stats.hits / max(stats.searched, 1)
 
 
+def cached_residuals(cache: Path, layer: int, facts, model, tok, prefixes, config):
+    """Residuals of ``facts`` at ``layer``, computed once per fact (cached by its edit)."""
+    path = cache / f"layer{layer}.pt"
+    saved = torch.load(path) if path.is_file() else {"by_edit": {}, "seconds_per_fact": 0.0}
+    todo = [f for f in facts if (f.subject, f.prompt, f.target_new) not in saved["by_edit"]]
+    if todo:
+        start = time.perf_counter()
+        residuals = compute_residuals(model, tok, todo, layer, prefixes, config, progress=True)
+        saved["seconds_per_fact"] = (time.perf_counter() - start) / len(todo)
+        for f, r in zip(todo, residuals):
+            saved["by_edit"][(f.subject, f.prompt, f.target_new)] = r
+        torch.save(saved, path)
+    residuals = torch.stack([saved["by_edit"][(f.subject, f.prompt, f.target_new)]
+                             for f in facts])
+    return residuals, saved["seconds_per_fact"] * len(facts)
+
+
+def choose(rows: list[dict], max_trigger: float) -> dict:
+    """Best score among settings that leave generic text alone (trigger rate at most
+    ``max_trigger``); ties go to the higher gamma, which protects unrelated text."""
+    safe = [r for r in rows if r["trigger_rate"] is None or r["trigger_rate"] <= max_trigger]
+    return max(safe or rows, key=lambda r: (round(r["score"], 4), r["gamma"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", default=str(HERE.parent / "ndb/data/dev_counterfact.json"))
@@ -66,6 +90,8 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=None,
                     help="JSONL of generic text ({'text': ...}) for the false-trigger rate")
     ap.add_argument("--n-text", type=int, default=100)
+    ap.add_argument("--max-trigger", type=float, default=0.001,
+                    help="largest acceptable fraction of generic tokens passing the gate")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep")
     args = ap.parse_args()
@@ -106,24 +132,17 @@ def main() -> None:
 
     vectors = {}
     for layer in layers:  # stage 1: every layer, ndb's keys, a coarse gamma grid
-        cached = args.cache / f"layer{layer}-{len(dev)}.pt"
-        if cached.is_file():
-            saved = torch.load(cached)
-            residuals, seconds = saved["residuals"], saved["seconds"]
-        else:
-            start = time.perf_counter()
-            residuals = compute_residuals(model, tok, dev, layer, prefixes, config, progress=True)
-            seconds = time.perf_counter() - start
-            torch.save({"residuals": residuals, "seconds": seconds}, cached)
+        residuals, seconds = cached_residuals(args.cache, layer, dev, model, tok, prefixes,
+                                              config)
         vectors[layer] = residuals, seconds
-        evaluate(layer, residuals, seconds, "split", coarse)
+        evaluate(layer, residuals, seconds, "mean", coarse)
     # stage 2: at the best layer, the fine gamma grid, for both kinds of keys
-    top = max(rows, key=lambda r: round(r["score"], 4))["layer"]
-    for keys_mode in ("split", "mean"):
+    top = choose(rows, args.max_trigger)["layer"]
+    for keys_mode in ("mean", "split"):
         done = {r["gamma"] for r in rows if r["layer"] == top and r["keys"] == keys_mode}
         evaluate(top, *vectors[top], keys_mode, [g for g in gammas if g not in done])
 
-    best = max(rows, key=lambda r: (round(r["score"], 4), r["gamma"]))
+    best = choose(rows, args.max_trigger)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"facts": args.facts, "n_dev": len(dev), "unedited": unedited, "rows": rows,
               "best": best, "n_text": len(texts)}
@@ -146,8 +165,9 @@ def main() -> None:
         lines.append(f"| {r['layer']} | {r['keys']} | {r['gamma']:.2f} | {r['efficacy']:.3f} | "
                      f"{r['generalization']:.3f} | {r['specificity']:.3f} | "
                      f"{r['score']:.3f}{mark} | {trig} | {r['s_per_fact']:.1f} |")
-    lines += ["", f"Chosen: layer {best['layer']}, {best['keys']} keys, gamma {best['gamma']} "
-              "(highest score; ties go to the higher gamma, which protects unrelated text).",
+    lines += ["", f"Chosen: layer {best['layer']}, {best['keys']} keys, gamma {best['gamma']}: "
+              f"the highest score among settings whose trigger rate is at most "
+              f"{args.max_trigger} (ties go to the higher gamma).",
               "", "keys: `mean` is the paper's (MEMIT's) single key per fact, the average of "
               "the bare-prompt key and the sampled-prefix keys; `split` keeps the two as "
               "separate keys of the fact."]

@@ -312,6 +312,64 @@ def demo(keep):
     run(Path(keep) if keep else None, say=click.echo)
 
 
+@cli.group()
+def bench() -> None:
+    """Speed and scale benchmarks (see ndb/bench.py)."""
+
+
+@bench.command("keys")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory for the keys (resumable).")
+@click.option("--n", type=click.IntRange(1), default=1_000_000, show_default=True)
+@user_errors
+def bench_keys(out, n):
+    """Real keys of up to N real facts (cities in relation prompts), for 'ndb bench run'."""
+    from ndb.bench import key_fidelity, write_scale_keys
+    from ndb.compute import context_prefixes
+    from ndb.models import default_edit_settings
+
+    model, tok = _load(None, None)
+    layer, _ = default_edit_settings(model)
+    facts = write_scale_keys(model, tok, out, n, layer)
+    sample = facts[:: max(1, len(facts) // 200)][:200]
+    report = {"n": len(facts), "layer": layer,
+              **key_fidelity(model, tok, sample, layer, context_prefixes(model, tok, 5, 10, 0))}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    click.echo(json.dumps(report))
+
+
+@bench.command("run")
+@click.option("--keys", "keys_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory written by 'ndb bench keys'.")
+@click.option("--residuals", "residual_db", required=True, type=click.Path(path_type=Path),
+              help="A database of real edits whose residuals the benchmark databases reuse.")
+@click.option("--sizes", default="1000,10000,100000,1000000", show_default=True)
+@click.option("--texts", required=True, type=click.Path(path_type=Path),
+              help="JSONL of generic text ({'text': ...}) for real token queries.")
+@click.option("--n-texts", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--index", "index_kind", default="auto", show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), default=Path("bench-work"),
+              show_default=True, help="Where the benchmark databases are built (reused).")
+@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench_inference"),
+              show_default=True, help="Writes OUT.json, OUT.md and OUT.png.")
+@user_errors
+def bench_run(keys_dir, residual_db, sizes, texts, n_texts, index_kind, work, new_tokens,
+              repeats, out):
+    """Decode/prefill overhead, memory, add/remove latency and gate agreement vs size."""
+    from ndb.baselines.stats import read_texts
+    from ndb.bench import report, run
+
+    model, tok = _load(None, None)
+    passages = read_texts([texts])[:n_texts]
+    prompts = [p[:200] for p in passages[:4]]
+    rows = run(model, tok, keys_dir, residual_db, [int(s) for s in sizes.split(",")], work,
+               passages, prompts, index_kind, new_tokens, repeats, say=click.echo)
+    report(rows, out, " ".join(["ndb bench run", *sys.argv[3:]]))
+    click.echo(Path(out).with_suffix(".md").read_text())
+
+
 def _ranges(ids: list[int]) -> str:
     ids = sorted(ids)
     parts, start = [], None

@@ -359,7 +359,8 @@ class NeuralDB:
 
     def _index_kind(self) -> str:
         kind = self.config.index
-        return choose_index_kind(len(self), "cpu") if kind == "auto" else kind
+        n_keys = len(self) * self.config.compute.keys_per_fact
+        return choose_index_kind(n_keys, "cpu") if kind == "auto" else kind
 
     def _saved_index_version(self) -> int:
         meta = self.path / store_mod.INDEX / INDEX_META

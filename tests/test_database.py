@@ -180,7 +180,7 @@ def test_empty_database_adds_nothing(tmp_path, llama):
 
 def test_two_keys_per_fact_map_back_to_one_fact(tmp_path, llama):
     model, tok = llama
-    split = ComputeConfig(**FAST_COMPUTE)  # sampled prefixes: bare and in-text keys
+    split = ComputeConfig(**FAST_COMPUTE, split_keys=True)  # bare and in-text keys
     assert split.keys_per_fact == 2
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=split)
     ids = db.add(FACTS[:2])

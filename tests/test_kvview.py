@@ -50,7 +50,7 @@ def test_own_prompt_matches_its_key_at_the_subject(llama, bare_keys):
     assert rewrite["best_is_own"].all()
     subject_last = [encode_prompt(tok, "", f.prompt, f.subject)[1] for f in FACTS_EVAL]
     assert rewrite["best_token"].tolist() == subject_last
-    assert rewrite["fact"].tolist() == list(range(len(FACTS_EVAL)))
+    assert rewrite["fact"].tolist() == rewrite["best_fact"].tolist() == list(range(len(FACTS)))
     # one top-1 score per searched token: all but the anchor
     assert [len(t) for t in rewrite["top1"]] == [len(encode(tok, f.text)) - 1 for f in FACTS_EVAL]
     assert np.isnan(scores["generic"]["own"]).all()
@@ -65,6 +65,24 @@ def test_paraphrase_position_and_own_key(llama):
     scores = gate_scores(model, tok, FACTS_EVAL, keys, LAYER, prompts)
     np.testing.assert_allclose(scores["paraphrase"]["own"], 1.0, atol=1e-5)
     assert scores["paraphrase"]["best_is_own"].all()
+
+
+def test_a_fact_with_two_keys_scores_its_best_key(llama, bare_keys):
+    """Split keys (bare prompt, prefixed): the rewrite meets the first, the prefixed
+    paraphrase the second; the fact index comes back, not the key's."""
+    model, tok = llama
+    split = compute_keys(model, tok, FACTS_EVAL, LAYER, ["", PREFIX], split=True)
+    assert split.shape[:2] == (len(FACTS_EVAL), 2)
+    prompts = eval_prompts(FACTS_EVAL)
+    del prompts["neighborhood"]
+    scores = gate_scores(model, tok, FACTS_EVAL, split, LAYER, prompts)
+    for kind in ("rewrite", "paraphrase"):
+        np.testing.assert_allclose(scores[kind]["own"], 1.0, atol=1e-5)
+        np.testing.assert_allclose(scores[kind]["own_top1"], 1.0, atol=1e-5)
+        assert scores[kind]["best_is_own"].all()
+    with pytest.raises(ValueError, match="one key per fact"):
+        weight_score_view(model, tok, FACTS_EVAL, LAYER, torch.eye(split.shape[-1]),
+                          WeightEditConfig("memit", [LAYER]), keys=split)
 
 
 def test_the_first_token_is_never_searched(llama, bare_keys):
@@ -164,5 +182,5 @@ def test_plot(llama, bare_keys, tmp_path):
     config = WeightEditConfig("memit", [LAYER])
     view = weight_score_view(model, tok, FACTS_EVAL, LAYER, torch.eye(bare_keys.shape[1]), config,
                              keys=bare_keys)
-    path = plot_kv_view(gate, {"MEMIT": view}, 0.65, tmp_path / "view.png")
+    path = plot_kv_view({"one key": gate}, {"MEMIT": view}, 0.65, tmp_path / "view.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

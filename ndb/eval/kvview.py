@@ -94,18 +94,22 @@ def score_rows(
 ) -> dict[str, dict[str, Any]]:
     """Gate scores of token-id ``rows`` against one or more sets of fact keys.
 
-    ``keys`` maps a name to (fact keys (n, d1), skip_first): whether a row's first token is
-    left unsearched. One forward pass serves every set. Per set, arrays over rows:
-    ``own`` max cosine with the row's own fact key; ``best`` max top-1 cosine; ``best_token``
-    where that is; ``best_is_own`` whether the top-1 key there is the own fact; ``own_top1``
-    max top-1 cosine over tokens whose top-1 key is the own fact; ``top1`` a list of each
-    row's per-token top-1 cosines. NaN where undefined (no own fact, nothing searchable).
+    ``keys`` maps a name to (fact keys, skip_first): whether a row's first token is left
+    unsearched. Keys are (n, d1), or (n, k, d1) for k keys per fact (``compute_keys`` with
+    ``split``), a fact then scoring the max over its keys. One forward pass serves every set.
+    Per set, arrays over rows: ``own`` max cosine with the row's own fact; ``best`` max
+    top-1 cosine; ``best_token`` where that is and ``best_fact`` the top-1 fact there (-1 if
+    none); ``best_is_own`` whether that is the own fact; ``own_top1`` max top-1 cosine over
+    tokens whose top-1 fact is the own fact; ``top1`` a list of each row's per-token top-1
+    cosines. NaN where undefined (no own fact, nothing searchable).
     """
     m = len(rows)
-    normed = {name: (F.normalize(k.float(), dim=-1), skip) for name, (k, skip) in keys.items()}
+    normed = {name: (F.normalize(k.float().reshape(len(k), -1, k.shape[-1]), dim=-1), skip)
+              for name, (k, skip) in keys.items()}
     out: dict[str, dict[str, Any]] = {
         name: {"own": np.full(m, np.nan), "best": np.full(m, np.nan),
-               "best_token": np.full(m, -1), "best_is_own": np.zeros(m, dtype=bool),
+               "best_token": np.full(m, -1), "best_fact": np.full(m, -1),
+               "best_is_own": np.zeros(m, dtype=bool),
                "own_top1": np.full(m, np.nan), "top1": [np.zeros(0)] * m}
         for name in keys
     }
@@ -117,7 +121,8 @@ def score_rows(
             searchable = mask.clone()
             if skip_first:
                 searchable[:, 0] = False
-            sims = x @ fact_keys.T  # (B, T, n)
+            # (B, T, n): a fact's cosine is its best key's, as the gate sees it
+            sims = torch.einsum("btd,nkd->btnk", x, fact_keys).amax(-1)
             top1, top_id = sims.max(-1)
             top1 = top1.masked_fill(~searchable, -torch.inf)
             best, token = top1.max(1)
@@ -129,6 +134,7 @@ def score_rows(
             res["best"][idx] = torch.where(found, best, torch.nan).numpy()
             res["best_token"][idx] = torch.where(found, token, -1).numpy()
             at_best = top_id.gather(1, token[:, None])[:, 0]
+            res["best_fact"][idx] = torch.where(found, at_best, -1).numpy()
             res["best_is_own"][idx] = (found & (at_best == o)).numpy()
             res["own"][idx] = torch.where((o >= 0) & found, own_cos, torch.nan).numpy()
             res["own_top1"][idx] = torch.where(torch.isfinite(own_top1), own_top1,
@@ -152,9 +158,9 @@ def gate_scores(
     """NeuralDB's gate scores per prompt kind (see ``score_rows`` for the fields, plus
     ``fact``, the own fact's index or -1).
 
-    ``keys`` are the facts' keys as ``compute_keys`` returns them (normalized here, as the
-    database stores them). Prompts are anchored as ndb encodes every input, cut to
-    ``max_tokens``, and their first token (the anchor) is never searched.
+    ``keys`` are the facts' keys as ``compute_keys`` returns them, (n, d1) or (n, k, d1)
+    (normalized here, as the database stores them). Prompts are anchored as ndb encodes every
+    input, cut to ``max_tokens``, and their first token (the anchor) is never searched.
     """
     if len(keys) != len(facts):
         raise ValueError(f"{len(keys)} keys for {len(facts)} facts")
@@ -199,20 +205,23 @@ def summarize(values: np.ndarray | Sequence[float]) -> dict[str, float]:
 def _weight_rows(tokenizer, facts: Sequence[Fact]) -> dict[str, tuple[list, list, list]]:
     """Per kind: anchored rows, own fact, and the query position (None: every token)."""
     kinds: dict[str, tuple[list, list, list]] = {k: ([], [], []) for k in KINDS[:3]}
+
+    def add(kind: str, ids: list[int], fact: int, position: int | None) -> None:
+        rows, own, positions = kinds[kind]
+        rows.append(ids)
+        own.append(fact)
+        positions.append(position)
+
     for i, fact in enumerate(facts):
         ids, s = encode_prompt(tokenizer, "", fact.prompt, fact.subject)
-        for part, value in zip(kinds["rewrite"], (ids, i, s)):
-            part.append(value)
+        add("rewrite", ids, i, s)
         for text in fact.paraphrases:
             start = text.rfind(fact.subject)
-            if start < 0:  # reworded subject: its position is unknown
-                continue
-            ids, s = encode_with_span(tokenizer, text, start, start + len(fact.subject))
-            for part, value in zip(kinds["paraphrase"], (ids, i, s)):
-                part.append(value)
+            if start >= 0:  # else a reworded subject, whose position is unknown
+                ids, s = encode_with_span(tokenizer, text, start, start + len(fact.subject))
+                add("paraphrase", ids, i, s)
     for i, text in eval_prompts(facts)["neighborhood"]:
-        for part, value in zip(kinds["neighborhood"], (encode(tokenizer, text), i, None)):
-            part.append(value)
+        add("neighborhood", encode(tokenizer, text), i, None)
     return kinds
 
 
@@ -241,6 +250,8 @@ def weight_score_view(
     largest other entry, ``rank1`` positive > negative_max, ``negative_mean`` and
     ``negative_std`` over all other entries, ``negative_sample`` a seeded sample of them.
     """
+    if keys is not None and keys.dim() != 2:
+        raise ValueError(f"the weight editors take one key per fact, got keys {keys.shape}")
     if list(config.layers) != [layer]:
         raise ValueError(f"the view is for a single-layer update at {layer}, got {config.layers}")
     if keys is None:
@@ -255,8 +266,9 @@ def weight_score_view(
         w = torch.zeros(len(rows), len(facts))
         desc = f"weight scores: {kind} ({config.method})" if progress else None
         own_t = torch.tensor(own)
+        every_token = positions[0] is None
         for idx, x, mask in token_key_batches(model, layer, rows, batch_size, desc):
-            if positions[int(idx[0])] is None:
+            if every_token:
                 scores = x @ w_of  # (B, T, n)
                 o = own_t[idx]
                 leak = scores.gather(2, o[:, None, None].expand(-1, scores.shape[1], 1))
@@ -308,32 +320,35 @@ POSITIVE, NEGATIVE, LEAK = "tab:red", "tab:blue", "tab:orange"
 
 
 def plot_kv_view(
-    gate: Mapping[str, Mapping[str, Any]],
+    gates: Mapping[str, Mapping[str, Mapping[str, Any]]],
     weights: Mapping[str, Mapping[str, Mapping[str, Any]]],
     gamma: float,
     path: str | Path,
     title: str | None = None,
 ) -> Path:
-    """One PNG: NeuralDB gate cosines per kind with the gamma line (own-fact cosine for
-    rewrite/paraphrase, best cosine for the rest), then one panel per weight editor
-    (method -> ``weight_score_view`` result) with positive and negative w per kind."""
+    """One PNG: a panel per NeuralDB key set (label -> ``gate_scores`` result) with the gate
+    cosines per kind and the gamma line (own-fact cosine for rewrite/paraphrase, best cosine
+    for the rest), then a panel per weight editor (method -> ``weight_score_view`` result)
+    with the own fact's w (red; orange for the fact a neighborhood prompt neighbors, ideally
+    0) and the other facts' w (blue) per kind."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    fig = Figure(figsize=(4.5 * (1 + len(weights)), 4.2))
-    axes = fig.subplots(1, 1 + len(weights))
-    axes = np.atleast_1d(axes)
-    groups = []
-    for kind in KINDS:
-        if kind in gate:
-            field = "own" if kind in ("rewrite", "paraphrase") else "best"
-            color = POSITIVE if field == "own" else NEGATIVE
-            groups.append((f"{kind}\n({field})", gate[kind][field], color))
-    _paper_boxes(axes[0], groups)
-    axes[0].axhline(gamma, color="black", linestyle="--", linewidth=1, label=f"gamma {gamma}")
-    axes[0].set_title("NeuralDB: cosine with fact keys")
-    axes[0].set_ylabel("cosine")
-    axes[0].legend(loc="lower left", fontsize=8)
-    for ax, (method, view) in zip(axes[1:], weights.items()):
+    panels = len(gates) + len(weights)
+    fig = Figure(figsize=(4.5 * panels, 4.2))
+    axes = np.atleast_1d(fig.subplots(1, panels))
+    for ax, (label, gate) in zip(axes, gates.items()):
+        groups = []
+        for kind in KINDS:
+            if kind in gate:
+                field = "own" if kind in ("rewrite", "paraphrase") else "best"
+                color = POSITIVE if field == "own" else NEGATIVE
+                groups.append((f"{kind}\n({field})", gate[kind][field], color))
+        _paper_boxes(ax, groups)
+        ax.axhline(gamma, color="black", linestyle="--", linewidth=1, label=f"gamma {gamma}")
+        ax.set_title(f"NeuralDB ({label}): cosine" if label else "NeuralDB: cosine")
+        ax.set_ylabel("cosine")
+        ax.legend(loc="lower left", fontsize=8)
+    for ax, (method, view) in zip(axes[len(gates):], weights.items()):
         groups = []
         for kind in KINDS[:3]:
             if kind in view:
