@@ -1,23 +1,95 @@
-"""Key index backends (imported as ``ndb.indexes``): one interface, several implementations."""
+"""Key index backends (imported as ``ndb.indexes``): one interface, several implementations.
+
+=============  ================================================================  ===============
+kind           what                                                              key memory
+=============  ================================================================  ===============
+flat           exact, FAISS IndexFlatIP, float32                                 4*d + ~40 B
+flat-fp16      exact, FAISS flat scalar quantizer, float16                       2*d + ~40 B
+ivf            approximate, FAISS IVF over float16 (``codec="fp32"`` possible)   2*d + ~40 B
+ivf-pq         approximate, FAISS IVF over PQ codes (``pq_m`` bytes, d/4)        d/4 + ~40 B
+torch          exact, torch tensor on any device (fp32 on CPU, fp16 on CUDA)     2*d + 24 B
+gpu-flat       exact, FAISS GpuIndexFlatIP (optional faiss-gpu build)            2*d + 16 B
+=============  ================================================================  ===============
+
+``make_index("auto", dim, n_keys=..., device=...)`` picks a kind with :func:`choose_index_kind`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ndb.indexes.base import KeyIndex
 from ndb.indexes.flat import FlatIndex, Fp16FlatIndex
+from ndb.indexes.gpu import GpuFlatIndex, GpuUnavailableError
+from ndb.indexes.ivf import IVFIndex, IVFPQIndex
+from ndb.indexes.torch_index import TorchIndex
 
-BACKENDS: dict[str, type[KeyIndex]] = {cls.kind: cls for cls in (FlatIndex, Fp16FlatIndex)}
+BACKENDS: dict[str, type[KeyIndex]] = {
+    cls.kind: cls
+    for cls in (FlatIndex, Fp16FlatIndex, IVFIndex, IVFPQIndex, TorchIndex, GpuFlatIndex)
+}
+_DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load take ``device``
+
+# Up to this many keys the CPU choice is exact search with torch, above it ivf (whose own exact
+# buffer covers the same range: min_train_keys = 8192). Measured on 1 thread of the shared
+# 2-core machine (benchmarks/results/bench_index.md), 1 query / 256 queries, in ms:
+#   10k keys:  torch 3.5 / 169,     flat-fp16 1.1 / 1125,  flat 11.6 / 334,   ivf 0.73 / 250
+#   100k keys: torch 53 / 1233,     flat-fp16 14 / 3710,   flat 35 / 1014,    ivf 8.6 / 2029
+#   1M keys:   torch 305 / 9930,    flat-fp16 180 / 57374, flat 548 / 20407,  ivf 58 / 13289
+# (ivf at nprobe = half the lists: gate disagreement <= 0.1 %, as float16 flat). For a
+# 256-token prompt plus 100 decoded tokens that is 0.5 s (torch) vs 1.2 s (flat-fp16) at 10k
+# keys, and ivf wins from ~10k on. FAISS's float16 flat index has no BLAS path: slow batches.
+CPU_EXACT_MAX_KEYS = 8192
 
 
-def make_index(kind: str, dim: int) -> KeyIndex:
+def choose_index_kind(n_keys: int, device: str = "cpu") -> str:
+    """The backend for ``n_keys`` keys searched from ``device`` ("cpu", "cuda", "cuda:1", ...).
+
+    On an accelerator the exact ``torch`` index: one fp16 matmul reads 2*d bytes per key, about
+    3 GB at 1M keys, i.e. ~1 ms at H100 bandwidth (an estimate: not measured here), and it
+    needs no extra package (``gpu-flat`` is an explicit choice). On CPU exact ``torch``
+    (float32) up to ``CPU_EXACT_MAX_KEYS``, ``ivf`` above.
+    """
+    if n_keys < 0:
+        raise ValueError(f"n_keys must be non-negative, got {n_keys}")
+    if not str(device).startswith("cpu"):
+        return "torch"
+    return "torch" if n_keys <= CPU_EXACT_MAX_KEYS else "ivf"
+
+
+def make_index(kind: str, dim: int, *, n_keys: int | None = None, device: str | None = None,
+               **options: Any) -> KeyIndex:
+    """A new empty index of ``kind`` ("auto": chosen from ``n_keys`` and ``device``).
+
+    ``device`` reaches the backends that place keys on a device (torch: default "cpu";
+    gpu-flat: default GPU 0); ``options`` are the backend's keyword arguments (e.g. ``nprobe``
+    for ivf, ``dtype`` for torch).
+    """
+    if kind == "auto":
+        if n_keys is None:
+            raise ValueError("make_index('auto', ...) needs n_keys, the expected number of keys")
+        kind = choose_index_kind(n_keys, device or "cpu")
+    if kind not in BACKENDS:
+        known = ", ".join(["auto", *sorted(BACKENDS)])
+        raise ValueError(f"unknown index kind {kind!r} (known: {known})")
+    if kind in _DEVICE_KINDS:
+        if device is not None:
+            options["device"] = device
+    elif device is not None and not str(device).startswith("cpu"):
+        raise ValueError(f"index kind {kind!r} runs on the CPU only, not on {device!r}")
+    return BACKENDS[kind](dim, **options)
+
+
+def load_index(kind: str, path: Path, dim: int, *, device: str | None = None) -> KeyIndex:
+    """Read an index of ``kind`` written by its ``save``; torch and gpu-flat indexes go to
+    ``device`` (default: CPU for torch, GPU 0 for gpu-flat)."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown index kind {kind!r} (known: {', '.join(sorted(BACKENDS))})")
-    return BACKENDS[kind](dim)
-
-
-def load_index(kind: str, path: Path, dim: int) -> KeyIndex:
+    if kind in _DEVICE_KINDS and device is not None:
+        return BACKENDS[kind].load(path, dim, device=device)
     return BACKENDS[kind].load(path, dim)
 
 
-__all__ = ["BACKENDS", "KeyIndex", "load_index", "make_index"]
+__all__ = ["BACKENDS", "CPU_EXACT_MAX_KEYS", "GpuUnavailableError", "KeyIndex",
+           "choose_index_kind", "load_index", "make_index"]

@@ -1,7 +1,8 @@
-"""The interface every key index implements.
+"""The interface every key index implements, and the validation all backends share.
 
-Keys are L2-normalized float32 rows, so inner product is cosine. Ids are int64 fact ids
-chosen by the caller. Only top-1 search is needed: the gate reads the best match alone.
+Keys are L2-normalized float rows, so inner product is cosine. Ids are non-negative int64 fact
+ids chosen by the caller, unique within an index (adding a present id is an error: remove it
+first). Only top-1 search is needed: the gate reads the best match alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ class KeyIndex(ABC):
     kind: str = ""  # registry name, saved beside the index so that load() picks the class
 
     def __init__(self, dim: int):
-        self.dim = dim
+        if int(dim) <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.dim = int(dim)
 
     @property
     @abstractmethod
@@ -31,6 +34,7 @@ class KeyIndex(ABC):
 
     def train(self, keys: np.ndarray) -> None:
         """Fit whatever the index learns from data (coarse centroids, codebooks)."""
+        return None  # exact indexes learn nothing
 
     @abstractmethod
     def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
@@ -38,11 +42,14 @@ class KeyIndex(ABC):
 
     @abstractmethod
     def remove(self, ids: np.ndarray) -> int:
-        """Remove the given ids; returns how many were present."""
+        """Remove the given ids; returns how many were present (absent ids are ignored)."""
 
     @abstractmethod
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Best match of each query (m, dim): (scores (m,) float32, ids (m,) int64; -1 if none)."""
+        """Best match of each query (m, dim): (scores (m,) float32, ids (m,) int64).
+
+        A query with no match (empty index) gets score -inf and id -1.
+        """
 
     @abstractmethod
     def save(self, path: Path) -> None:
@@ -58,12 +65,74 @@ class KeyIndex(ABC):
         return 0
 
 
-def as_queries(x: np.ndarray, dim: int) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def as_queries(x: np.ndarray, dim: int, what: str = "queries") -> np.ndarray:
+    """``x`` as a C-contiguous float32 (n, dim) array; ValueError on a wrong shape or dtype."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise ValueError(f"{what} must be a floating point array, got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[1] != dim:
-        raise ValueError(f"expected an (n, {dim}) array, got shape {x.shape}")
+        raise ValueError(f"{what} must be an (n, {dim}) array, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
     return x
 
 
 def as_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as a flat int64 array; ValueError unless integers."""
+    ids = np.asarray(ids)
+    if ids.size and ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
     return np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+
+
+def as_new_entries(keys: np.ndarray, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (keys, ids) for ``add``: matching lengths, non-negative ids, no repeats."""
+    keys = as_queries(keys, dim, "keys")
+    ids = as_ids(ids)
+    if len(ids) != len(keys):
+        raise ValueError(f"got {len(keys)} keys but {len(ids)} ids")
+    if len(ids) and ids.min() < 0:
+        raise ValueError("ids must be non-negative (-1 means 'no match' in search results)")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids repeat within one add call")
+    return keys, ids
+
+
+def empty_result(m: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(m, -np.inf, np.float32), np.full(m, -1, np.int64)
+
+
+class IdSet:
+    """The ids an index holds, as a sorted int64 array (8 bytes per key, O(log n) lookups)."""
+
+    def __init__(self, ids: np.ndarray | None = None):
+        self.ids = np.unique(as_ids(ids)) if ids is not None else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.ids, ids)
+        return (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == ids)
+
+    def check_absent(self, ids: np.ndarray) -> None:
+        if len(self.ids) and self.contains(ids).any():
+            present = ids[self.contains(ids)][:5].tolist()
+            raise ValueError(f"ids already present (remove them first): {present}")
+
+    def insert(self, ids: np.ndarray) -> None:
+        ids = np.sort(ids)
+        self.ids = np.insert(self.ids, np.searchsorted(self.ids, ids), ids)
+
+    def discard(self, ids: np.ndarray) -> np.ndarray:
+        """Drop the present ones among ``ids``; returns those (unique)."""
+        ids = np.unique(ids)
+        hit = self.contains(ids) if len(self.ids) else np.zeros(len(ids), bool)
+        present = ids[hit]
+        if len(present):
+            self.ids = np.delete(self.ids, np.searchsorted(self.ids, present))
+        return present
+
+    def nbytes(self) -> int:
+        return self.ids.nbytes

@@ -33,7 +33,7 @@ from ndb.config import NeuralDBConfig
 from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
-from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
+from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
 from ndb.models import (
     DEFAULT_MODEL,
     decoder_layers,
@@ -79,6 +79,7 @@ class NeuralDB:
         self._cache_bytes = cache_bytes
         self._index: KeyIndex | None = None
         self._index_version = -1
+        self._device = "cpu"  # where the index searches: the attached model's device
         self._synced_version = self.store.manifest.version
         self._facts: dict[int, Fact] | None = None
         self._model: nn.Module | None = None
@@ -111,8 +112,9 @@ class NeuralDB:
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
             if dtype not in ("float16", "float32"):
                 raise ValueError(f"{name} must be float16 or float32, got {dtype!r}")
-        if index != "auto":
-            make_index(index, 1)  # validates the name
+        if index != "auto" and index not in BACKENDS:
+            raise ValueError(f"unknown index kind {index!r} (known: auto, "
+                             f"{', '.join(sorted(BACKENDS))})")
         module = ffn_out_path(model, layer)
         d_key, d_value = ffn_dims(model, layer)
         compute = compute or ComputeConfig()
@@ -360,7 +362,7 @@ class NeuralDB:
     def _index_kind(self) -> str:
         kind = self.config.index
         n_keys = len(self) * self.config.compute.keys_per_fact
-        return choose_index_kind(n_keys, "cpu") if kind == "auto" else kind
+        return choose_index_kind(n_keys, self._device) if kind == "auto" else kind
 
     def _saved_index_version(self) -> int:
         meta = self.path / store_mod.INDEX / INDEX_META
@@ -378,7 +380,7 @@ class NeuralDB:
             if meta["version"] < self.store.manifest.compacted_through:
                 return False
             index = load_index(meta["kind"], self.path / store_mod.INDEX / meta["file"],
-                               self.config.d_key)
+                               self.config.d_key, device=self._device)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError):
             return False
         self._index, self._index_version = index, int(meta["version"])
@@ -395,7 +397,7 @@ class NeuralDB:
         return (np.asarray(ids, np.int64)[:, None] * per_fact + np.arange(per_fact)).reshape(-1)
 
     def _build_index(self) -> None:
-        index = make_index(self._index_kind(), self.config.d_key)
+        index = make_index(self._index_kind(), self.config.d_key, device=self._device)
         if len(self):
             keys, index_ids = self._index_entries(self.store.entries.ids)
             if index.needs_training:
@@ -469,7 +471,10 @@ class NeuralDB:
         if not force:
             self._check_model(model)
         projection = get_module(model, self.config.module)
-        device = device or next(model.parameters()).device
+        device = torch.device(device or next(model.parameters()).device)
+        if device.type != self._device.split(":")[0]:
+            self._device = str(device)  # an accelerator gets an index that searches there
+            self._index = None
         self._residuals = ResidualCache(self.store, self.config.d_value, device,
                                         self._cache_bytes)
         self._retrieval = GatedRetrieval(self.index, self._residuals, self.config.gamma,

@@ -114,7 +114,10 @@ class GatedRetrieval:
             return None
         queries = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()
         queries = queries / queries.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores, ids = self.index.search(queries.cpu().numpy())
+        if hasattr(self.index, "search_tensor"):  # searches where the queries are
+            scores, ids = (t.cpu().numpy() for t in self.index.search_tensor(queries))
+        else:
+            scores, ids = self.index.search(queries.cpu().numpy())
         self.stats.searched += len(scores)
         if self.record:
             self.stats.scores.append(scores.copy())
