@@ -128,7 +128,7 @@ def main() -> None:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=big.config.layer,
-                                 gamma=big.config.gamma)
+                                 gamma=big.config.gamma, compute=big.config.compute)
             db.add_vectors(subset, keys[:n], residuals[:n])
             contexts = make_methods(todo, model, tok, subset, db,
                                     [stats_text] if stats_text else [], say=print)

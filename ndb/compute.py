@@ -68,6 +68,18 @@ def context_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[s
     """The bare prefix "" plus ``n`` short texts sampled from the model (top-5), seeded."""
     if n == 0:
         return [""]
+    prefixes = [""]
+    for tokens in sample_texts(model, tokenizer, n, length, seed):
+        text = tokenizer.decode(tokens)
+        text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
+        prefixes.append(f"{text}. ")
+    return prefixes
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
+    """Token ids of ``n`` texts of ``length`` tokens sampled from the model (top-5, seeded),
+    starting from the words "The", "Therefore", "Because", "I", "You" in turn."""
     device = _device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     starts = [tokenizer(PREFIX_SEEDS[i % len(PREFIX_SEEDS)], add_special_tokens=False).input_ids
@@ -94,12 +106,19 @@ def context_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[s
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], dim=1)
         for i in range(n):
             sampled[i].append(int(step_ids[i]))
-    prefixes = [""]
-    for start, tokens in zip(starts, sampled):
-        text = tokenizer.decode(start + tokens[: length - len(start)])
-        text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
-        prefixes.append(f"{text}. ")
-    return prefixes
+    return [start + tokens[: length - len(start)] for start, tokens in zip(starts, sampled)]
+
+
+@torch.no_grad()
+def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length: int = 48
+                    ) -> torch.Tensor:
+    """Normalized keys of every token (but the anchor) of ``n`` texts the model writes
+    itself: a sample of what generic text looks like at ``layer``, with no data needed."""
+    texts = sample_texts(model, tokenizer, n, length, seed + 1)  # not the prefixes' seed
+    ids = torch.tensor([[anchor_token_id(tokenizer), *t] for t in texts])
+    module = get_module(model, ffn_out_path(model, layer))
+    x = nethook.run_until(model, module, input_ids=ids.to(_device(model)), use_cache=False)
+    return torch.nn.functional.normalize(x[:, 1:].reshape(-1, x.shape[-1]).float().cpu(), dim=-1)
 
 
 def _subject_span(prefix: str, prompt: str, subject: str) -> tuple[str, int, int]:

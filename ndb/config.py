@@ -28,6 +28,10 @@ class NeuralDBConfig:
     key_dtype: str = "float16"
     residual_dtype: str = "float32"
     index: str = "auto"
+    # with several keys per fact, drop a key that generic text already reaches within this
+    # margin of gamma (its best cosine with background.npy, the model's own text), keeping
+    # at least one key per fact; None turns the guard off
+    guard_margin: float | None = 0.05
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     format_version: int = FORMAT_VERSION
 

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from ndb import store as store_mod
 from ndb.anchor import anchor_token_id
-from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
+from ndb.compute import (
+    ComputeConfig,
+    background_keys,
+    compute_keys,
+    compute_residuals,
+    context_prefixes,
+)
 from ndb.config import NeuralDBConfig
 from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
@@ -47,6 +53,7 @@ from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
 
 INDEX_META = "index.json"
+BACKGROUND = "background"  # background.npy: keys of generic text, for the key guard
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
@@ -80,6 +87,7 @@ class NeuralDB:
         self._index: KeyIndex | None = None
         self._index_version = -1
         self._device = "cpu"  # where the index searches: the attached model's device
+        self._background: np.ndarray | None = None
         self._synced_version = self.store.manifest.version
         self._facts: dict[int, Fact] | None = None
         self._model: nn.Module | None = None
@@ -137,7 +145,8 @@ class NeuralDB:
             index=index,
             compute=compute,
         )
-        store_mod.create(Path(path), config.to_dict())
+        background = background_keys(model, tokenizer, layer, seed).numpy().astype(np.float16)
+        store_mod.create(Path(path), config.to_dict(), {BACKGROUND: background})
         db = cls(path)
         db._tokenizer = tokenizer
         db._model = model
@@ -284,11 +293,16 @@ class NeuralDB:
     def set_gamma(self, gamma: float) -> None:
         if not -1.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
+        guarded = self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None
         with self.store.writing():
+            if guarded:  # which keys the guard keeps depends on gamma: index anew
+                (self.path / store_mod.INDEX / INDEX_META).unlink(missing_ok=True)
+                self._index = None
             self.config.gamma = float(gamma)
             store_mod.atomic_write_json(self.path / store_mod.CONFIG, self.config.to_dict())
         if self._retrieval is not None:
             self._retrieval.gamma = float(gamma)
+            self._retrieval.index = self.index
 
     def add_vectors(self, facts: Iterable[Fact | dict], keys: torch.Tensor | np.ndarray,
                     residuals: torch.Tensor | np.ndarray) -> list[int]:
@@ -306,14 +320,27 @@ class NeuralDB:
         with self.store.writing():
             return self._commit(facts, keys, residuals, None)
 
+    @property
+    def background(self) -> np.ndarray:
+        """Keys of generic text (written at creation): what a fact key must not match."""
+        if self._background is None:
+            path = self.path / f"{BACKGROUND}.npy"
+            self._background = (np.load(path).astype(np.float32) if path.is_file()
+                                else np.zeros((0, self.config.d_key), np.float32))
+        return self._background
+
     def _commit(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor,
                 ids: np.ndarray | None) -> list[int]:
         keys = torch.nn.functional.normalize(keys.float(), dim=-1)
+        background = torch.from_numpy(self.background)
+        scores = ((keys @ background.T).amax(-1) if len(background)
+                  else torch.full(keys.shape[:-1], -1.0))
         written = self.store.append(
             keys.numpy().astype(self.config.key_dtype),
             residuals.float().numpy().astype(self.config.residual_dtype),
             [json.dumps(f.to_json(), ensure_ascii=False) for f in facts],
             ids=ids,
+            key_scores=scores.numpy(),
         )
         self.refresh()
         return [int(i) for i in written]
@@ -390,7 +417,19 @@ class NeuralDB:
         """Index rows of facts ``ids``: their keys, one row per key, under index ids
         ``fact_id * keys_per_fact + k`` (the hook divides to get the fact back)."""
         keys = self.store.read("keys", ids).astype(np.float32).reshape(-1, self.config.d_key)
-        return keys, self._index_ids(ids)
+        index_ids = self._index_ids(ids)
+        if self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None:
+            keep = self.guarded_keys(self.store.read("key_scores", ids)).reshape(-1)
+            keys, index_ids = keys[keep], index_ids[keep]
+        return keys, index_ids
+
+    def guarded_keys(self, scores: np.ndarray) -> np.ndarray:
+        """(n, keys_per_fact) bool: the keys that generic text does not reach within the
+        guard margin of gamma; a fact whose keys all do keeps its least reached one."""
+        keep = scores < self.config.gamma - self.config.guard_margin
+        none = ~keep.any(axis=1)
+        keep[none, scores[none].argmin(axis=1)] = True
+        return keep
 
     def _index_ids(self, ids: np.ndarray) -> np.ndarray:
         per_fact = self.config.compute.keys_per_fact

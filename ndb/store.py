@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 INDEX = "index"
 LOCK = ".lock"
+DATASETS = ("keys", "residuals", "facts", "key_scores")  # per entry, in addition segments
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
 
 
@@ -256,8 +257,10 @@ class Store:
         self.refresh()
 
     def append(self, keys: np.ndarray, residuals: np.ndarray, facts: list[str],
-               ids: np.ndarray | None = None) -> np.ndarray:
-        """Add entries (new ids, or new versions of existing ids); returns their ids."""
+               ids: np.ndarray | None = None, key_scores: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Add entries (new ids, or new versions of existing ids); returns their ids.
+        ``key_scores``: per key, its best cosine with generic text (see NeuralDB)."""
         with self.writing():
             m = self.manifest
             if ids is None:
@@ -271,6 +274,8 @@ class Store:
                 "keys": keys,
                 "residuals": residuals,
                 "facts": np.array(facts, dtype=h5py.string_dtype()),
+                "key_scores": (np.zeros(keys.shape[:-1], np.float16) if key_scores is None
+                               else key_scores.astype(np.float16)),
             }, new)
             self._maybe_compact()
         return ids
@@ -295,7 +300,7 @@ class Store:
                 segment = None
             else:
                 segment = {"ids": self.entries.ids, "seq": self.entries.seq}
-                for name in ("keys", "residuals", "facts"):
+                for name in DATASETS:
                     segment[name] = self.read(name)
                 segment["facts"] = segment["facts"].astype(h5py.string_dtype())
             new = Manifest(m.version + 1, m.next_id, [], m.version)
@@ -311,8 +316,9 @@ class Store:
         self._files.clear()
 
 
-def create(path: Path, config: dict) -> None:
-    """Create an empty database directory (atomically: it appears whole or not at all)."""
+def create(path: Path, config: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """Create an empty database directory (atomically: it appears whole or not at all),
+    with ``arrays`` saved beside the config as NAME.npy."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path} already exists and is not empty")
@@ -321,6 +327,8 @@ def create(path: Path, config: dict) -> None:
     (staging / SEGMENTS).mkdir()
     (staging / INDEX).mkdir()
     atomic_write_json(staging / CONFIG, config)
+    for name, array in (arrays or {}).items():
+        np.save(staging / f"{name}.npy", array)
     Manifest().write(staging)
     os.chmod(staging, 0o755)
     if path.exists():

@@ -194,3 +194,25 @@ def test_two_keys_per_fact_map_back_to_one_fact(tmp_path, llama):
     assert db.index.ntotal == 2
     reopened = NeuralDB.from_pretrained(db.path)
     assert reopened.index.ntotal == 2
+
+
+def test_key_guard_drops_keys_that_generic_text_reaches(tmp_path, llama):
+    from ndb.compute import compute_keys
+
+    model, tok = llama
+    split = ComputeConfig(**FAST_COMPUTE, split_keys=True)
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=split)
+    assert db.background.shape[1] == 96 and len(db.background) > 100  # the model's own text
+    generic = compute_keys(model, tok, FACTS[:2], 2, db.config.prefixes, split=True)
+    # pretend generic text reaches fact 0's bare key and both keys of fact 1
+    db._background = torch.nn.functional.normalize(
+        torch.cat([generic[0, :1], generic[1]]), dim=-1).numpy()
+    ids = db.add(FACTS[:3])
+    kept = db.guarded_keys(db.store.read("key_scores", ids))
+    assert kept.tolist()[0] == [False, True]  # the bare key goes, the in-text key stays
+    assert kept[1].sum() == 1  # reached everywhere: the least reached key stays
+    assert kept.tolist()[2] == [True, True]
+    assert db.index.ntotal == 4
+    db.config.guard_margin = None
+    db._index = None
+    assert db.index.ntotal == 6
