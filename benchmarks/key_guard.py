@@ -79,8 +79,10 @@ def main() -> None:
         for kind, items in prompts.items():
             if items:
                 rows = [encode(tok, text)[:128] for _, text in items]
-                table[kind] = score_rows(model, layer, rows, [i for i, _ in items], keys,
-                                         desc=f"{name}: {kind}")
+                own = [i for i, _ in items]
+                table[kind] = score_rows(model, layer, rows, own, keys, desc=f"{name}: {kind}")
+                for scored in table[kind].values():
+                    scored["fact"] = np.array([-1 if i is None else i for i in own])
         rates = {}
         for gamma in gammas:
             for variant in ("one key (paper)", "two keys", "two keys + guard"):

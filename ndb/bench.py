@@ -240,11 +240,19 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
     layer, gamma = source.config.layer, source.config.gamma
     residuals = source.store.read("residuals").astype(np.float32)
     facts, keys = load_scale_keys(keys_dir, layer, max(sizes) + 1000)
-    queries = token_queries(model, tok, layer, texts)
-    say(f"{len(queries)} real token queries from {len(texts)} texts; layer {layer}, "
+    generic = token_queries(model, tok, layer, texts)
+    say(f"{len(generic)} generic token queries from {len(texts)} texts; layer {layer}, "
         f"gamma {gamma}")
     rows = []
+    rng = np.random.default_rng(0)
     for m in sizes:
+        # queries that should hit: stored facts' own prompts, and their subjects in another
+        # prompt; half calibrate an approximate index's nprobe, half measure it
+        sample = [facts[i] for i in rng.choice(m, size=min(m, 200), replace=False)]
+        texts_hit = [f.text for f in sample] + [KEY_TEMPLATES[-1][0].format(f.subject)
+                                                for f in sample]
+        hits = token_queries(model, tok, layer, texts_hit)
+        calibration, evaluation = hits[::2], np.concatenate([hits[1::2], generic])
         before = rss_bytes()
         start = time.perf_counter()
         db = build_database(work / f"bench-{m}.ndb", model, tok, facts[:m], keys[:m],
@@ -253,18 +261,23 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         start = time.perf_counter()
         idx = db.index
         index_s = time.perf_counter() - start
+        nprobe = None
+        if hasattr(idx, "calibrate_nprobe") and not idx.needs_training:
+            idx.calibrate_nprobe(calibration, gamma)
+            nprobe = f"{idx.nprobe}/{idx.nlist}"
         db.flush()
         exact = FlatIndex(idx.dim)
         exact.add(db.store.read("keys").astype(np.float32), db.store.entries.ids)
-        disagreement = gate_disagreement(idx, exact, queries, gamma)
+        disagreement = gate_disagreement(idx, exact, evaluation, gamma)
         del exact
         db.attach(model, tok)
         attached_rss = rss_bytes()
         cache_bytes = db._residuals.memory_bytes()
         db.detach()
         row = {
-            "m": m, "index": idx.kind, "build_s": build_s, "index_load_s": index_s,
-            "gate_disagreement": disagreement, "queries": len(queries),
+            "m": m, "index": idx.kind, "nprobe": nprobe, "build_s": build_s,
+            "index_load_s": index_s, "gate_disagreement": disagreement,
+            "queries": len(evaluation),
             "rss_delta_bytes": attached_rss - before, "index_bytes": idx.memory_bytes(),
             "residual_cache_bytes": cache_bytes, "disk_bytes": dir_bytes(db.path),
             **speed(model, tok, db, prompts, " ".join(texts[:8]), new_tokens, repeats),
@@ -302,7 +315,8 @@ def report(rows: list[dict], out: Path, command: str) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['m']:,} | {r['index']} | {r['decode']:.1f} / {r['decode_db']:.1f} | "
+            f"| {r['m']:,} | {r['index']}{' ' + r['nprobe'] if r['nprobe'] else ''} | "
+            f"{r['decode']:.1f} / {r['decode_db']:.1f} | "
             f"{100 * r['decode_overhead']:+.1f}% | {100 * r['prefill_overhead']:+.1f}% | "
             f"{r['gate_disagreement']:.5f} ({r['queries']} tokens) | "
             f"{r['index_bytes'] / 2**20:.0f} | {r['rss_delta_bytes'] / 2**20:.0f} | "
