@@ -447,10 +447,8 @@ class NeuralDB:
     def _save_index(self) -> None:
         directory = self.path / store_mod.INDEX
         name = f"v{self._index_version:08d}.{self._index.kind}"
-        tmp = directory / f".{name}.tmp"
-        self._index.save(tmp)
-        store_mod.fsync_dir(directory)
-        tmp.replace(directory / name)
+        with store_mod.atomic_path(directory / name) as tmp:
+            self._index.save(tmp)
         store_mod.atomic_write_json(directory / INDEX_META, {
             "version": self._index_version, "kind": self._index.kind, "file": name})
         for old in directory.iterdir():
