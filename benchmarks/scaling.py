@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from ndb import NeuralDB, load_model, read_facts
+from ndb.compute import ComputeConfig, compute_keys
 from ndb.eval.methods import make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure
+from ndb.models import default_edit_settings
 
 HERE = Path(__file__).resolve().parent
 PLOTTED = ("efficacy", "generalization", "specificity")
@@ -101,8 +103,13 @@ def main() -> None:
     if computed:
         print(f"computed {len(computed)} edits in {time.perf_counter() - start:.0f} s")
     ids = big.lookup(facts)
-    keys = torch.from_numpy(big.store.read("keys", ids)).float()
     residuals = torch.from_numpy(big.store.read("residuals", ids)).float()
+    compute = ComputeConfig()  # keys as a new database makes them (cheap to recompute)
+    layer, gamma = default_edit_settings(model)
+    if layer != big.config.layer:
+        raise SystemExit(f"{args.db} was built at layer {big.config.layer}, not {layer}")
+    keys = compute_keys(model, tok, facts, layer, big.config.prefixes, progress=True,
+                        split=compute.keys_per_fact > 1)
 
     stats_text = args.stats_text or (str(Path(args.general) / "lambada_test.jsonl")
                                      if args.general else None)
@@ -113,7 +120,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out_json)
     done = {(r["method"], r["n"]) for r in rows}
-    meta = {"facts": args.facts, "layer": big.config.layer, "gamma": big.config.gamma,
+    meta = {"facts": args.facts, "layer": layer, "gamma": gamma,
+            "keys_per_fact": compute.keys_per_fact,
             "general_limit": args.general_limit, "mmlu_limit": args.mmlu_limit,
             "general_tasks": args.general_tasks,
             "fluency_cases": args.fluency_cases}
@@ -127,8 +135,8 @@ def main() -> None:
         if not todo:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=big.config.layer,
-                                 gamma=big.config.gamma, compute=big.config.compute)
+            db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=layer, gamma=gamma,
+                                 compute=compute)
             db.add_vectors(subset, keys[:n], residuals[:n])
             contexts = make_methods(todo, model, tok, subset, db,
                                     [stats_text] if stats_text else [], say=print)
@@ -144,7 +152,8 @@ def main() -> None:
             db.close()
 
     lines = ["# Scaling: edit metrics and general ability vs number of edits", "",
-             f"Facts: `{args.facts}`; layer {big.config.layer}, gamma {big.config.gamma}; "
+             f"Facts: `{args.facts}`; layer {layer}, gamma {gamma}, "
+             f"{compute.keys_per_fact} key(s) per fact; "
              f"general ability on {args.general_tasks} with --general-limit "
              f"{args.general_limit}; fluency on {args.fluency_cases} cases.", "",
              "Reproduce: `python benchmarks/scaling.py --facts " + args.facts +

@@ -45,11 +45,12 @@ class ComputeConfig:
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
     batch_size: int = 32  # facts optimized together
-    # Keep the bare-prompt key (subject at the start of a text) and the mean of the prefixed
-    # keys (subject inside a text, with a leading space) as two keys of the fact instead of
-    # averaging them: higher recall, but a bare key can read like a function word and fire
-    # on generic text (benchmarks/results/sweep.md, first_token.md), so off by default.
-    split_keys: bool = False
+    # ndb, not the paper: keep the bare-prompt key (subject at the start of a text) and the
+    # mean of the prefixed keys (subject inside a text, with a leading space) as two keys of
+    # the fact instead of averaging them. Higher recall at a higher gamma; a bare key that
+    # reads like a function word is caught by the database's key guard (NeuralDBConfig).
+    # See benchmarks/results/sweep.md and key_guard.md.
+    split_keys: bool = True
 
     @property
     def keys_per_fact(self) -> int:

@@ -51,7 +51,7 @@ FAMILIES: dict[str, Family] = {
 
 # Layer and gate chosen by a sweep on a dev set (benchmarks/sweep.py, results in
 # benchmarks/results/sweep.md); other models start from the paper's proportions.
-EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL: (6, 0.55)}
+EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL: (6, 0.7)}
 
 
 def default_edit_settings(model: nn.Module) -> tuple[int, float]:
