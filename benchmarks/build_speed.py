@@ -28,14 +28,15 @@ HERE = Path(__file__).resolve().parent
 
 def timed_build(model, tok, facts, layer, prefixes, config):
     start = time.perf_counter()
-    keys = compute_keys(model, tok, facts, layer, prefixes)
+    keys = compute_keys(model, tok, facts, layer, prefixes, split=config.keys_per_fact > 1)
     residuals = compute_residuals(model, tok, facts, layer, prefixes, config, progress=True)
     return keys, residuals, time.perf_counter() - start
 
 
 def quality(model, tok, facts, keys, residuals, layer) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=layer)
+        db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=layer,
+                             compute=ComputeConfig(split_keys=keys.dim() == 3))
         db.add_vectors(facts, keys, residuals)
         db.attach(model)
         metrics = summarize(counterfact_metrics(model, tok, facts))
@@ -57,10 +58,12 @@ def main() -> None:
     config = ComputeConfig(batch_size=args.batch_size)
     prefixes = context_prefixes(model, tok, config.n_prefixes, config.prefix_tokens, seed=0)
     runs = {}
-    for name, batch_size in (("batched", args.batch_size), ("one at a time", 1)):
-        config.batch_size = batch_size
+    for name, batch_size, precision in (("batched", args.batch_size, "float32"),
+                                        ("batched, bfloat16", args.batch_size, "bfloat16"),
+                                        ("one at a time", 1, "float32")):
+        config.batch_size, config.precision = batch_size, precision
         keys, residuals, seconds = timed_build(model, tok, facts, layer, prefixes, config)
-        runs[name] = {"batch_size": batch_size, "seconds": seconds,
+        runs[name] = {"batch_size": batch_size, "precision": precision, "seconds": seconds,
                       "s_per_fact": seconds / len(facts),
                       **quality(model, tok, facts, keys, residuals, layer)}
     ratio = runs["one at a time"]["seconds"] / runs["batched"]["seconds"]
@@ -72,10 +75,10 @@ def main() -> None:
     lines = ["# Edit build speed (keys + residuals, default model)", "",
              f"Reproduce: `python benchmarks/build_speed.py --n {args.n}` "
              f"({len(facts)} dev facts, layer {layer}, {torch.get_num_threads()} torch threads)",
-             "", "| run | batch | s/fact | efficacy | generalization | specificity |",
-             "|---|---|---|---|---|---|"]
+             "", "| run | batch | precision | s/fact | efficacy | generalization | specificity |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['batch_size']} | {r['s_per_fact']:.2f} | "
+        lines.append(f"| {name} | {r['batch_size']} | {r['precision']} | {r['s_per_fact']:.2f} | "
                      f"{r['efficacy']:.3f} | {r['generalization']:.3f} | "
                      f"{r['specificity']:.3f} |")
     lines += ["", f"Batched is {ratio:.1f}x faster than one fact at a time."]

@@ -75,11 +75,13 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--index", "index_kind", default="auto", show_default=True,
               help="Key index backend.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Of the residual optimization (bfloat16: faster).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted build: keep the database, skip facts it holds.")
 @user_errors
 def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
-          resume):
+          precision, resume):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
     from ndb.compute import ComputeConfig
     from ndb.database import NeuralDB
@@ -94,7 +96,9 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
         db, model, tokenizer = _open(db_path, model_name, device)
     else:
         model, tokenizer = _load(model_name, device)
-        compute = ComputeConfig(batch_size=batch_size) if batch_size else None
+        compute = ComputeConfig(precision=precision)
+        if batch_size:
+            compute.batch_size = batch_size
         db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
                              compute=compute, index=index_kind)
     if batch_size:
