@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from sweep import cached_residuals, known_facts  # the script beside this one
+from scaling import machine  # the scripts beside this one
+from sweep import cached_residuals, known_facts
 
 from ndb import load_model, read_facts
 from ndb.baselines.editors import WeightEditConfig, applied, compute_deltas
@@ -32,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 @torch.no_grad()
 def predictions(model, tok, texts: list[str]) -> list[torch.Tensor]:
-    return [model(**tok(t, return_tensors="pt", truncation=True, max_length=128)).logits[0]
-            .argmax(-1) for t in texts]
+    return [model(**tok(t, return_tensors="pt", truncation=True, max_length=128)
+                  .to(model.device)).logits[0].argmax(-1) for t in texts]
 
 
 def main() -> None:
@@ -44,9 +45,10 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.005,0.01,0.02")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "baseline_sweep")
+    ap.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     args = ap.parse_args()
 
-    model, tok = load_model()
+    model, tok = load_model(device=args.device)
     layer, _ = default_edit_settings(model)
     dev = known_facts(model, tok, read_facts(args.facts))
     config = ComputeConfig()
@@ -78,7 +80,10 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"layers": layers, "n_dev": len(dev), "rows": rows}, indent=2))
     lines = ["# Baseline hyper-parameters on the dev set", "",
-             f"Reproduce: `python benchmarks/baseline_sweep.py --text {args.text}`", "",
+             f"Reproduce: `python benchmarks/baseline_sweep.py --text {args.text} --lambdas "
+             f"{args.lambdas} --thresholds {args.thresholds}"
+             + (f" --device {args.device}`" if args.device else "`")
+             + f" (measured on {machine(model)}).", "",
              f"{len(dev)} dev facts, layers {layers}; generic changed = fraction of next-token "
              "argmax predictions on 100 LAMBADA passages that the edit changes.", "",
              "| method | lambda | null threshold | E | G | S | score | generic changed |",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from ndb import NeuralDB, load_model, read_facts
+from ndb.baselines.editors import WeightEditConfig
 from ndb.compute import ComputeConfig, compute_keys
 from ndb.eval.methods import make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure
-from ndb.models import default_edit_settings
+from ndb.models import baseline_hyper, default_edit_settings
 
 HERE = Path(__file__).resolve().parent
 PLOTTED = ("efficacy", "generalization", "specificity")
@@ -74,6 +76,13 @@ def _value(row: dict, key: str | None) -> float:
     return float(np.mean([m[k] for k in PLOTTED])) if key is None else m.get(key, np.nan)
 
 
+def machine(model) -> str:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", required=True)
@@ -87,11 +96,22 @@ def main() -> None:
     ap.add_argument("--fluency-cases", type=int, default=50)
     ap.add_argument("--stats-text", default=None, help="default: lambada in --general")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scaling")
+    ap.add_argument("--memit-lambda", type=float, default=None,
+                    help="default: the model's tuned value (models.BASELINE_DEFAULTS)")
+    ap.add_argument("--alphaedit-threshold", type=float, default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown table and plot from the JSON, computing nothing")
+    ap.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     args = ap.parse_args()
+    out_json = args.out.with_suffix(".json")
+    if args.report_only:
+        saved = json.loads(out_json.read_text())
+        write_report(args.out, saved, saved.pop("rows"))
+        return
 
     sizes = sorted(int(x) for x in args.sizes.split(","))
     methods = args.methods.split(",")
-    model, tok = load_model()
+    model, tok = load_model(device=args.device)
     facts = read_facts(args.facts)[: sizes[-1]]
     if len(facts) < sizes[-1]:
         raise SystemExit(f"{args.facts} holds {len(facts)} facts, fewer than {sizes[-1]}")
@@ -116,15 +136,27 @@ def main() -> None:
     settings = EvalSettings(fluency_cases=args.fluency_cases, general_dir=args.general,
                             general_tasks=args.general_tasks.split(","),
                             general_limit=args.general_limit, mmlu_limit=args.mmlu_limit)
-    out_json = args.out.with_suffix(".json")
+    hyper = {"mom2_weight": WeightEditConfig.mom2_weight,
+             "null_threshold": WeightEditConfig.null_threshold, **baseline_hyper(model)}
+    if args.memit_lambda is not None:
+        hyper["mom2_weight"] = args.memit_lambda
+    if args.alphaedit_threshold is not None:
+        hyper["null_threshold"] = args.alphaedit_threshold
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out_json)
     done = {(r["method"], r["n"]) for r in rows}
-    meta = {"facts": args.facts, "layer": layer, "gamma": gamma,
+    command = (f"python benchmarks/scaling.py --facts {args.facts} --sizes {args.sizes} "
+               f"--methods {args.methods} --memit-lambda {hyper['mom2_weight']:g} "
+               f"--alphaedit-threshold {hyper['null_threshold']:g}" +
+               (f" --general {args.general} --general-limit {args.general_limit}"
+                f" --mmlu-limit {args.mmlu_limit}" if args.general else "") +
+               (f" --device {args.device}" if args.device else ""))
+    meta = {"facts": args.facts, "sizes": sizes, "layer": layer, "gamma": gamma,
             "keys_per_fact": compute.keys_per_fact,
             "general_limit": args.general_limit, "mmlu_limit": args.mmlu_limit,
-            "general_tasks": args.general_tasks,
-            "fluency_cases": args.fluency_cases}
+            "general_tasks": args.general_tasks, "fluency_cases": args.fluency_cases,
+            "memit_lambda": hyper["mom2_weight"], "alphaedit_threshold": hyper["null_threshold"],
+            "machine": machine(model), "command": command}
     for n in sizes:
         subset = facts[:n]
         if ("pre-edited", n) not in done:
@@ -139,7 +171,8 @@ def main() -> None:
                                  compute=compute)
             db.add_vectors(subset, keys[:n], residuals[:n])
             contexts = make_methods(todo, model, tok, subset, db,
-                                    [stats_text] if stats_text else [], say=print)
+                                    [stats_text] if stats_text else [], say=print,
+                                    hyper=hyper)
             for method in todo:
                 began = time.perf_counter()
                 with contexts[method]():
@@ -150,20 +183,29 @@ def main() -> None:
                 print(f"n={n} {method}: " + ", ".join(
                     f"{k} {metrics[k]:.1f}" for k in PLOTTED if k in metrics))
             db.close()
+    write_report(args.out, meta, rows)
 
+
+def write_report(out: Path, meta: dict, rows: list[dict]) -> None:
+    """OUT.md (one table per size) and OUT.png from the rows measured so far."""
+    missing = [f"{m} at {n}" for n in meta["sizes"]
+               for m in dict.fromkeys(r["method"] for r in rows)
+               if not any(r["method"] == m and r["n"] == n for r in rows)]
     lines = ["# Scaling: edit metrics and general ability vs number of edits", "",
-             f"Facts: `{args.facts}`; layer {layer}, gamma {gamma}, "
-             f"{compute.keys_per_fact} key(s) per fact; "
-             f"general ability on {args.general_tasks} with --general-limit "
-             f"{args.general_limit}; fluency on {args.fluency_cases} cases.", "",
-             "Reproduce: `python benchmarks/scaling.py --facts " + args.facts +
-             f" --sizes {args.sizes} --methods {args.methods}" +
-             (f" --general {args.general}" if args.general else "") + "`", ""]
-    for n in sizes:
+             f"Measured on {meta['machine']}. Facts: `{meta['facts']}`; layer {meta['layer']}, "
+             f"gamma {meta['gamma']}, {meta['keys_per_fact']} key(s) per fact; MEMIT lambda "
+             f"{meta['memit_lambda']:g}, AlphaEdit null-space threshold "
+             f"{meta['alphaedit_threshold']:g}; general ability on {meta['general_tasks']} "
+             f"(--general-limit {meta['general_limit']}, --mmlu-limit {meta['mmlu_limit']}); "
+             f"fluency on {meta['fluency_cases']} cases.", "",
+             f"Reproduce: `{meta['command']}` (rows already in the JSON are kept).", ""]
+    if missing:
+        lines += [f"Not measured yet: {', '.join(missing)}.", ""]
+    for n in meta["sizes"]:
         lines += [f"## {n} edits", "",
                   markdown_table({r["method"]: r["metrics"] for r in rows if r["n"] == n}), ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
-    plot(rows, args.out.with_suffix(".png"))
+    out.with_suffix(".md").write_text("\n".join(lines))
+    plot(rows, out.with_suffix(".png"))
     print("\n".join(lines))
 
 

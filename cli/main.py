@@ -231,6 +231,10 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
                    "default: lambada_test.jsonl in the --general directory.")
 @click.option("--stats-positions", type=click.IntRange(1000), default=100_000,
               show_default=True, help="Token positions sampled for C0.")
+@click.option("--memit-lambda", type=click.FloatRange(0, min_open=True), default=None,
+              help="MEMIT's lambda (default: tuned for the default model, else 15000).")
+@click.option("--alphaedit-threshold", type=click.FloatRange(0, min_open=True), default=None,
+              help="AlphaEdit's null-space eigenvalue threshold (default: tuned, else 0.02).")
 @click.option("--general", "general_dir", default=None,
               help="Directory of general-ability data (e.g. ../shared/data/general).")
 @click.option("--general-tasks", default=None, help="Comma-separated task names.")
@@ -246,9 +250,9 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
 @click.option("--device", default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @user_errors
-def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, general_dir,
-             general_tasks, general_limit, mmlu_limit, fluency_cases, consistency_dir, json_out,
-             model_name, device, batch_size):
+def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
+             alphaedit_threshold, general_dir, general_tasks, general_limit, mmlu_limit,
+             fluency_cases, consistency_dir, json_out, model_name, device, batch_size):
     """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
     import tempfile
     import time
@@ -286,8 +290,10 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, genera
     def say(message: str) -> None:
         click.echo(message, err=True)
 
+    hyper = {k: v for k, v in (("mom2_weight", memit_lambda),
+                               ("null_threshold", alphaedit_threshold)) if v is not None}
     contexts = make_methods(chosen, model, tokenizer, records, db, stats_text, stats_positions,
-                            say)
+                            say, hyper)
     rows = evaluate(model, tokenizer, records, contexts, settings, say)
     click.echo(f"{len(records)} facts ({schema_of(records)} schema); NeuralDB layer "
                f"{db.config.layer}, gamma {db.config.gamma}; {len(added)} edits computed in "

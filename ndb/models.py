@@ -52,6 +52,11 @@ FAMILIES: dict[str, Family] = {
 # Layer and gate chosen by a sweep on a dev set (benchmarks/sweep.py, results in
 # benchmarks/results/sweep.md); other models start from the paper's proportions.
 EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL: (6, 0.7)}
+# MEMIT's lambda and AlphaEdit's null-space threshold, tuned for the baselines the same way
+# (benchmarks/baseline_sweep.py; the published values suit GPT-J/Llama-3 key scales)
+BASELINE_DEFAULTS: dict[str, dict[str, float]] = {
+    DEFAULT_MODEL: {"mom2_weight": 3000.0, "null_threshold": 0.05},
+}
 
 
 def default_edit_settings(model: nn.Module) -> tuple[int, float]:
@@ -60,6 +65,11 @@ def default_edit_settings(model: nn.Module) -> tuple[int, float]:
     if name in EDIT_DEFAULTS:
         return EDIT_DEFAULTS[name]
     return max(1, round(0.25 * num_layers(model))), 0.65
+
+
+def baseline_hyper(model: nn.Module) -> dict[str, float]:
+    """WeightEditConfig overrides for ``model`` (empty: the papers' published values)."""
+    return dict(BASELINE_DEFAULTS.get(str(getattr(model.config, "name_or_path", "")), {}))
 
 
 def family_of(model: nn.Module) -> Family:
