@@ -108,3 +108,41 @@ def test_build_resume_skips_what_is_there(built, tmp_path, tiny_model_dir):
     result = run("build", str(facts), "-o", str(built), "--resume")
     assert result.exit_code == 0, result.output
     assert "(1 added)" in result.output and len(NeuralDB(built)) == 4
+
+
+def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model_dir):
+    records = [{"case_id": i, "requested_rewrite": {
+        "prompt": prompt, "subject": subject, "relation_id": "P0",
+        "target_new": {"str": new}, "target_true": {"str": true}},
+        "paraphrase_prompts": [f"Some words first. {prompt.format(subject)}"],
+        "neighborhood_prompts": [prompt.format(other)]}
+        for i, (subject, prompt, new, true, other) in enumerate([
+            ("Paris", "{} is located in the country of", "Japan", "France", "Lyon"),
+            ("Toyota", "{} is headquartered in", "Berlin", "Japan", "Honda")])]
+    facts = tmp_path / "cf.json"
+    facts.write_text(json.dumps(records))
+    text = tmp_path / "generic.txt"
+    text.write_text("\n".join(f"line {i} of some generic text about nothing" for i in range(300)))
+    weights = {p.name: p.read_bytes() for p in tiny_model_dir.glob("*.safetensors")}
+    out, db = tmp_path / "eval.json", tmp_path / "db"
+    built = run("build", str(facts), "-o", str(db), "--model", str(tiny_model_dir), "--layer",
+                "1", "--gamma", "0.8")  # as the other CLI tests: a gate the tiny model passes
+    assert built.exit_code == 0, built.output
+    result = run("eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+                 "--methods", "neuraldb,memit-1,alphaedit", "--stats-text", str(text),
+                 "--stats-positions", "1000", "--memit-lambda", "500", "--fluency-cases", "0",
+                 "--json", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == ["pre-edited", "neuraldb", "memit-1", "alphaedit"]
+    for row in report["rows"].values():
+        assert {"efficacy", "generalization", "specificity"} <= set(row)
+    assert report["edits_computed"] == 0  # the database built above is reused
+    # a random tiny model is near uniform, so edits move probabilities by ~1e-6: the
+    # direction is what can be checked
+    rows = report["rows"]
+    assert rows["neuraldb"]["efficacy_magnitude"] > rows["pre-edited"]["efficacy_magnitude"]
+    assert "memit-1: C0 statistics" in result.output and "lambda 500" in result.output
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.glob("*.safetensors")} == weights
+    assert run("eval", str(facts), "--model", str(tiny_model_dir), "--methods",
+               "rome").exit_code != 0
