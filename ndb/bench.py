@@ -26,7 +26,6 @@ from ndb.compute import ComputeConfig, compute_keys
 from ndb.database import NeuralDB
 from ndb.facts import Fact
 from ndb.indexes import KeyIndex
-from ndb.indexes.flat import FlatIndex
 from ndb.models import ffn_out_path, get_module
 
 CHUNK = 100_000  # facts per commit while building: few segments, bounded memory
@@ -83,7 +82,8 @@ def write_scale_keys(model, tok, directory: Path, n: int, layer: int, chunk: int
     facts = scale_facts(n)
     directory.mkdir(parents=True, exist_ok=True)
     listing = directory / "facts.jsonl"
-    if not listing.is_file():
+    # scale_facts(n) is a prefix of scale_facts(n + k): a larger n extends the listing
+    if not listing.is_file() or len(listing.read_text().splitlines()) != len(facts):
         tmp = listing.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(f.to_json(), ensure_ascii=False) + "\n"
                                for f in facts))
@@ -162,11 +162,28 @@ def token_queries(model, tok, layer: int, texts: Sequence[str], max_tokens: int 
     return np.concatenate(out)
 
 
-def gate_disagreement(index: KeyIndex, exact: KeyIndex, queries: np.ndarray,
-                      gamma: float) -> float:
-    """Fraction of queries whose decision (no residual, or which one) differs from exact."""
+def exact_top1(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray,
+               chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-1 (score, id) of each query, a chunk of keys at a time: exact search
+    over a million keys without a float32 copy of all of them."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    best_ids = np.full(len(queries), -1, dtype=np.int64)
+    rows = np.arange(len(queries))
+    for start in range(0, len(keys), chunk):
+        scores = queries @ keys[start : start + chunk].astype(np.float32).T
+        top = scores.argmax(axis=1)
+        better = scores[rows, top] > best
+        best[better] = scores[rows, top][better]
+        best_ids[better] = ids[start + top[better]]
+    return best, best_ids
+
+
+def gate_disagreement(index: KeyIndex, exact: tuple[np.ndarray, np.ndarray],
+                      queries: np.ndarray, gamma: float) -> float:
+    """Fraction of queries whose decision (no residual, or which one) differs from the
+    exact search's ``(scores, ids)``."""
     scores, ids = index.search(queries)
-    exact_scores, exact_ids = exact.search(queries)
+    exact_scores, exact_ids = exact
     return float(np.mean(np.where(scores > gamma, ids, -1) !=
                          np.where(exact_scores > gamma, exact_ids, -1)))
 
@@ -266,10 +283,8 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
             idx.calibrate_nprobe(calibration, gamma)
             nprobe = f"{idx.nprobe}/{idx.nlist}"
         db.flush()
-        exact = FlatIndex(idx.dim)
-        exact.add(db.store.read("keys").astype(np.float32), db.store.entries.ids)
+        exact = exact_top1(db.store.read("keys"), db.store.entries.ids, evaluation)
         disagreement = gate_disagreement(idx, exact, evaluation, gamma)
-        del exact
         db.attach(model, tok)
         attached_rss = rss_bytes()
         cache_bytes = db._residuals.memory_bytes()

@@ -1,0 +1,35 @@
+import numpy as np
+
+from ndb.bench import exact_top1, gate_disagreement
+from ndb.indexes.flat import FlatIndex
+
+
+def _unit(rng, n, d=32):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_top1_in_chunks_matches_a_flat_index():
+    rng = np.random.default_rng(0)
+    keys, ids = _unit(rng, 1000), np.arange(1000, dtype=np.int64) * 3 + 7
+    queries = np.concatenate([keys[:50] + 0.05 * _unit(rng, 50), _unit(rng, 50)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    flat = FlatIndex(32)
+    flat.add(keys, ids)
+    scores, found = exact_top1(keys.astype(np.float16), ids, queries, chunk=128)
+    want_scores, want_ids = flat.search(queries)
+    assert (found == want_ids.ravel()).all()
+    assert np.allclose(scores, want_scores.ravel(), atol=2e-3)  # keys stored in float16
+    assert (found[:50] == ids[:50]).all()
+
+
+def test_gate_disagreement_counts_changed_decisions():
+    rng = np.random.default_rng(1)
+    keys, ids = _unit(rng, 200), np.arange(200, dtype=np.int64)
+    queries = keys[:100].copy()  # each query's own key scores 1.0
+    exact = exact_top1(keys, ids, queries)
+    full, half = FlatIndex(32), FlatIndex(32)
+    full.add(keys, ids)
+    half.add(keys[50:], ids[50:])  # an index that lost the first 50 keys
+    assert gate_disagreement(full, exact, queries, gamma=0.9) == 0.0
+    assert gate_disagreement(half, exact, queries, gamma=0.9) == 0.5
