@@ -371,12 +371,22 @@ def bench_run(keys_dir, residual_db, sizes, texts, n_texts, index_kind, work, ne
     from ndb.baselines.stats import read_texts
     from ndb.bench import report, run
 
+    # sizes already in OUT.json (same command) are kept: a long run resumes after a stop
+    command = " ".join(["ndb bench run", *sys.argv[3:]])
+    saved = Path(out).with_suffix(".json")
+    rows = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+    todo = [m for m in (int(s) for s in sizes.split(",")) if m not in {r["m"] for r in rows}]
     model, tok = _load(None, None)
     passages = read_texts([texts])[:n_texts]
     prompts = [p[:200] for p in passages[:4]]
-    rows = run(model, tok, keys_dir, residual_db, [int(s) for s in sizes.split(",")], work,
-               passages, prompts, index_kind, new_tokens, repeats, say=click.echo)
-    report(rows, out, " ".join(["ndb bench run", *sys.argv[3:]]))
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        report(sorted(rows, key=lambda r: r["m"]), out, command)
+
+    if todo:
+        run(model, tok, keys_dir, residual_db, todo, work, passages, prompts, index_kind,
+            new_tokens, repeats, say=click.echo, on_row=keep)
     click.echo(Path(out).with_suffix(".md").read_text())
 
 

@@ -66,11 +66,13 @@ def scale_facts(n: int) -> list[Fact]:
     facts = []
     for template, attribute in KEY_TEMPLATES:
         for city in cities:
+            if len(facts) == n:
+                return facts
             target = countries.get(city["countrycode"]) if attribute == "country" \
                 else city["timezone"]
             if target and "{" not in city["name"]:
                 facts.append(Fact(city["name"], template, target, id=str(len(facts))))
-    return facts[:n]
+    return facts
 
 
 def write_scale_keys(model, tok, directory: Path, n: int, layer: int, chunk: int = 20_000,
@@ -250,9 +252,10 @@ def mutation_latency(db: NeuralDB, facts: Sequence[Fact], keys: np.ndarray,
 
 def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], work: Path,
         texts: Sequence[str], prompts: Sequence[str], index: str = "auto",
-        new_tokens: int = 32, repeats: int = 3, say: Callable[[str], None] = print
-        ) -> list[dict]:
-    """Measure every size; returns one row per size (see the module docstring)."""
+        new_tokens: int = 32, repeats: int = 3, say: Callable[[str], None] = print,
+        on_row: Callable[[dict], None] = lambda _: None) -> list[dict]:
+    """Measure every size; returns one row per size (see the module docstring), each also
+    handed to ``on_row`` as soon as it is measured."""
     source = NeuralDB.from_pretrained(residual_db)
     layer, gamma = source.config.layer, source.config.gamma
     residuals = source.store.read("residuals").astype(np.float32)
@@ -305,6 +308,7 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
             f"index {row['index_bytes'] / 2**20:.0f} MiB, RSS +{row['rss_delta_bytes'] / 2**20:.0f}"
             " MiB")
         rows.append(row)
+        on_row(row)
         db.close()
     return rows
 

