@@ -16,7 +16,7 @@ and computes logits only where the loss reads them. A fact leaves the batch once
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +55,27 @@ class ComputeConfig:
     # autocast: ~1.5x faster on a CPU with AVX512-BF16, residuals within cosine 0.99 of
     # float32 (benchmarks/results/build_speed.md); the deltas themselves stay float32
     precision: str = "float32"
+    # ndb, not the paper: "subject" gives every fact about one subject one residual, optimized
+    # on the prompts of all of them together (re-optimized when one is added, changed or
+    # removed), so that the residual the gate retrieves for a subject carries all its edits;
+    # "fact" is the paper's one residual per fact, whichever fact of the subject the gate finds
+    residual_scope: str = "subject"
+    # prompts whose next-token distribution after the subject must not move (KL term). The
+    # paper's is ROME's "{} is a"; the others make the model still restate the subject as
+    # itself, so that an edit changes one relation of the subject, not who the subject is
+    kl_prompts: tuple[str, ...] = (
+        "{} is a",
+        "{}. The name above is",
+        "Tell me about {}. Sure! Here is what I know about",
+    )
+
+    def __post_init__(self) -> None:
+        self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
+        if self.residual_scope not in ("subject", "fact"):
+            raise ValueError(f"residual_scope must be 'subject' or 'fact', got "
+                             f"{self.residual_scope!r}")
+        if not self.kl_prompts or any(p.count("{}") != 1 for p in self.kl_prompts):
+            raise ValueError("kl_prompts must be prompts with exactly one '{}' each")
 
     @property
     def keys_per_fact(self) -> int:
@@ -198,16 +219,24 @@ class _Row:
     targets: list[int] | None  # object ids for rewrite rows; None for the KL row
 
 
-def _rows(tokenizer, facts: Sequence[Fact], prefixes: Sequence[str]) -> list[_Row]:
-    rows = []
-    for f, fact in enumerate(facts):
+def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Sequence[str],
+          kl_prompts: Sequence[str]) -> tuple[list[_Row], list[int]]:
+    """Rows of a batch, ``_Row.fact`` being the fact's group (the delta it is optimized by):
+    each fact's prompt in every context, then each group's KL prompts. Also returns, per
+    group, its first bare-prompt row (where the residual stream's norm is read)."""
+    rows, bare, subject = [], {}, {}
+    for fact, group in zip(facts, groups):
         target = tokenizer(" " + fact.target_new.strip(), add_special_tokens=False).input_ids
+        bare.setdefault(group, len(rows))
+        subject.setdefault(group, fact.subject)
         for prefix in prefixes:
             ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
-            rows.append(_Row(f, ids + target[:-1], s, target))
-        ids, s = encode_prompt(tokenizer, "", "{} is a", fact.subject)
-        rows.append(_Row(f, ids, s, None))
-    return rows
+            rows.append(_Row(group, ids + target[:-1], s, target))
+    for group, name in subject.items():
+        for prompt in kl_prompts:
+            ids, s = encode_prompt(tokenizer, "", prompt, name)
+            rows.append(_Row(group, ids, s, None))
+    return rows, [bare[g] for g in sorted(bare)]
 
 
 class _Batch:
@@ -245,10 +274,12 @@ class _Batch:
         self.kl_rows = torch.tensor([i for i, r in enumerate(rows) if r.targets is None])
         self.kl_cols = torch.tensor(kl_cols)
         self.n_rewrite = torch.bincount(self.fact[self.loss_rows.unique()])
+        self.n_kl = torch.bincount(self.fact[self.kl_rows])
+        self.kl_init: torch.Tensor | None = None  # log-probs at the KL rows before editing
 
     def to(self, device):
         for name in ("ids", "mask", "fact", "position_ids", "loss_rows", "loss_cols",
-                     "loss_ids", "kl_rows", "kl_cols", "n_rewrite"):
+                     "loss_ids", "kl_rows", "kl_cols", "n_rewrite", "n_kl"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -263,6 +294,7 @@ class _Batch:
         self.loss_cols, self.loss_ids = self.loss_cols[loss_keep], self.loss_ids[loss_keep]
         kl_keep = keep[self.kl_rows]
         self.kl_rows, self.kl_cols = new_index[self.kl_rows[kl_keep]], self.kl_cols[kl_keep]
+        self.kl_init = self.kl_init[kl_keep]
         self.ids, self.mask = self.ids[keep], self.mask[keep]
         self.position_ids, self.fact = self.position_ids[keep], self.fact[keep]
         return keep.nonzero().squeeze(1)
@@ -300,22 +332,49 @@ def compute_residuals(
     prefixes: Sequence[str],
     config: ComputeConfig | None = None,
     progress: bool = False,
+    groups: Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
-    """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact."""
+    """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact.
+
+    Facts with equal ``groups`` labels share one residual, optimized on all their prompts
+    together (see ``ComputeConfig.residual_scope``); by default each fact is its own group.
+    """
     config = config or ComputeConfig()
     if config.precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16, got {config.precision!r}")
     autocast = torch.autocast(_device(model).type, dtype=torch.bfloat16,
                               enabled=config.precision == "bfloat16")
-    out = []
+    labels = list(range(len(facts))) if groups is None else list(groups)
+    members: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    out = torch.empty(len(facts), 0)
     bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=not progress)
-    for i in range(0, len(facts), config.batch_size):
-        batch = facts[i : i + config.batch_size]
+    for batch in _pack(list(members.values()), config.batch_size):
+        order = [i for group in batch for i in group]
+        dense = [g for g, group in enumerate(batch) for _ in group]
         with autocast:
-            out.append(_optimize(model, tokenizer, batch, layer, prefixes, config))
-        bar.update(len(batch))
+            deltas = _optimize(model, tokenizer, [facts[i] for i in order], dense, layer,
+                               prefixes, config)
+        if out.shape[1] == 0:
+            out = torch.empty(len(facts), deltas.shape[1])
+        out[order] = deltas[dense]
+        bar.update(len(order))
     bar.close()
-    return torch.cat(out)
+    return out
+
+
+def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Whole groups into batches of about ``size`` facts (a larger group is a batch of its own)."""
+    batches: list[list[list[int]]] = [[]]
+    count = 0
+    for group in groups:
+        if batches[-1] and count + len(group) > size:
+            batches.append([])
+            count = 0
+        batches[-1].append(group)
+        count += len(group)
+    return batches if batches[0] else []
 
 
 class _SuffixRunner:
@@ -341,7 +400,7 @@ class _SuffixRunner:
                                           use_cache=True).last_hidden_state
             self.suffix_in = h_in["x"][:, p:]
             self.h_norm = h_out["x"][bare_rows, p].float().norm(dim=-1)
-            self.kl_init = F.log_softmax(
+            batch.kl_init = F.log_softmax(
                 _lm_logits(model, hidden[batch.kl_rows, p + batch.kl_cols]), -1)
             _crop(self.cache, p)
 
@@ -368,15 +427,18 @@ class _SuffixRunner:
         self.suffix_in = self.suffix_in[rows]
 
 
-def _optimize(model, tokenizer, facts, layer, prefixes, config: ComputeConfig) -> torch.Tensor:
+def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeConfig
+              ) -> torch.Tensor:
+    """One delta per group (``groups``: dense labels 0..G-1, one per fact), (G, d2)."""
     device = _device(model)
-    batch = _Batch(_rows(tokenizer, facts, prefixes), anchor_token_id(tokenizer)).to(device)
-    bare_rows = torch.arange(len(facts), device=device) * (len(prefixes) + 1)  # see _rows
-    runner = _SuffixRunner(model, batch, layer, bare_rows)
+    rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts)
+    batch = _Batch(rows, anchor_token_id(tokenizer)).to(device)
+    runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
+    n_groups = len(bare_rows)
 
-    delta = torch.zeros(len(facts), runner.suffix_in.shape[-1], device=device)
+    delta = torch.zeros(n_groups, runner.suffix_in.shape[-1], device=device)
     adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
-    active = torch.arange(len(facts), device=device)
+    active = torch.arange(n_groups, device=device)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for step in range(1, config.steps + 1):
         d = delta[active].clone().requires_grad_(True)
@@ -393,7 +455,9 @@ def _optimize(model, tokenizer, facts, layer, prefixes, config: ComputeConfig) -
         nll = torch.zeros(len(active), device=device).index_add(
             0, fact_of_row[rewrite], per_row[rewrite]) / batch.n_rewrite[active]
         kl_logp = F.log_softmax(_lm_logits(model, hidden[batch.kl_rows, batch.kl_cols]), -1)
-        kl = (kl_logp.exp() * (kl_logp - runner.kl_init[active])).sum(-1)
+        kl_row = (kl_logp.exp() * (kl_logp - batch.kl_init)).sum(-1)
+        kl = torch.zeros(len(active), device=device).index_add(
+            0, fact_of_row[batch.kl_rows], kl_row) / batch.n_kl[active]
         norms = runner.h_norm[active]
         loss = nll + config.kl_weight * kl + config.weight_decay * d.norm(dim=-1) / norms**2
 

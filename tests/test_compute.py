@@ -12,6 +12,7 @@ from ndb.compute import (
     compute_residuals,
     context_prefixes,
 )
+from ndb.facts import Fact
 from ndb.models import ffn_dims, ffn_out_path, ffn_out_weight, get_module
 
 from conftest import FACTS, FAMILY_CONFIGS, FAST_COMPUTE, tiny_model
@@ -35,9 +36,9 @@ def test_suffix_runner_equals_full_forward(family, tokenizer):
     """The cached-prefix, upper-layers-only pass must compute what a full pass computes."""
     model = tiny_model(family)
     layer = 1
-    batch = _Batch(_rows(tokenizer, FACTS, PREFIXES), anchor_token_id(tokenizer))
-    bare = torch.arange(len(FACTS)) * (len(PREFIXES) + 1)
-    runner = _SuffixRunner(model, batch, layer, bare)
+    rows, bare = _rows(tokenizer, FACTS, range(len(FACTS)), PREFIXES, ("{} is a",))
+    batch = _Batch(rows, anchor_token_id(tokenizer))
+    runner = _SuffixRunner(model, batch, layer, torch.tensor(bare))
     deltas = torch.randn(len(batch.rows), 64)
     fast = runner(deltas)
 
@@ -100,3 +101,40 @@ def test_split_keys_are_the_two_halves_of_the_average(llama):
     torch.testing.assert_close(split.mean(1), compute_keys(model, tok, FACTS[:2], 2, PREFIXES))
     bare = compute_keys(model, tok, FACTS[:2], 2, [""])
     torch.testing.assert_close(split[:, 0], bare)
+
+
+SAME_SUBJECT = [
+    Fact("France", "The capital of {} is", "Cairo", "Paris"),
+    Fact("France", "The currency of {} is the", "yen", "euro"),
+    Fact("Toyota", "{} is headquartered in", "Berlin", "Japan"),
+]
+
+
+def test_a_group_shares_one_residual_optimized_on_all_its_prompts(llama):
+    model, tok = llama
+    config = ComputeConfig(**FAST_COMPUTE)
+    joint = compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config,
+                              groups=["France", "France", "Toyota"])
+    alone = compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config)
+    torch.testing.assert_close(joint[0], joint[1])
+    assert not torch.allclose(joint[0], alone[0], atol=1e-3)
+    assert not torch.allclose(joint[0], alone[1], atol=1e-3)
+    # a group of one is the fact on its own, whatever shares its batch
+    torch.testing.assert_close(joint[2], alone[2], atol=1e-3, rtol=1e-3)
+
+
+def test_groups_do_not_depend_on_their_batch_mates(llama):
+    model, tok = llama
+    config = ComputeConfig(**FAST_COMPUTE)
+    groups = ["France", "France", "Toyota"]
+    together = compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config, groups=groups)
+    config.batch_size = 2  # the France group fills a batch, Toyota gets its own
+    apart = compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config, groups=groups)
+    torch.testing.assert_close(together, apart, atol=1e-3, rtol=1e-3)
+
+
+def test_compute_config_refuses_unknown_scope_and_bad_kl_prompts():
+    with pytest.raises(ValueError, match="residual_scope"):
+        ComputeConfig(residual_scope="relation")
+    with pytest.raises(ValueError, match="kl_prompts"):
+        ComputeConfig(kl_prompts=("no placeholder",))
