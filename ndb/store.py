@@ -332,10 +332,10 @@ def _check_record_sizes(f: h5py.File, ds: h5py.Dataset, where: str, offset: int,
     file holds is refused before h5py allocates it."""
     addr_size = f.id.get_create_plist().get_sizes()[0]
     descriptor = np.dtype([("length", "<u4"), ("where", f"V{addr_size + 4}")])
-    with open(f.filename, "rb") as raw:
-        raw.seek(offset)
-        lengths = np.frombuffer(raw.read(descriptor.itemsize * ds.size), descriptor)["length"]
-    if len(lengths) != ds.size or lengths.max() > MAX_RECORD_BYTES or \
+    wanted = descriptor.itemsize * ds.size
+    raw = os.pread(f.id.get_vfd_handle(), wanted, offset)  # the open file: no race
+    lengths = np.frombuffer(raw, descriptor)["length"] if len(raw) == wanted else None
+    if lengths is None or lengths.max() > MAX_RECORD_BYTES or \
             int(lengths.sum(dtype=np.int64)) > file_size:
         raise StoreError(f"{where}: fact records are larger than the file or than "
                          f"{MAX_RECORD_BYTES} bytes each")
@@ -403,6 +403,8 @@ class Store:
         try:
             f = h5py.File(path, "r", locking=False)
         except OSError as err:
+            if not os.path.lexists(path):
+                raise SegmentGoneError(f"{where} is missing") from None
             raise StoreError(f"{where} is unreadable ({err})") from None
         try:
             _check_segment(f, where, actual["bytes"], record and record["rows"], self.shapes)
