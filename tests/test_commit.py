@@ -30,8 +30,9 @@ def test_a_copy_keeps_every_file_and_guards_new_keys_as_the_original(tmp_path, l
     db.save_pretrained(tmp_path / "copy")
     copy = NeuralDB.from_pretrained(tmp_path / "copy")
     names = sorted(str(p.relative_to(copy.path)) for p in copy.path.rglob("*"))
-    assert names == sorted([st.CONFIG, st.BACKGROUND, st.MANIFEST, st.INDEX, st.SEGMENTS, st.LOCK,
-                            f"{st.SEGMENTS}/{copy.store.manifest.segments[0]}"])
+    segment = f"{st.SEGMENTS}/{copy.store.manifest.segments[0]}"
+    assert names == sorted([st.CONFIG, "background.npy", st.MANIFEST, st.INDEX, st.SEGMENTS,
+                            segment, st.LOCK])
     np.testing.assert_array_equal(copy.background, db.background)
     keys, residuals = vectors(2, 1)
     for database in (db, copy):
