@@ -12,8 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
+from ndb import ComputeConfig, NeuralDB
 from ndb import store as st
 from ndb.errors import StoreError
+
+from conftest import FACTS, FAST_COMPUTE
 
 
 def rows(n, seed=0, d=8):
@@ -243,3 +246,52 @@ def test_readers_never_fail_while_a_writer_compacts(tmp_path):
     out, err = reader.communicate()
     assert reader.returncode == 0, err.strip().splitlines()[-1]
     assert out.strip() == "ok" and compactions > 10
+
+
+@pytest.fixture
+def saved(tmp_path, llama):
+    """A database of four facts with random vectors, its key index cache saved."""
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=1, index="flat",
+                         compute=ComputeConfig(**{**FAST_COMPUTE, "n_prefixes": 0}))
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((len(FACTS), db.config.d_key)).astype(np.float32)
+    db.add_vectors(FACTS, keys, rng.standard_normal((len(FACTS), db.config.d_value)))
+    db.index  # noqa: B018 (built here, then saved)
+    db.flush()
+    meta = json.loads((db.path / st.INDEX / st.INDEX_META).read_text())
+    return db.path, db.path / st.INDEX / meta["file"], keys
+
+
+def top_hits(path, keys):
+    """Each key's best match in the index of the database at ``path``: (ids, scores)."""
+    queries = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    scores, ids = NeuralDB.from_pretrained(path).index.search(queries)
+    return ids.tolist(), scores
+
+
+def test_corrupted_index_cache_is_rebuilt_with_a_warning(saved):
+    path, index_file, keys = saved
+    data = bytearray(index_file.read_bytes())
+    for at in range(len(data) - 64, len(data), 4):  # inside the stored keys
+        data[at] ^= 0x40
+    index_file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupted"):
+        ids, scores = top_hits(path, keys)
+    assert ids == list(range(len(FACTS)))
+    np.testing.assert_allclose(scores, 1.0, atol=1e-3)
+
+
+def test_index_cache_named_outside_the_directory_is_not_read(saved, tmp_path):
+    path, index_file, keys = saved
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = NeuralDB.from_pretrained(path).index
+    other.remove(np.arange(2))  # another index: only facts 2 and 3
+    other.save(elsewhere / index_file.name)
+    meta = json.loads((path / st.INDEX / st.INDEX_META).read_text())
+    meta["file"] = f"../../elsewhere/{index_file.name}"
+    del meta["sha256"], meta["bytes"]
+    (path / st.INDEX / st.INDEX_META).write_text(json.dumps(meta))
+    ids, _ = top_hits(path, keys)
+    assert ids == list(range(len(FACTS)))  # rebuilt from the segments
