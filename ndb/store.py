@@ -102,11 +102,11 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 def file_digest(path: Path) -> dict[str, int | str]:
     """Size and sha256 of the regular file at ``path`` (a link is refused, not followed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
+    try:  # non-blocking, or a FIFO in place of a file would hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
+        if err.errno == errno.ENOENT:
+            raise  # the caller tells a missing file from a refused one
         raise StoreError(f"{path} cannot be read ({_why(err)}); refusing it") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -124,10 +124,11 @@ def _why(err: OSError) -> str:
 
 
 def _file_kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) \
-        else "a special file"
+    for is_kind, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                          (stat.S_ISREG, "a regular file")):
+        if is_kind(mode):
+            return kind
+    return "a special file"
 
 
 def _require(path: Path, is_kind, kind: str) -> Path:

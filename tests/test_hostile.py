@@ -3,6 +3,7 @@ it with one clear StoreError and never reads, writes or deletes outside it."""
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,12 @@ def test_index_cache_named_outside_the_directory_is_not_read(saved, tmp_path):
     (path / st.INDEX / st.INDEX_META).write_text(json.dumps(meta))
     ids, _ = top_hits(path, keys)
     assert ids == list(range(len(FACTS)))  # rebuilt from the segments
+
+
+def test_segment_that_is_a_fifo_is_refused_without_hanging(db):
+    path, _ = db
+    segment = only_segment(path)
+    segment.unlink()
+    os.mkfifo(segment)
+    with pytest.raises(StoreError, match="not a regular file"):
+        st.Store(path)
