@@ -119,7 +119,8 @@ def main() -> None:
     big = NeuralDB.from_pretrained(args.db) if (args.db / "config.json").is_file() else \
         NeuralDB.create(args.db, model, tok)
     start = time.perf_counter()
-    computed = big.add(facts, model, tok, skip_existing=True, progress=True)
+    computed = big.add(facts, model, tok, skip_existing=True, progress=True,
+                       commit_each_batch=True)
     if computed:
         print(f"computed {len(computed)} edits in {time.perf_counter() - start:.0f} s")
     ids = big.lookup(facts)

@@ -103,7 +103,15 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
                              compute=compute, index=index_kind)
     if batch_size:
         db.config.compute.batch_size = batch_size
-    ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True)
+    before = len(db)
+    try:  # batch by batch, so that --resume can finish an interrupted build
+        ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True,
+                     commit_each_batch=True)
+    except BaseException:
+        db.refresh()
+        click.echo(f"ndb: {len(db) - before} facts were committed to {path} before the "
+                   f"failure; 'ndb build FACTS -o {path} --resume' continues", err=True)
+        raise
     db.flush()
     click.echo(f"{path}: {len(db)} facts ({len(ids)} added), layer {db.config.layer}, "
                f"gamma {db.config.gamma}")
@@ -283,7 +291,8 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     else:
         db = NeuralDB.create(path, model, tokenizer)
     start = time.perf_counter()
-    added = db.add(records, model, tokenizer, skip_existing=True, progress=True)
+    added = db.add(records, model, tokenizer, skip_existing=True, progress=True,
+                   commit_each_batch=True)
     build_s = time.perf_counter() - start
     db.flush()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,9 +52,6 @@ from ndb.models import (
 from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
 
-INDEX_META = "index.json"
-BACKGROUND = "background"  # background.npy: keys of generic text, for the key guard
-
 
 def fingerprint(model: nn.Module, layer: int) -> str:
     """Hash of the edited layer's weights, rounded to bfloat16 so that the same model in
@@ -76,13 +73,12 @@ class NeuralDB:
 
     def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path)
-        if not (self.path / store_mod.CONFIG).is_file():
-            raise StoreError(f"{self.path}: not a fact database (no {store_mod.CONFIG})")
+        store_mod.check_layout(self.path)
         try:
             self.config = NeuralDBConfig.read(self.path / store_mod.CONFIG)
         except (ValueError, TypeError) as err:
             raise StoreError(f"{self.path}/{store_mod.CONFIG}: {err}") from None
-        self.store = Store(self.path)
+        self.store = Store(self.path, self._entry_shapes())
         self._cache_bytes = cache_bytes
         self._index: KeyIndex | None = None
         self._index_version = -1
@@ -146,7 +142,7 @@ class NeuralDB:
             compute=compute,
         )
         background = background_keys(model, tokenizer, layer, seed).numpy().astype(np.float16)
-        store_mod.create(Path(path), config.to_dict(), {BACKGROUND: background})
+        store_mod.create(Path(path), config.to_dict(), background)
         db = cls(path)
         db._tokenizer = tokenizer
         db._model = model
@@ -157,27 +153,14 @@ class NeuralDB:
         return cls(path, **kwargs)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write a compact copy of this database to ``path`` (which must not exist yet)."""
+        """Write a compact copy of this database to ``path`` (which must not exist yet):
+        every file a database consists of (see ndb.store), its segments merged into one."""
         path = Path(path)
         self.flush()
         if path.resolve() == self.path.resolve():
             return
-        if path.exists():
-            raise StoreError(f"{path} already exists")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            for name in (store_mod.CONFIG, store_mod.MANIFEST):
-                shutil.copy2(self.path / name, staging / name)
-            shutil.copytree(self.path / store_mod.SEGMENTS, staging / store_mod.SEGMENTS)
-            (staging / store_mod.INDEX).mkdir()
-            copy = Store(staging)
-            copy.compact()
-            copy.close()
-            shutil.move(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        self.refresh()
+        store_mod.copy_database(self.store, path)
 
     def flush(self) -> None:
         """Persist the key index, so that the next open needs no rebuild."""
@@ -236,12 +219,16 @@ class NeuralDB:
         *,
         skip_existing: bool = False,
         progress: bool = False,
+        commit_each_batch: bool = False,
     ) -> list[int]:
         """Compute keys and residuals of ``facts`` and commit them; returns their new ids.
 
-        Facts are committed a batch at a time, so an interrupted add keeps what was done;
-        with ``skip_existing`` facts already in the database (same subject, prompt and new
-        object) are skipped, which makes re-running an interrupted build resume it.
+        All facts are committed at once at the end, so an add that fails or is interrupted
+        commits nothing. With ``commit_each_batch`` each batch (``compute.batch_size``
+        facts) is committed as soon as it is computed, so an interrupted add keeps what was
+        done; with ``skip_existing`` facts already in the database (same subject, prompt
+        and new object) are skipped: together they make re-running an interrupted build
+        resume it (``ndb build --resume``).
         """
         facts = as_facts(facts)
         model, tokenizer = self._require_model(model, tokenizer)
@@ -256,7 +243,8 @@ class NeuralDB:
                 if f.id is not None and f.id in taken:
                     raise ValueError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
                                      f"in {self.path}; use update() or remove it first")
-            return self._write(facts, model, tokenizer, ids=None, progress=progress)
+            return self._write(facts, model, tokenizer, ids=None, progress=progress,
+                               commit_each_batch=commit_each_batch)
 
     def update(self, fact_id: int, fact: Fact | dict, model: nn.Module | None = None,
                tokenizer=None) -> None:
@@ -296,7 +284,7 @@ class NeuralDB:
         guarded = self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None
         with self.store.writing():
             if guarded:  # which keys the guard keeps depends on gamma: index anew
-                (self.path / store_mod.INDEX / INDEX_META).unlink(missing_ok=True)
+                (self.path / store_mod.INDEX / store_mod.INDEX_META).unlink(missing_ok=True)
                 self._index = None
             self.config.gamma = float(gamma)
             store_mod.atomic_write_json(self.path / store_mod.CONFIG, self.config.to_dict())
@@ -317,52 +305,73 @@ class NeuralDB:
         if (tuple(keys.shape), tuple(residuals.shape)) != expected:
             raise ValueError(f"expected keys and residuals of shapes {expected}, got "
                              f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
-        with self.store.writing():
-            return self._commit(facts, keys, residuals, None)
+        with self.store.appending() as pending:
+            written = self._stage(pending, facts, keys, residuals, None)
+        self.refresh()
+        return written
 
     @property
     def background(self) -> np.ndarray:
         """Keys of generic text (written at creation): what a fact key must not match."""
         if self._background is None:
-            path = self.path / f"{BACKGROUND}.npy"
-            self._background = (np.load(path).astype(np.float32) if path.is_file()
-                                else np.zeros((0, self.config.d_key), np.float32))
+            self._background = store_mod.load_background(self.path, self.config.d_key)
         return self._background
 
-    def _commit(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor,
-                ids: np.ndarray | None) -> list[int]:
+    def _entry_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The per-fact shape of each stored dataset, which every segment must have."""
+        per_fact = self.config.compute.keys_per_fact
+        scores = (per_fact,) if per_fact > 1 else ()
+        return {"keys": (*scores, self.config.d_key), "residuals": (self.config.d_value,),
+                "key_scores": scores}
+
+    def _stage(self, pending: store_mod.Pending, facts: list[Fact], keys: torch.Tensor,
+               residuals: torch.Tensor, ids: np.ndarray | None) -> list[int]:
+        """Write one batch into ``pending`` (committed when its block ends)."""
         keys = torch.nn.functional.normalize(keys.float(), dim=-1)
         background = torch.from_numpy(self.background)
         scores = ((keys @ background.T).amax(-1) if len(background)
                   else torch.full(keys.shape[:-1], -1.0))
-        written = self.store.append(
+        written = pending.append(
             keys.numpy().astype(self.config.key_dtype),
             residuals.float().numpy().astype(self.config.residual_dtype),
             [json.dumps(f.to_json(), ensure_ascii=False) for f in facts],
             ids=ids,
             key_scores=scores.numpy(),
         )
-        self.refresh()
         return [int(i) for i in written]
 
-    def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool) -> list[int]:
+    def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool,
+               commit_each_batch: bool = False) -> list[int]:
         self._check_model(model)
-        cfg = self.config
         written: list[int] = []
-        chunk = max(cfg.compute.batch_size, 1)
-        bar = tqdm(total=len(facts), desc="edit", unit="fact", disable=not progress)
-        with self._all_hooks_disabled(model):
-            for start in range(0, len(facts), chunk):
-                part = facts[start : start + chunk]
-                keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes,
-                                    split=cfg.compute.keys_per_fact > 1)
-                residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
-                                              cfg.compute)
-                part_ids = None if ids is None else ids[start : start + chunk]
-                written.extend(self._commit(part, keys, residuals, part_ids))
-                bar.update(len(part))
-        bar.close()
+        with tqdm(total=len(facts), desc="edit", unit="fact", disable=not progress) as bar, \
+                self._all_hooks_disabled(model):
+            batches = self._computed_batches(facts, model, tokenizer, ids)
+            if commit_each_batch:
+                for part, *vectors in batches:
+                    with self.store.appending() as pending:
+                        written.extend(self._stage(pending, part, *vectors))
+                    bar.update(len(part))
+            else:
+                with self.store.appending() as pending:
+                    for part, *vectors in batches:
+                        written.extend(self._stage(pending, part, *vectors))
+                        bar.update(len(part))
+        self.refresh()
         return written
+
+    def _computed_batches(self, facts: list[Fact], model, tokenizer, ids
+                          ) -> Iterator[tuple[list[Fact], torch.Tensor, torch.Tensor, Any]]:
+        """(facts, keys, residuals, ids or None) of each batch, computed as it is asked for."""
+        cfg = self.config
+        chunk = max(cfg.compute.batch_size, 1)
+        for start in range(0, len(facts), chunk):
+            part = facts[start : start + chunk]
+            keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes,
+                                split=cfg.compute.keys_per_fact > 1)
+            residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
+                                          cfg.compute)
+            yield part, keys, residuals, None if ids is None else ids[start : start + chunk]
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:
@@ -391,26 +400,43 @@ class NeuralDB:
         n_keys = len(self) * self.config.compute.keys_per_fact
         return choose_index_kind(n_keys, self._device) if kind == "auto" else kind
 
-    def _saved_index_version(self) -> int:
-        meta = self.path / store_mod.INDEX / INDEX_META
+    def _saved_index_meta(self) -> dict | None:
+        """index.json if it describes a usable cache: a version this manifest can catch up
+        from, and a plain file name of the form _save_index writes (the directory may come
+        from anyone); None otherwise."""
         try:
-            return int(json.loads(meta.read_text())["version"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return -1
+            meta_path = self.path / store_mod.INDEX / store_mod.INDEX_META
+            meta = json.loads(store_mod.regular_file(meta_path).read_bytes())
+            version, kind, name = meta["version"], meta["kind"], meta["file"]
+        except (StoreError, ValueError, KeyError, TypeError):
+            return None
+        usable = (type(version) is int and kind in BACKENDS and isinstance(name, str)
+                  and re.fullmatch(rf"v[0-9]{{8,}}\.{re.escape(kind)}", name) is not None
+                  and self.store.manifest.compacted_through <= version
+                  <= self.store.manifest.version)
+        return meta if usable else None
+
+    def _saved_index_version(self) -> int:
+        meta = self._saved_index_meta()
+        return -1 if meta is None else meta["version"]
 
     def _load_saved_index(self) -> bool:
-        meta_path = self.path / store_mod.INDEX / INDEX_META
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta["kind"] != self._index_kind():
-                return False
-            if meta["version"] < self.store.manifest.compacted_through:
-                return False
-            index = load_index(meta["kind"], self.path / store_mod.INDEX / meta["file"],
-                               self.config.d_key, device=self._device)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError):
+        meta = self._saved_index_meta()
+        if meta is None or meta["kind"] != self._index_kind():
             return False
-        self._index, self._index_version = index, int(meta["version"])
+        path = self.path / store_mod.INDEX / meta["file"]
+        try:
+            if "sha256" in meta:  # caches saved before checksums were recorded have none
+                digest = store_mod.file_digest(path)
+                if (digest["bytes"], digest["sha256"]) != (meta.get("bytes"), meta["sha256"]):
+                    warnings.warn(f"{path} is corrupted (its checksum differs from the "
+                                  "record); rebuilding the key index", stacklevel=3)
+                    return False
+            index = load_index(meta["kind"], store_mod.regular_file(path), self.config.d_key,
+                               device=self._device)
+        except (FileNotFoundError, StoreError, ValueError, KeyError, RuntimeError):
+            return False
+        self._index, self._index_version = index, meta["version"]
         return True
 
     def _index_entries(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -445,15 +471,17 @@ class NeuralDB:
         self._index, self._index_version = index, self.store.manifest.version
 
     def _save_index(self) -> None:
-        directory = self.path / store_mod.INDEX
+        directory = store_mod.real_directory(self.path / store_mod.INDEX)
         name = f"v{self._index_version:08d}.{self._index.kind}"
         with store_mod.atomic_path(directory / name) as tmp:
             self._index.save(tmp)
-        store_mod.atomic_write_json(directory / INDEX_META, {
-            "version": self._index_version, "kind": self._index.kind, "file": name})
+        store_mod.atomic_write_json(directory / store_mod.INDEX_META, {
+            "version": self._index_version, "kind": self._index.kind, "file": name,
+            **store_mod.file_digest(directory / name)})
         for old in directory.iterdir():
-            if old.name not in (name, INDEX_META) and not old.name.startswith("."):
-                old.unlink(missing_ok=True)
+            if old.name not in (name, store_mod.INDEX_META) and not old.name.startswith(".") \
+                    and not old.is_dir():
+                old.unlink(missing_ok=True)  # a link is removed, never what it points to
 
     @property
     def index(self) -> KeyIndex:

@@ -1,26 +1,44 @@
 """The on-disk format of a fact database, and how it changes without ever being half-written.
 
+A database directory consists of exactly these (``copy_database`` copies them, and a
+directory from someone else is read through ``check_layout``'s rules):
+
     DB/config.json        NeuralDBConfig (written once at creation; gamma may be changed)
-    DB/manifest.json      which segment files make up the current state (atomically replaced)
-    DB/segments/*.h5      immutable HDF5 segments: additions (ids, keys, residuals, facts, seq)
-                          or deletions (ids, seq)
-    DB/index/*.faiss      a cache of the key index at some manifest version (rebuildable)
+    DB/background.npy     keys of generic text, for the key guard (written once at creation)
+    DB/manifest.json      which segment files make up the current state, with each one's
+                          row count, size and sha256 (atomically replaced)
+    DB/segments/*.h5      immutable HDF5 segments: additions (ids, keys, residuals, facts,
+                          key_scores, seq) or deletions (ids, seq)
+    DB/index/index.json   which cached key index file is current, its manifest version and
+                          sha256; DB/index/v*.KIND is that file (rebuildable at any time)
     DB/.lock              held by the one process allowed to write
 
-A change writes a new segment (temp file, fsync, rename), then a new manifest that lists
-it (temp file, fsync, rename). A crash before the manifest's rename leaves the old state
-plus an unreferenced file, removed by the next writer; after it, the new state.
+A change writes its new segments (temp file, fsync, rename), unreferenced, then one new
+manifest that lists them all (temp file, fsync, rename). A crash before the manifest's
+rename leaves the old state plus unreferenced files, removed by the next commit; after it,
+the new state.
 
 Every entry carries a sequence number (the manifest version that wrote it); for each fact
 id the entry with the highest sequence number wins, and a deletion entry removes it. So
 an update is simply a new entry under the same id.
+
+A directory may come from anyone, so nothing read from it is trusted: file names in the
+manifest and index.json must be plain names of the form written here, the directories
+and files read must be real ones (no symbolic links), a segment's datasets are checked
+against the manifest and the file's size before anything large is read, and a segment
+whose sha256 differs from the manifest's record is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +51,19 @@ import numpy as np
 from ndb.errors import LockedError, StoreError
 
 CONFIG = "config.json"
+BACKGROUND = "background.npy"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 INDEX = "index"
+INDEX_META = "index.json"
 LOCK = ".lock"
+FILES = (CONFIG, BACKGROUND, MANIFEST)  # the plain files; BACKGROUND is optional
+DIRECTORIES = (SEGMENTS, INDEX)
 DATASETS = ("keys", "residuals", "facts", "key_scores")  # per entry, in addition segments
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
+SEGMENT_NAME = re.compile(r"seg-[0-9]{8,}(-[0-9]{4})?\.h5")
+MAX_RECORD_BYTES = 1 << 20  # one fact record (JSON); real ones are a few hundred bytes
+SEGMENT_GONE_RETRIES = 8  # a reader racing compactions re-reads the manifest this often
 
 
 def fsync_dir(path: Path) -> None:
@@ -75,25 +100,137 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
+def file_digest(path: Path) -> dict[str, int | str]:
+    """Size and sha256 of the regular file at ``path`` (a link is refused, not followed)."""
+    try:  # non-blocking, or a FIFO in place of a file would hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            raise  # the caller tells a missing file from a refused one
+        raise StoreError(f"{path} cannot be read ({_why(err)}); refusing it") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise StoreError(f"{path} is not a regular file; refusing to read it")
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _why(err: OSError) -> str:
+    return "it is a symbolic link" if err.errno == errno.ELOOP else err.strerror or str(err)
+
+
+def _file_kind(mode: int) -> str:
+    for is_kind, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                          (stat.S_ISREG, "a regular file")):
+        if is_kind(mode):
+            return kind
+    return "a special file"
+
+
+def _require(path: Path, is_kind, kind: str) -> Path:
+    """``path`` itself (links not followed) must be of ``kind``: a database's own parts
+    must not lead ndb outside its directory."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing") from None
+    if not is_kind(mode):
+        raise StoreError(f"{path} is {_file_kind(mode)}, not {kind}; refusing to use it")
+    return path
+
+
+def regular_file(path: Path) -> Path:
+    return _require(path, stat.S_ISREG, "a regular file")
+
+
+def real_directory(path: Path) -> Path:
+    return _require(path, stat.S_ISDIR, "a directory")
+
+
+def check_layout(path: Path) -> None:
+    """Refuse a database directory whose parts are missing, links, or of the wrong kind."""
+    path = Path(path)
+    for name in (CONFIG, MANIFEST):
+        if not os.path.lexists(path / name):
+            raise StoreError(f"{path}: not a fact database (no {name})")
+    for name in FILES:
+        if os.path.lexists(path / name):
+            regular_file(path / name)
+    for name in DIRECTORIES:
+        real_directory(path / name)
+
+
+def load_background(path: Path, dim: int) -> np.ndarray:
+    """DB/background.npy as float32 (n, dim), checked before it is read in full; an empty
+    array when the database has none."""
+    file = Path(path) / BACKGROUND
+    if not os.path.lexists(file):
+        return np.zeros((0, dim), np.float32)
+    try:
+        array = np.load(regular_file(file), mmap_mode="r", allow_pickle=False)
+    except ValueError as err:  # a header that does not match the file's size, or pickles
+        raise StoreError(f"{file} is unreadable: {err}") from None
+    if array.ndim != 2 or array.shape[1] != dim or array.dtype not in (np.float16, np.float32):
+        raise StoreError(f"{file} holds {array.dtype} {array.shape}, not keys of dimension {dim}")
+    array = np.array(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise StoreError(f"{file} holds non-finite values")
+    return array
+
+
 @dataclass
 class Manifest:
     version: int = 0  # bumped by every commit; also the sequence number of its entries
     next_id: int = 0
     segments: list[str] = field(default_factory=list)
     compacted_through: int = 0  # deletions up to this version were folded away by compaction
+    # segment name -> {"rows", "bytes", "sha256"}; manifests written before checksums were
+    # recorded have none, and their segments are checked for structure only
+    checksums: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
+        file = Path(path) / MANIFEST
+        if not os.path.lexists(file):
+            raise StoreError(f"{path}: not a fact database (no {MANIFEST})")
         try:
-            data = json.loads((path / MANIFEST).read_text())
-            return cls(**data)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: not a fact database (no {MANIFEST})") from None
-        except (json.JSONDecodeError, TypeError) as err:
-            raise StoreError(f"{path}/{MANIFEST} is unreadable: {err}") from None
+            manifest = cls(**json.loads(regular_file(file).read_bytes()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise StoreError(f"{file} is unreadable: {err}") from None
+        problem = manifest._problem()
+        if problem:
+            raise StoreError(f"{file} is invalid: {problem}")
+        return manifest
+
+    def _problem(self) -> str | None:
+        counters = (self.version, self.next_id, self.compacted_through)
+        if not all(type(v) is int and v >= 0 for v in counters):
+            return "version, next_id and compacted_through must be non-negative integers"
+        if not isinstance(self.segments, list) or not isinstance(self.checksums, dict):
+            return "segments must be a list and checksums a mapping"
+        for name in self.segments:
+            if not isinstance(name, str) or not SEGMENT_NAME.fullmatch(name):
+                return f"{name!r} is not a segment file name (seg-NNNNNNNN.h5)"
+        if len(set(self.segments)) != len(self.segments):
+            return "a segment is listed twice"
+        for name, record in self.checksums.items():
+            if name not in self.segments or not _valid_checksum(record):
+                return f"the checksum record of {name!r} is malformed"
+        return None
 
     def write(self, path: Path) -> None:
         atomic_write_json(path / MANIFEST, self.__dict__)
+
+
+def _valid_checksum(record: object) -> bool:
+    return (isinstance(record, dict) and set(record) == {"rows", "bytes", "sha256"}
+            and all(type(record[k]) is int and record[k] >= 0 for k in ("rows", "bytes"))
+            and isinstance(record["sha256"], str)
+            and re.fullmatch(r"[0-9a-f]{64}", record["sha256"]) is not None)
 
 
 @dataclass
@@ -119,47 +256,171 @@ class Entries:
         return pos
 
 
-def _write_segment(path: Path, datasets: dict[str, np.ndarray], seq: int) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["seq"] = seq
-        for name, data in datasets.items():
-            f.create_dataset(name, data=data)
+class SegmentGoneError(StoreError):
+    """A segment named by the manifest is not there (a writer compacted it away since)."""
+
+
+# the datasets a segment may hold, with their element types
+DTYPES = {"ids": ("int64",), "seq": ("int64",), "keys": ("float16", "float32"),
+          "residuals": ("float16", "float32"), "key_scores": ("float16", "float32")}
+
+
+def _check_segment(f: h5py.File, where: str, file_size: int, rows: int | None,
+                   shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a segment that is not what this module writes before any of its data is read:
+    known datasets of known types, one row per entry, the expected trailing shapes, and
+    contiguous storage inside the file (no filters, so nothing decompresses: a dataset
+    never holds more than the file does)."""
+    names = set(f.keys())
+    unknown = names - {*DTYPES, "facts"}
+    if unknown or "ids" not in names or names & set(DATASETS) not in (set(), set(DATASETS)):
+        raise StoreError(f"{where} holds datasets {sorted(names)}, not a segment's")
+    n = None
+    for name in sorted(names):
+        if not isinstance(f.get(name, getlink=True), h5py.HardLink):
+            raise StoreError(f"{where}: {name} is a link to elsewhere")
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim == 0:
+            raise StoreError(f"{where}: {name} is not an array")
+        n = ds.shape[0] if n is None else n
+        if ds.shape[0] != n:
+            raise StoreError(f"{where}: {name} has {ds.shape[0]} rows, ids has {n}")
+        _check_dtype(ds, name, where)
+        _check_storage(f, ds, name, where, file_size)
+        expected = shapes.get(name)
+        if expected is not None and ds.shape[1:] != expected:
+            raise StoreError(f"{where}: {name} has shape {ds.shape[1:]} per entry, "
+                             f"expected {expected}")
+    if rows is not None and n != rows:
+        raise StoreError(f"{where} holds {n} entries, the manifest records {rows}")
+    if "keys" in names and f["key_scores"].shape != f["keys"].shape[:-1]:
+        raise StoreError(f"{where}: key_scores do not match the keys' shape")
+    if "seq" not in names and not isinstance(f.attrs.get("seq"), (int, np.integer)):
+        raise StoreError(f"{where} has no sequence number")
+
+
+def _check_dtype(ds: h5py.Dataset, name: str, where: str) -> None:
+    if name == "facts":
+        info = h5py.check_string_dtype(ds.dtype)
+        ok = ds.ndim == 1 and info is not None and info.length is None
+    else:
+        ndim_ok = ds.ndim == 1 if name in ("ids", "seq") else ds.ndim > 1 or name == "key_scores"
+        ok = ds.dtype.name in DTYPES[name] and ndim_ok
+    if not ok:
+        raise StoreError(f"{where}: {name} has type {ds.dtype} {ds.shape}, not a segment's")
+
+
+def _check_storage(f: h5py.File, ds: h5py.Dataset, name: str, where: str,
+                   file_size: int) -> None:
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
+        raise StoreError(f"{where}: {name} is stored compressed or chunked, which ndb never "
+                         "writes; refusing to read it")
+    if ds.size == 0:
+        return
+    offset, stored = ds.id.get_offset(), ds.id.get_storage_size()
+    width = None if name == "facts" else ds.dtype.itemsize * ds.size
+    if offset is None or offset + stored > file_size or width not in (None, stored):
+        raise StoreError(f"{where}: {name} declares more data than the file holds")
+    if name == "facts":
+        _check_record_sizes(f, ds, where, offset, file_size)
+
+
+def _check_record_sizes(f: h5py.File, ds: h5py.Dataset, where: str, offset: int,
+                        file_size: int) -> None:
+    """String records live in the file's heap; their lengths are read from the dataset's
+    own descriptors (length, heap address, index) so that a record claiming more than the
+    file holds is refused before h5py allocates it."""
+    addr_size = f.id.get_create_plist().get_sizes()[0]
+    descriptor = np.dtype([("length", "<u4"), ("where", f"V{addr_size + 4}")])
+    wanted = descriptor.itemsize * ds.size
+    raw = os.pread(f.id.get_vfd_handle(), wanted, offset)  # the open file: no race
+    lengths = np.frombuffer(raw, descriptor)["length"] if len(raw) == wanted else None
+    if lengths is None or lengths.max() > MAX_RECORD_BYTES or \
+            int(lengths.sum(dtype=np.int64)) > file_size:
+        raise StoreError(f"{where}: fact records are larger than the file or than "
+                         f"{MAX_RECORD_BYTES} bytes each")
 
 
 class Store:
-    """Segments of one database directory: read any time, written under the lock."""
+    """Segments of one database directory: read any time, written under the lock.
 
-    def __init__(self, path: Path):
+    ``shapes``: the per-entry shape each dataset must have (e.g. keys (2, d_key)); when
+    not given, the first segment read sets them and every other must agree.
+    """
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]] | None = None):
         self.path = Path(path)
+        check_layout(self.path)
+        self.shapes = dict(shapes or {})
         self._files: dict[str, h5py.File] = {}
         self._lock_fd: int | None = None
+        self.manifest: Manifest | None = None
         self.refresh()
 
     # -- reading ---------------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Re-read the manifest; returns whether the state changed."""
-        manifest = Manifest.read(self.path)
-        if getattr(self, "manifest", None) == manifest:
-            return False
-        self.manifest = manifest
-        for name in list(self._files):
-            if name not in manifest.segments:
-                self._files.pop(name).close()
-        self.entries = self._live_entries()
-        return True
-
-    def file(self, name: str) -> h5py.File:
-        if name not in self._files:
+        """Re-read the manifest; returns whether the state changed. A segment that went
+        away since the manifest was read means a writer compacted: read it again."""
+        for _ in range(SEGMENT_GONE_RETRIES):
+            manifest = Manifest.read(self.path)
+            if manifest == self.manifest:
+                return False
             try:
-                self._files[name] = h5py.File(self.path / SEGMENTS / name, "r", locking=False)
-            except OSError as err:
-                raise StoreError(f"{self.path}: segment {name} is unreadable ({err})") from None
+                entries = self._live_entries(manifest)
+            except SegmentGoneError:
+                if Manifest.read(self.path) == manifest:
+                    raise  # not a race: the directory lacks a segment its manifest names
+                continue
+            self.manifest, self.entries = manifest, entries
+            for name in list(self._files):
+                if name not in manifest.segments:
+                    self._files.pop(name).close()
+            return True
+        raise StoreError(f"{self.path} changed {SEGMENT_GONE_RETRIES} times while it was "
+                         "being read; try again")
+
+    def file(self, name: str, manifest: Manifest | None = None) -> h5py.File:
+        """Segment ``name``, opened and checked (structure, then checksum) on first use."""
+        if name not in self._files:
+            self._files[name] = self._open_segment(name, manifest or self.manifest)
         return self._files[name]
 
-    def _live_entries(self) -> Entries:
+    def _open_segment(self, name: str, manifest: Manifest) -> h5py.File:
+        path = self.path / SEGMENTS / name
+        where = f"{self.path}: segment {name}"
+        record = manifest.checksums.get(name)
+        try:  # a segment from before checksums were recorded is checked for structure only
+            actual = (file_digest(path) if record is not None
+                      else {"bytes": os.lstat(regular_file(path)).st_size})
+        except (FileNotFoundError, StoreError):
+            if not os.path.lexists(path):
+                raise SegmentGoneError(f"{where} is missing") from None
+            raise
+        if record is not None and (actual["bytes"], actual["sha256"]) != (
+                record["bytes"], record["sha256"]):
+            raise StoreError(f"{where} is corrupted (its checksum differs from the "
+                             "manifest's record)")
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as err:
+            if not os.path.lexists(path):
+                raise SegmentGoneError(f"{where} is missing") from None
+            raise StoreError(f"{where} is unreadable ({err})") from None
+        try:
+            _check_segment(f, where, actual["bytes"], record and record["rows"], self.shapes)
+        except BaseException:
+            f.close()
+            raise
+        if "keys" in f:  # the first segment read sets the shapes the others must have
+            for ds_name in ("keys", "residuals", "key_scores"):
+                self.shapes.setdefault(ds_name, f[ds_name].shape[1:])
+        return f
+
+    def _live_entries(self, manifest: Manifest) -> Entries:
         ids, seqs, segs, rows, alive = [], [], [], [], []
-        for s, name in enumerate(self.manifest.segments):
-            f = self.file(name)
+        for s, name in enumerate(manifest.segments):
+            f = self.file(name, manifest)
             seg_ids = f["ids"][:]
             n = len(seg_ids)
             ids.append(seg_ids)
@@ -189,6 +450,9 @@ class Store:
             sel = np.nonzero(segs == s)[0]
             order = np.argsort(rows[sel])
             data = self.file(self.manifest.segments[s])[name][rows[sel][order]]
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise StoreError(f"{self.path}: segment {self.manifest.segments[s]} holds "
+                                 f"non-finite {name}")
             if out is None:
                 out = np.empty((len(pos), *data.shape[1:]), dtype=data.dtype)
             out[sel[order]] = data
@@ -215,7 +479,7 @@ class Store:
         if self._lock_fd is not None:  # re-entrant within one process
             yield
             return
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -230,83 +494,104 @@ class Store:
         self._lock_fd = fd
         try:
             self.refresh()
-            self._remove_orphans()
             yield
         finally:
             self._lock_fd = None
             os.close(fd)  # closing releases the flock
 
-    def _remove_orphans(self) -> None:
-        referenced = set(self.manifest.segments)
-        for p in (self.path / SEGMENTS).iterdir():
-            if p.name not in referenced:
-                p.unlink(missing_ok=True)
-        for p in self.path.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+    def _open_lock(self) -> int:
+        path = self.path / LOCK
+        try:  # never through a link: the pid written below would land in its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            raise StoreError(f"{path} cannot be opened ({_why(err)}); refusing to write "
+                             f"{self.path}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreError(f"{path} is not a regular file; refusing to write {self.path}")
+        return fd
 
-    def _commit(self, segment: dict[str, np.ndarray] | None, manifest: Manifest) -> None:
+    @contextmanager
+    def appending(self) -> Iterator[Pending]:
+        """Under the lock, a Pending whose segments are all committed by one manifest
+        swap when the block ends, or none of them if it raises."""
+        with self.writing():
+            pending = Pending(self)
+            try:
+                yield pending
+            except BaseException:
+                pending.discard()
+                raise
+            if pending.written:
+                self._commit(pending)
+                self._maybe_compact()
+
+    def _commit(self, pending: Pending, *, compacted: bool = False) -> None:
         if self._lock_fd is None:
             raise StoreError("internal error: commit without the writer lock")
-        if segment is not None:
-            name = f"seg-{manifest.version:08d}.h5"
-            _write_segment(self.path / SEGMENTS / name, segment, manifest.version)
-            manifest.segments = [*manifest.segments, name]
-        manifest.write(self.path)
+        m = self.manifest
+        kept = [] if compacted else m.segments
+        checksums = {name: m.checksums[name] for name in kept if name in m.checksums}
+        Manifest(pending.version, pending.next_id, [*kept, *pending.written],
+                 m.version if compacted else m.compacted_through,
+                 {**checksums, **pending.written}).write(self.path)
         self.refresh()
+        self._remove_unreferenced()
+
+    def _remove_unreferenced(self) -> None:
+        """Remove segments no manifest names (compacted away, or left by a writer that was
+        killed) and temporary files. Only right after a commit: a command that fails
+        before committing removes nothing."""
+        referenced = set(self.manifest.segments)
+        for p in real_directory(self.path / SEGMENTS).iterdir():
+            if p.name not in referenced and not p.is_dir():
+                p.unlink(missing_ok=True)  # a link is removed, never what it points to
+        for p in self.path.glob(".*.tmp"):
+            if not p.is_dir():
+                p.unlink(missing_ok=True)
+
+    def write_segment(self, name: str, datasets: dict[str, np.ndarray], seq: int
+                      ) -> dict[str, int | str]:
+        """Write segment ``name`` (unreferenced until a commit); returns its checksum record."""
+        path = real_directory(self.path / SEGMENTS) / name
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["seq"] = seq
+            for ds_name, data in datasets.items():
+                f.create_dataset(ds_name, data=data)
+        return {"rows": len(datasets["ids"]), **file_digest(path)}
 
     def append(self, keys: np.ndarray, residuals: np.ndarray, facts: list[str],
                ids: np.ndarray | None = None, key_scores: np.ndarray | None = None
                ) -> np.ndarray:
-        """Add entries (new ids, or new versions of existing ids); returns their ids.
-        ``key_scores``: per key, its best cosine with generic text (see NeuralDB)."""
-        with self.writing():
-            m = self.manifest
-            if ids is None:
-                ids = np.arange(m.next_id, m.next_id + len(keys), dtype=np.int64)
-            ids = np.asarray(ids, dtype=np.int64)
-            new = Manifest(m.version + 1, max(m.next_id, int(ids.max(initial=-1)) + 1),
-                           m.segments, m.compacted_through)
-            self._commit({
-                "ids": ids,
-                "seq": np.full(len(ids), new.version, np.int64),
-                "keys": keys,
-                "residuals": residuals,
-                "facts": np.array(facts, dtype=h5py.string_dtype()),
-                "key_scores": (np.zeros(keys.shape[:-1], np.float16) if key_scores is None
-                               else key_scores.astype(np.float16)),
-            }, new)
-            self._maybe_compact()
-        return ids
+        """Add entries in one commit (see Pending.append); returns their ids."""
+        with self.appending() as pending:
+            return pending.append(keys, residuals, facts, ids, key_scores)
 
     def delete(self, ids: np.ndarray) -> None:
         with self.writing():
             self.entries.locate(ids)  # every id must exist
-            m = self.manifest
-            new = Manifest(m.version + 1, m.next_id, m.segments, m.compacted_through)
-            self._commit({"ids": np.asarray(ids, np.int64)}, new)
-            self._maybe_compact()
+            with self.appending() as pending:
+                ids = np.asarray(ids, np.int64)
+                pending.add_segment({"ids": ids,
+                                     "seq": np.full(len(ids), pending.version, np.int64)})
 
     def _maybe_compact(self) -> None:
         if len(self.manifest.segments) > COMPACT_SEGMENTS:
             self.compact()
 
-    def compact(self) -> None:
-        """Rewrite the live entries into one segment (same ids and sequence numbers)."""
+    def compact(self, source: Store | None = None) -> None:
+        """Rewrite the live entries into one segment (same ids and sequence numbers); with
+        ``source``, the live entries of that store (how a copy is made)."""
+        source = source or self
         with self.writing():
-            m = self.manifest
-            if not self.entries.ids.size:
-                segment = None
-            else:
-                segment = {"ids": self.entries.ids, "seq": self.entries.seq}
+            pending = Pending(self)
+            if len(source.entries):
+                segment = {"ids": source.entries.ids, "seq": source.entries.seq}
                 for name in DATASETS:
-                    segment[name] = self.read(name)
+                    segment[name] = source.read(name)
                 segment["facts"] = segment["facts"].astype(h5py.string_dtype())
-            new = Manifest(m.version + 1, m.next_id, [], m.version)
-            old = list(m.segments)
-            self._commit(segment, new)
-            for name in old:
-                self._files.pop(name, None)
-                (self.path / SEGMENTS / name).unlink(missing_ok=True)
+                pending.add_segment(segment)
+            self._commit(pending, compacted=True)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -314,22 +599,99 @@ class Store:
         self._files.clear()
 
 
-def create(path: Path, config: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
-    """Create an empty database directory (atomically: it appears whole or not at all),
-    with ``arrays`` saved beside the config as NAME.npy."""
+class Pending:
+    """The segments of one commit in the making: each is written as it comes, unreferenced,
+    and the manifest swap that adopts them all happens at the end (Store.appending), so a
+    failure or a kill part-way leaves the old state and, at worst, orphans."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.version = store.manifest.version + 1  # also the entries' sequence number
+        self.next_id = store.manifest.next_id
+        self.written: dict[str, dict] = {}  # segment name -> checksum record
+
+    def append(self, keys: np.ndarray, residuals: np.ndarray, facts: list[str],
+               ids: np.ndarray | None = None, key_scores: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Add entries (new ids, or new versions of existing ids); returns their ids.
+        ``key_scores``: per key, its best cosine with generic text (see NeuralDB)."""
+        for name, data in (("keys", keys), ("residuals", residuals)):
+            if not np.isfinite(data).all():
+                raise ValueError(f"{name} hold non-finite values; nothing was stored")
+        if ids is None:
+            ids = np.arange(self.next_id, self.next_id + len(keys), dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        self.next_id = max(self.next_id, int(ids.max(initial=-1)) + 1)
+        self.add_segment({
+            "ids": ids,
+            "seq": np.full(len(ids), self.version, np.int64),
+            "keys": keys,
+            "residuals": residuals,
+            "facts": np.array(facts, dtype=h5py.string_dtype()),
+            "key_scores": (np.zeros(keys.shape[:-1], np.float16) if key_scores is None
+                           else key_scores.astype(np.float16)),
+        })
+        return ids
+
+    def add_segment(self, datasets: dict[str, np.ndarray]) -> None:
+        name = f"seg-{self.version:08d}-{len(self.written):04d}.h5"
+        self.written[name] = self.store.write_segment(name, datasets, self.version)
+
+    def discard(self) -> None:
+        for name in self.written:
+            (self.store.path / SEGMENTS / name).unlink(missing_ok=True)
+        self.written.clear()
+
+
+@contextmanager
+def _new_directory(path: Path) -> Iterator[Path]:
+    """A staging directory beside ``path`` that becomes ``path`` (an absent or empty
+    directory) when the block ends, so the database appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name in DIRECTORIES:
+            (staging / name).mkdir()
+        yield staging
+        os.chmod(staging, 0o755)
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def create(path: Path, config: dict, background: np.ndarray | None = None) -> None:
+    """Create an empty database directory (atomically: it appears whole or not at all);
+    ``background``: keys of generic text for the key guard."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path} already exists and is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    (staging / SEGMENTS).mkdir()
-    (staging / INDEX).mkdir()
-    atomic_write_json(staging / CONFIG, config)
-    for name, array in (arrays or {}).items():
-        np.save(staging / f"{name}.npy", array)
-    Manifest().write(staging)
-    os.chmod(staging, 0o755)
-    if path.exists():
-        path.rmdir()
-    os.replace(staging, path)
-    fsync_dir(path.parent)
+    with _new_directory(path) as staging:
+        atomic_write_json(staging / CONFIG, config)
+        if background is not None:
+            with atomic_path(staging / BACKGROUND) as tmp, open(tmp, "wb") as f:
+                np.save(f, background, allow_pickle=False)
+        Manifest().write(staging)
+
+
+def copy_database(source: Store, path: Path) -> None:
+    """Copy the database of ``source`` to ``path`` (which must not exist), compacted: every
+    file listed at the top of this module but the lock and the index cache, which is
+    rebuilt on first use (a copy's one segment invalidates it anyway)."""
+    path = Path(path)
+    if os.path.lexists(path):
+        raise StoreError(f"{path} already exists")
+    with _new_directory(path) as staging:
+        for name in (CONFIG, BACKGROUND):
+            if os.path.lexists(source.path / name):
+                atomic_write_bytes(staging / name, regular_file(source.path / name).read_bytes())
+        # the copy's versions continue the source's, so its sequence numbers stay ordered
+        Manifest(source.manifest.version, source.manifest.next_id).write(staging)
+        copy = Store(staging, source.shapes)
+        try:
+            copy.compact(source)
+        finally:
+            copy.close()

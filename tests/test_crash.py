@@ -63,26 +63,30 @@ def test_store_survives_kill_9_at_random_moments(tmp_path):
 
 
 def test_cli_add_and_remove_survive_kill_9(tmp_path, tiny_model_dir):
+    """An add commits all its facts or none, whenever it is killed; the unreferenced
+    segments a killed add leaves are removed by the next commit."""
     facts = [{"subject": f"Entity{i}", "prompt": "{} is located in", "target_new": f"Place{i}"}
              for i in range(40)]
     facts_file = write_jsonl(tmp_path / "facts.jsonl", facts)
     db_path = tmp_path / "db"
+    segments = db_path / st.SEGMENTS
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ndb = [sys.executable, "-m", "ndb.cli"]
     subprocess.run([*ndb, "build", str(write_jsonl(tmp_path / "one.jsonl", facts[:1])), "-o",
                     str(db_path), "--model", str(tiny_model_dir), "--layer", "1"],
                    check=True, env=env, capture_output=True)
     rng = random.Random(1)
-    counts = []
+    orphans_seen = False
     for attempt in range(6):
         cmd = ([*ndb, "add", str(db_path), str(facts_file), "--batch-size", "1"]
                if attempt % 2 == 0 else
                [*ndb, "remove", str(db_path), *map(str, NeuralDB(db_path).ids[1:])])
-        before = st.Manifest.read(db_path).version
+        before = len(NeuralDB(db_path))
+        written = set(os.listdir(segments))
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        if attempt % 2 == 0:  # let the first commit land, then kill somewhere after it
-            while st.Manifest.read(db_path).version == before and proc.poll() is None:
+        if attempt % 2 == 0:  # let a batch be written, then kill somewhere after it
+            while set(os.listdir(segments)) <= written and proc.poll() is None:
                 time.sleep(0.05)
             time.sleep(rng.random() * 1.0)
         else:  # a removal is one commit: kill before, during or after it
@@ -92,9 +96,14 @@ def test_cli_add_and_remove_survive_kill_9(tmp_path, tiny_model_dir):
         db = NeuralDB(db_path)
         assert db.facts().keys() == set(db.ids.tolist())
         assert db.index.ntotal == len(db) * db.config.compute.keys_per_fact
-        counts.append(len(db))
+        if attempt % 2 == 0:
+            assert len(db) in (before, before + len(facts))  # all or nothing
+            orphans_seen |= len(os.listdir(segments)) > len(db.store.manifest.segments)
         db.close()
         listed = subprocess.run([*ndb, "list", str(db_path)], env=env, capture_output=True,
                                 text=True)
-        assert listed.returncode == 0 and len(listed.stdout.splitlines()) == counts[-1]
-    assert max(counts) > 1  # some adds did commit before the kill
+        assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(db)
+    assert orphans_seen  # some add was killed after writing a batch, before its commit
+    subprocess.run([*ndb, "remove", str(db_path), "0"], check=True, env=env,
+                   capture_output=True)
+    assert sorted(os.listdir(segments)) == sorted(st.Manifest.read(db_path).segments)
