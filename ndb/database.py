@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from ndb.compute import (
     context_prefixes,
 )
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
+from ndb.errors import FactError, FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
@@ -69,6 +70,43 @@ def fingerprint(model: nn.Module, layer: int) -> str:
 
 def model_name(model: nn.Module) -> str:
     return str(getattr(model.config, "name_or_path", "") or DEFAULT_MODEL)
+
+
+class AddResult(list):
+    """What :meth:`NeuralDB.add` did. As a list: the ids of the facts it added, in input
+    order. ``skipped``: the stored ids of input facts the database already held; ``updated``:
+    the ids of stored facts re-edited (``update=True``)."""
+
+    def __init__(self, added: Iterable[int] = (), skipped: Iterable[int] = (),
+                 updated: Iterable[int] = ()):
+        super().__init__(added)
+        self.skipped = list(skipped)
+        self.updated = list(updated)
+
+
+def _unique(facts: list[Fact]) -> list[Fact]:
+    """``facts`` without repeats (same edit and key); a key naming two edits is refused."""
+    by_key: dict[str, Fact] = {}
+    seen: set[tuple] = set()
+    unique = []
+    for fact in facts:
+        if fact.key is not None and by_key.setdefault(fact.key, fact).edit != fact.edit:
+            raise FactError(f"key {fact.key!r} is given to two different facts "
+                            f"({by_key[fact.key].text!r} and {fact.text!r})")
+        if (fact.edit, fact.key) not in seen:
+            seen.add((fact.edit, fact.key))
+            unique.append(fact)
+    return unique
+
+
+def _as_fact_id(value: Any) -> int:
+    """A database id: an integer that fits the int64 ids of the store."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"fact ids are integers (the database's ids), got {value!r}; "
+                         "a fact's own key is a string")
+    if not np.iinfo(np.int64).min <= int(value) <= np.iinfo(np.int64).max:
+        raise FactNotFoundError(f"no fact with id {value} (ids are 64-bit integers)")
+    return int(value)
 
 
 class NeuralDB:
@@ -205,11 +243,28 @@ class NeuralDB:
                            for i, r in zip(self.store.entries.ids, records)}
         return self._facts
 
-    def get(self, fact_id: int) -> Fact:
+    def get(self, id_or_key: int | str) -> Fact:
+        """The fact with this database id (int) or key (str)."""
+        return self.facts()[self.resolve(id_or_key)]
+
+    def resolve(self, id_or_key: int | str) -> int:
+        """The database id of the fact with this database id (int) or key (str)."""
+        if isinstance(id_or_key, str):
+            return self.id_of(id_or_key)
+        fact_id = _as_fact_id(id_or_key)
+        if fact_id not in self.facts():
+            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}")
+        return fact_id
+
+    def id_of(self, key: str) -> int:
+        """The database id of the fact whose key is ``key``."""
         try:
-            return self.facts()[int(fact_id)]
+            return self._ids_by_key()[key]
         except KeyError:
-            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}") from None
+            raise FactNotFoundError(f"no fact with key {key!r} in {self.path}") from None
+
+    def _ids_by_key(self) -> dict[str, int]:
+        return {f.key: i for i, f in self.facts().items() if f.key is not None}
 
     def lookup(self, facts: Iterable[Fact]) -> list[int]:
         """Ids of facts stored with the same subject, prompt and new object, in order."""
@@ -234,42 +289,96 @@ class NeuralDB:
         model: nn.Module | None = None,
         tokenizer=None,
         *,
+        update: bool = False,
         skip_existing: bool = False,
         progress: bool = False,
-    ) -> list[int]:
-        """Compute keys and residuals of ``facts`` and commit them; returns their new ids.
+    ) -> AddResult:
+        """Compute keys and residuals of ``facts`` and commit them; returns an
+        :class:`AddResult`: the new ids (a list, in input order), and the ids of the facts
+        skipped or updated.
 
-        Facts are committed a batch at a time, so an interrupted add keeps what was done;
-        with ``skip_existing`` facts already in the database (same subject, prompt and new
-        object) are skipped, which makes re-running an interrupted build resume it.
+        A fact the database already holds (same subject, prompt and new object, and the
+        same key; a fact without a key matches a stored fact whatever its key) is skipped,
+        and so is a repeat within ``facts``. A fact whose key is stored with another edit is
+        refused, unless ``update``: then it is re-edited under its id. With
+        ``skip_existing`` a keyed fact whose edit is stored under another key (or none) is
+        skipped too. Nothing is written when a fact is refused; facts are then committed a
+        batch at a time, so an interrupted add keeps what was done and re-running it
+        resumes it.
         """
-        facts = as_facts(facts)
+        facts = _unique(as_facts(facts))
         model, tokenizer = self._require_model(model, tokenizer)
         with self.store.writing():
             self.refresh()
-            existing = self.facts()
-            if skip_existing:
-                have = {(f.subject, f.prompt, f.target_new) for f in existing.values()}
-                facts = [f for f in facts if (f.subject, f.prompt, f.target_new) not in have]
-            taken = {f.id: i for i, f in existing.items() if f.id is not None}
-            for f in facts:
-                if f.id is not None and f.id in taken:
-                    raise ValueError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
-                                     f"in {self.path}; use update() or remove it first")
-            return self._write(facts, model, tokenizer, ids=None, progress=progress)
+            new, changed, skipped = self._sort_out(facts, update, skip_existing)
+            updated = self._write([f for _, f in changed], model, tokenizer,
+                                  ids=np.array([i for i, _ in changed], np.int64),
+                                  progress=progress)
+            added = self._write(new, model, tokenizer, ids=None, progress=progress)
+        return AddResult(added, skipped, updated)
 
-    def update(self, fact_id: int, fact: Fact | dict, model: nn.Module | None = None,
-               tokenizer=None) -> None:
-        """Re-edit fact ``fact_id`` (its id stays the same)."""
+    def _sort_out(self, facts: list[Fact], update: bool, skip_existing: bool
+                  ) -> tuple[list[Fact], list[tuple[int, Fact]], list[int]]:
+        """Split unique ``facts`` into new ones, (stored id, fact) to re-edit, and the
+        stored ids of those already held; refuses a stored key with another edit."""
+        stored, by_key = self.facts(), self._ids_by_key()
+        by_edit: dict[tuple, int] = {}
+        for fact_id, fact in stored.items():
+            by_edit.setdefault(fact.edit, fact_id)
+        new, changed, skipped = [], [], []
+        for fact in facts:
+            fact_id = by_key.get(fact.key) if fact.key is not None else None
+            if fact_id is None:
+                if (fact.key is None or skip_existing) and fact.edit in by_edit:
+                    skipped.append(by_edit[fact.edit])
+                else:
+                    new.append(fact)
+            elif stored[fact_id] == fact or (not update and stored[fact_id].edit == fact.edit):
+                skipped.append(fact_id)
+            elif update:
+                changed.append((fact_id, fact))
+            else:
+                raise FactError(
+                    f"key {fact.key!r} is already used by fact {fact_id} "
+                    f"({stored[fact_id].text!r} -> {stored[fact_id].target_new!r}) in "
+                    f"{self.path}; to re-edit it, add with update=True (ndb add --update)")
+        return new, changed, skipped
+
+    def update(self, id_or_key: int | str, fact: Fact | dict, model: nn.Module | None = None,
+               tokenizer=None) -> int:
+        """Re-edit the fact with this database id (int) or key (str) as ``fact``; its id
+        stays the same, and so does its key unless ``fact`` brings another. Returns the id."""
         (fact,) = as_facts([fact])
         model, tokenizer = self._require_model(model, tokenizer)
         with self.store.writing():
             self.refresh()
-            self.get(fact_id)
+            fact_id = self.resolve(id_or_key)
+            stored_key = self.facts()[fact_id].key
+            if fact.key is None:
+                fact = replace(fact, key=stored_key)
+            elif fact.key != stored_key and fact.key in self._ids_by_key():
+                raise FactError(f"key {fact.key!r} is already used by fact "
+                                f"{self.id_of(fact.key)} in {self.path}")
             self._write([fact], model, tokenizer, ids=np.array([fact_id]), progress=False)
+        return fact_id
+
+    def update_by_key(self, facts: Iterable[Fact | dict], model: nn.Module | None = None,
+                      tokenizer=None, *, progress: bool = False) -> AddResult:
+        """Re-edit stored facts from ``facts``, each of which carries the key of a stored
+        fact (checked for all before anything changes); identical ones are skipped."""
+        facts = _unique(as_facts(facts))
+        with self.store.writing():
+            self.refresh()
+            for fact in facts:
+                if fact.key is None:
+                    raise FactError(f"{fact.text!r} -> {fact.target_new!r} has no key: "
+                                    "an update names the stored fact by its key")
+                self.id_of(fact.key)
+            return self.add(facts, model, tokenizer, update=True, progress=progress)
 
     def remove(self, ids: Iterable[int]) -> None:
-        ids = np.unique(np.asarray(list(ids), dtype=np.int64))
+        """Remove the facts with these database ids (all of them, or none if one is absent)."""
+        ids = np.unique(np.array([_as_fact_id(i) for i in ids], dtype=np.int64))
         if len(ids) == 0:
             return
         with self.store.writing():
@@ -282,6 +391,12 @@ class NeuralDB:
                 ) from None
             self.store.delete(ids)
             self.refresh()
+
+    def remove_keys(self, keys: Iterable[str]) -> list[int]:
+        """Remove the facts with these keys (all of them, or none if one is unknown)."""
+        ids = [self.id_of(key) for key in keys]
+        self.remove(ids)
+        return ids
 
     def remove_subject(self, subject: str) -> list[int]:
         ids = self.find(subject)
@@ -347,6 +462,8 @@ class NeuralDB:
 
     def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool) -> list[int]:
         self._check_model(model)
+        if not facts:
+            return []
         cfg = self.config
         written: list[int] = []
         chunk = max(cfg.compute.batch_size, 1)

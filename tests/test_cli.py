@@ -62,7 +62,7 @@ def test_add_and_remove(built, tmp_path):
     (("remove", "{db}", "42"), "no fact with id 42"),
     (("remove", "{db}", "--subject", "Nobody"), "no fact about subject 'Nobody'"),
     (("add", "{db}", "{bad}"), "line 1: 'prompt' must contain exactly one '{}'"),
-    (("add", "{db}", "{dup}"), "fact id 'a' is already used"),
+    (("add", "{db}", "{dup}"), "key 'a' is already used"),
     (("add", "{db}", "{missing}"), "no such file"),
     (("build", "{good}", "-o", "{db}"), "already exists"),
     (("info", "{nodb}"), "not a fact database"),
