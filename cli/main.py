@@ -159,22 +159,17 @@ def update_facts(db_path, facts, model_name, device, batch_size):
           lambda db, records, model, tok: db.update_by_key(records, model, tok, progress=True))
 
 
-class FactId(click.ParamType):
-    """A database id, told apart from a key at once."""
-
-    name = "id"
-
-    def convert(self, value, param, ctx) -> int:
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a fact id (an integer, see 'ndb list'); "
-                      f"to remove by key: --key {value}", param, ctx)
+def _fact_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise click.ClickException(f"{text!r} is not a fact id (an integer, see 'ndb list'); "
+                                   f"to remove by key: --key {text}") from None
 
 
 @cli.command()
 @click.argument("db_path", metavar="DB")
-@click.argument("ids", nargs=-1, type=FactId())
+@click.argument("ids", nargs=-1)
 @click.option("--key", "keys", multiple=True, help="Remove the fact whose key is KEY.")
 @click.option("--subject", "subjects", multiple=True, help="Remove every fact about SUBJECT.")
 @user_errors
@@ -184,7 +179,7 @@ def remove(db_path, ids, keys, subjects):
     if not ids and not keys and not subjects:
         raise click.UsageError("give fact ids, --key and/or --subject")
     db, _, _ = _open(db_path, need_model=False)
-    targets = {db.resolve(i) for i in ids} | {db.id_of(key) for key in keys}
+    targets = {db.resolve(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
         found = db.find(subject)
         if not found:
