@@ -268,14 +268,13 @@ class NeuralDB:
 
     def lookup(self, facts: Iterable[Fact]) -> list[int]:
         """Ids of facts stored with the same subject, prompt and new object, in order."""
-        by_edit = {(f.subject, f.prompt, f.target_new): i for i, f in self.facts().items()}
+        by_edit = {f.edit: i for i, f in self.facts().items()}
         ids = []
         for fact in facts:
-            key = (fact.subject, fact.prompt, fact.target_new)
-            if key not in by_edit:
+            if fact.edit not in by_edit:
                 raise FactNotFoundError(f"{self.path} holds no edit {fact.text!r} -> "
                                         f"{fact.target_new!r}")
-            ids.append(by_edit[key])
+            ids.append(by_edit[fact.edit])
         return ids
 
     def find(self, subject: str) -> list[int]:
