@@ -117,42 +117,93 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
                f"gamma {db.config.gamma}")
 
 
-@cli.command()
-@click.argument("db_path", metavar="DB")
-@click.argument("facts")
-@click.option("--model", "model_name", default=None, help="Override the model to load.")
-@click.option("--device", default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=None)
-@user_errors
-def add(db_path, facts, model_name, device, batch_size):
-    """Add the facts in FACTS to the database DB."""
+def _edit_options(fn: Callable) -> Callable:
+    for option in reversed([
+        click.argument("db_path", metavar="DB"),
+        click.argument("facts"),
+        click.option("--model", "model_name", default=None, help="Override the model to load."),
+        click.option("--device", default=None),
+        click.option("--batch-size", type=click.IntRange(1), default=None),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _edit(db_path, facts, model_name, device, batch_size, edit: Callable) -> None:
+    """Open DB with its model, run ``edit(db, facts, model, tokenizer)``, say what it did."""
     records = read_facts(facts)
     db, model, tokenizer = _open(db_path, model_name, device)
     if batch_size:
         db.config.compute.batch_size = batch_size
-    ids = db.add(records, model, tokenizer, progress=True)
+    result = edit(db, records, model, tokenizer)
     db.flush()
-    click.echo(f"added {len(ids)} facts (ids {_ranges(ids)}); {len(db)} in total")
+    done = [f"added {len(result)} facts (ids {_ranges(result)})"]
+    if result.updated:
+        done.append(f"updated {len(result.updated)} (ids {_ranges(result.updated)})")
+    if result.skipped:
+        done.append(f"skipped {len(result.skipped)} already stored "
+                    f"(ids {_ranges(result.skipped)})")
+    click.echo(f"{'; '.join(done)}; {len(db)} in total")
+
+
+@cli.command()
+@_edit_options
+@click.option("--update", "update", is_flag=True,
+              help="Re-edit, under its id, a stored fact whose key a new fact carries.")
+@user_errors
+def add(db_path, facts, model_name, device, batch_size, update):
+    """Add the facts in FACTS to the database DB (facts it holds already are skipped)."""
+    _edit(db_path, facts, model_name, device, batch_size,
+          lambda db, records, model, tok: db.add(records, model, tok, update=update,
+                                                 progress=True))
+
+
+@cli.command(name="update")
+@_edit_options
+@user_errors
+def update_facts(db_path, facts, model_name, device, batch_size):
+    """Re-edit stored facts: each fact in FACTS carries the key of a fact in DB."""
+    _edit(db_path, facts, model_name, device, batch_size,
+          lambda db, records, model, tok: db.update_by_key(records, model, tok, progress=True))
+
+
+def _fact_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise click.ClickException(f"{text!r} is not a fact id (an integer, see 'ndb list'); "
+                                   f"to remove by key: --key {text}") from None
 
 
 @cli.command()
 @click.argument("db_path", metavar="DB")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1)
+@click.option("--key", "keys", multiple=True, help="Remove the fact whose key is KEY.")
 @click.option("--subject", "subjects", multiple=True, help="Remove every fact about SUBJECT.")
+@click.option("--model", "model_name", default=None,
+              help="Override the model to load (needed when remaining facts are re-edited).")
+@click.option("--device", default=None)
 @user_errors
-def remove(db_path, ids, subjects):
-    """Remove facts by id (see 'ndb list') and/or by subject."""
-    if not ids and not subjects:
-        raise click.UsageError("give fact ids and/or --subject")
+def remove(db_path, ids, keys, subjects, model_name, device):
+    """Remove facts by database id (see 'ndb list'), --key and/or --subject; if one is not
+    found, nothing is removed."""
+    if not ids and not keys and not subjects:
+        raise click.UsageError("give fact ids, --key and/or --subject")
     db, _, _ = _open(db_path, need_model=False)
-    targets = set(ids)
+    targets = {db.resolve(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
         found = db.find(subject)
         if not found:
             raise click.ClickException(f"no fact about subject {subject!r} in {db_path}; "
                                        "nothing was removed")
         targets.update(found)
-    db.remove(sorted(targets))
+    mates = db.mates(targets)
+    model = tokenizer = None
+    if mates:  # they share a residual with removed facts: it is re-optimized without them
+        click.echo(f"re-editing {len(mates)} remaining facts about the same subjects "
+                   f"(ids {_ranges(mates)})", err=True)
+        model, tokenizer = _load(model_name or db.config.model_name, device)
+    db.remove(sorted(targets), model, tokenizer, progress=bool(mates))
     db.flush()
     click.echo(f"removed {len(targets)} facts (ids {_ranges(sorted(targets))}); "
                f"{len(db)} remain")
@@ -166,11 +217,13 @@ def list_facts(db_path, as_json):
     """List the facts in DB."""
     db, _, _ = _open(db_path, need_model=False)
     for fact_id, fact in sorted(db.facts().items()):
-        if as_json:
-            click.echo(json.dumps({"id": fact_id, **fact.to_json()}, ensure_ascii=False))
+        if as_json:  # both fields always: read back, a record with "key" never reads "id"
+            record = {"id": fact_id, "key": fact.key, **fact.to_json()}
+            click.echo(json.dumps(record, ensure_ascii=False))
         else:
             old = f" (was: {fact.target_true})" if fact.target_true else ""
-            click.echo(f"{fact_id:>6}  {fact.text} -> {fact.target_new}{old}")
+            key = f"  [key {fact.key}]" if fact.key is not None else ""
+            click.echo(f"{fact_id:>6}  {fact.text} -> {fact.target_new}{old}{key}")
 
 
 @cli.command()
@@ -400,7 +453,7 @@ def bench_run(keys_dir, residual_db, sizes, texts, n_texts, index_kind, work, ne
 
 
 def _ranges(ids: list[int]) -> str:
-    ids = sorted(ids)
+    ids = sorted(set(ids))
     parts, start = [], None
     for i, x in enumerate(ids):
         start = x if start is None else start

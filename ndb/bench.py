@@ -73,7 +73,7 @@ def scale_facts(n: int) -> list[Fact]:
             target = countries.get(city["countrycode"]) if attribute == "country" \
                 else city["timezone"]
             if target and "{" not in city["name"]:
-                facts.append(Fact(city["name"], template, target, id=str(len(facts))))
+                facts.append(Fact(city["name"], template, target, key=str(len(facts))))
     return facts
 
 

@@ -345,36 +345,34 @@ def compute_residuals(
     autocast = torch.autocast(_device(model).type, dtype=torch.bfloat16,
                               enabled=config.precision == "bfloat16")
     labels = list(range(len(facts))) if groups is None else list(groups)
-    members: dict[Hashable, list[int]] = {}
-    for i, label in enumerate(labels):
-        members.setdefault(label, []).append(i)
     out = torch.empty(len(facts), 0)
     bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=not progress)
-    for batch in _pack(list(members.values()), config.batch_size):
-        order = [i for group in batch for i in group]
-        dense = [g for g, group in enumerate(batch) for _ in group]
+    for batch in pack_groups(labels, config.batch_size):
+        dense = {label: g for g, label in enumerate(dict.fromkeys(labels[i] for i in batch))}
+        groups_of = [dense[labels[i]] for i in batch]
         with autocast:
-            deltas = _optimize(model, tokenizer, [facts[i] for i in order], dense, layer,
+            deltas = _optimize(model, tokenizer, [facts[i] for i in batch], groups_of, layer,
                                prefixes, config)
         if out.shape[1] == 0:
             out = torch.empty(len(facts), deltas.shape[1])
-        out[order] = deltas[dense]
-        bar.update(len(order))
+        out[batch] = deltas[groups_of]
+        bar.update(len(batch))
     bar.close()
     return out
 
 
-def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:
-    """Whole groups into batches of about ``size`` facts (a larger group is a batch of its own)."""
-    batches: list[list[list[int]]] = [[]]
-    count = 0
-    for group in groups:
-        if batches[-1] and count + len(group) > size:
+def pack_groups(labels: Sequence[Hashable], size: int) -> list[list[int]]:
+    """Indices of ``labels`` in batches of about ``size``, keeping equal labels together
+    (a group larger than ``size`` is a batch of its own); groups in order of appearance."""
+    members: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    batches: list[list[int]] = []
+    for group in members.values():
+        if not batches or (batches[-1] and len(batches[-1]) + len(group) > size):
             batches.append([])
-            count = 0
-        batches[-1].append(group)
-        count += len(group)
-    return batches if batches[0] else []
+        batches[-1].extend(group)
+    return batches
 
 
 class _SuffixRunner:

@@ -49,7 +49,9 @@ class NeuralDBConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         data = dict(data)
-        data["compute"] = ComputeConfig(**data.get("compute", {}))
+        # databases written before these settings existed edit as the paper does
+        compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], **data.get("compute", {})}
+        data["compute"] = ComputeConfig(**compute)
         return cls(**data)
 
     @classmethod

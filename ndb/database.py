@@ -16,8 +16,9 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ from ndb.compute import (
     compute_keys,
     compute_residuals,
     context_prefixes,
+    pack_groups,
 )
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
+from ndb.errors import FactError, FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
@@ -66,6 +68,43 @@ def fingerprint(model: nn.Module, layer: int) -> str:
 
 def model_name(model: nn.Module) -> str:
     return str(getattr(model.config, "name_or_path", "") or DEFAULT_MODEL)
+
+
+class AddResult(list):
+    """What :meth:`NeuralDB.add` did. As a list: the ids of the facts it added, in input
+    order. ``skipped``: the stored ids of input facts the database already held; ``updated``:
+    the ids of stored facts re-edited (``update=True``)."""
+
+    def __init__(self, added: Iterable[int] = (), skipped: Iterable[int] = (),
+                 updated: Iterable[int] = ()):
+        super().__init__(added)
+        self.skipped = list(skipped)
+        self.updated = list(updated)
+
+
+def _unique(facts: list[Fact]) -> list[Fact]:
+    """``facts`` without repeats (same edit and key); a key naming two edits is refused."""
+    by_key: dict[str, Fact] = {}
+    seen: set[tuple] = set()
+    unique = []
+    for fact in facts:
+        if fact.key is not None and by_key.setdefault(fact.key, fact).edit != fact.edit:
+            raise FactError(f"key {fact.key!r} is given to two different facts "
+                            f"({by_key[fact.key].text!r} and {fact.text!r})")
+        if (fact.edit, fact.key) not in seen:
+            seen.add((fact.edit, fact.key))
+            unique.append(fact)
+    return unique
+
+
+def _as_fact_id(value: Any) -> int:
+    """A database id: an integer that fits the int64 ids of the store."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"fact ids are integers (the database's ids), got {value!r}; "
+                         "a fact's own key is a string")
+    if not np.iinfo(np.int64).min <= int(value) <= np.iinfo(np.int64).max:
+        raise FactNotFoundError(f"no fact with id {value} (ids are 64-bit integers)")
+    return int(value)
 
 
 class NeuralDB:
@@ -188,22 +227,38 @@ class NeuralDB:
                            for i, r in zip(self.store.entries.ids, records)}
         return self._facts
 
-    def get(self, fact_id: int) -> Fact:
+    def get(self, id_or_key: int | str) -> Fact:
+        """The fact with this database id (int) or key (str)."""
+        return self.facts()[self.resolve(id_or_key)]
+
+    def resolve(self, id_or_key: int | str) -> int:
+        """The database id of the fact with this database id (int) or key (str)."""
+        if isinstance(id_or_key, str):
+            return self.id_of(id_or_key)
+        fact_id = _as_fact_id(id_or_key)
+        if fact_id not in self.facts():
+            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}")
+        return fact_id
+
+    def id_of(self, key: str) -> int:
+        """The database id of the fact whose key is ``key``."""
         try:
-            return self.facts()[int(fact_id)]
+            return self._ids_by_key()[key]
         except KeyError:
-            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}") from None
+            raise FactNotFoundError(f"no fact with key {key!r} in {self.path}") from None
+
+    def _ids_by_key(self) -> dict[str, int]:
+        return {f.key: i for i, f in self.facts().items() if f.key is not None}
 
     def lookup(self, facts: Iterable[Fact]) -> list[int]:
         """Ids of facts stored with the same subject, prompt and new object, in order."""
-        by_edit = {(f.subject, f.prompt, f.target_new): i for i, f in self.facts().items()}
+        by_edit = {f.edit: i for i, f in self.facts().items()}
         ids = []
         for fact in facts:
-            key = (fact.subject, fact.prompt, fact.target_new)
-            if key not in by_edit:
+            if fact.edit not in by_edit:
                 raise FactNotFoundError(f"{self.path} holds no edit {fact.text!r} -> "
                                         f"{fact.target_new!r}")
-            ids.append(by_edit[key])
+            ids.append(by_edit[fact.edit])
         return ids
 
     def find(self, subject: str) -> list[int]:
@@ -217,47 +272,113 @@ class NeuralDB:
         model: nn.Module | None = None,
         tokenizer=None,
         *,
+        update: bool = False,
         skip_existing: bool = False,
         progress: bool = False,
         commit_each_batch: bool = False,
-    ) -> list[int]:
-        """Compute keys and residuals of ``facts`` and commit them; returns their new ids.
+    ) -> AddResult:
+        """Compute keys and residuals of ``facts`` and commit them; returns an
+        :class:`AddResult`: the new ids (a list, in input order), and the ids of the facts
+        skipped or updated.
 
-        All facts are committed at once at the end, so an add that fails or is interrupted
+        A fact the database already holds (same subject, prompt and new object, and the
+        same key; a fact without a key matches a stored fact whatever its key) is skipped,
+        and so is a repeat within ``facts``. A fact whose key is stored with another edit is
+        refused, unless ``update``: then it is re-edited under its id. With
+        ``skip_existing`` a keyed fact whose edit is stored under another key (or none) is
+        skipped too. Nothing is written when a fact is refused.
+
+        Everything is committed at once at the end, so an add that fails or is interrupted
         commits nothing. With ``commit_each_batch`` each batch (``compute.batch_size``
         facts) is committed as soon as it is computed, so an interrupted add keeps what was
-        done; with ``skip_existing`` facts already in the database (same subject, prompt
-        and new object) are skipped: together they make re-running an interrupted build
-        resume it (``ndb build --resume``).
+        done and, with ``skip_existing``, re-running it resumes it (``ndb build --resume``).
+        Stored facts about the subjects of ``facts`` are re-edited along with them when
+        residuals are per subject (``ComputeConfig.residual_scope``).
         """
-        facts = as_facts(facts)
+        facts = _unique(as_facts(facts))
         model, tokenizer = self._require_model(model, tokenizer)
         with self.store.writing():
             self.refresh()
-            existing = self.facts()
-            if skip_existing:
-                have = {(f.subject, f.prompt, f.target_new) for f in existing.values()}
-                facts = [f for f in facts if (f.subject, f.prompt, f.target_new) not in have]
-            taken = {f.id: i for i, f in existing.items() if f.id is not None}
-            for f in facts:
-                if f.id is not None and f.id in taken:
-                    raise ValueError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
-                                     f"in {self.path}; use update() or remove it first")
-            return self._write(facts, model, tokenizer, ids=None, progress=progress,
-                               commit_each_batch=commit_each_batch)
+            new, changed, skipped = self._sort_out(facts, update, skip_existing)
+            edits = [*changed, *((None, f) for f in new)]
+            ids = self._write(edits, (), model, tokenizer, progress, commit_each_batch)
+        return AddResult(ids[len(changed):], skipped, ids[: len(changed)])
 
-    def update(self, fact_id: int, fact: Fact | dict, model: nn.Module | None = None,
-               tokenizer=None) -> None:
-        """Re-edit fact ``fact_id`` (its id stays the same)."""
+    def _sort_out(self, facts: list[Fact], update: bool, skip_existing: bool
+                  ) -> tuple[list[Fact], list[tuple[int, Fact]], list[int]]:
+        """Split unique ``facts`` into new ones, (stored id, fact) to re-edit, and the
+        stored ids of those already held; refuses a stored key with another edit."""
+        stored, by_key = self.facts(), self._ids_by_key()
+        by_edit: dict[tuple, int] = {}
+        for fact_id, fact in stored.items():
+            by_edit.setdefault(fact.edit, fact_id)
+        new, changed, skipped = [], [], []
+        for fact in facts:
+            fact_id = by_key.get(fact.key) if fact.key is not None else None
+            if fact_id is None:
+                if (fact.key is None or skip_existing) and fact.edit in by_edit:
+                    skipped.append(by_edit[fact.edit])
+                else:
+                    new.append(fact)
+            elif stored[fact_id] == fact or (not update and stored[fact_id].edit == fact.edit):
+                skipped.append(fact_id)
+            elif update:
+                changed.append((fact_id, fact))
+            else:
+                raise FactError(
+                    f"key {fact.key!r} is already used by fact {fact_id} "
+                    f"({stored[fact_id].text!r} -> {stored[fact_id].target_new!r}) in "
+                    f"{self.path}; to re-edit it, add with update=True (ndb add --update)")
+        return new, changed, skipped
+
+    def update(self, id_or_key: int | str, fact: Fact | dict, model: nn.Module | None = None,
+               tokenizer=None) -> int:
+        """Re-edit the fact with this database id (int) or key (str) as ``fact``; its id
+        stays the same, and so does its key unless ``fact`` brings another. Returns the id."""
         (fact,) = as_facts([fact])
         model, tokenizer = self._require_model(model, tokenizer)
         with self.store.writing():
             self.refresh()
-            self.get(fact_id)
-            self._write([fact], model, tokenizer, ids=np.array([fact_id]), progress=False)
+            fact_id = self.resolve(id_or_key)
+            stored_key = self.facts()[fact_id].key
+            if fact.key is None:
+                fact = replace(fact, key=stored_key)
+            elif fact.key != stored_key and fact.key in self._ids_by_key():
+                raise FactError(f"key {fact.key!r} is already used by fact "
+                                f"{self.id_of(fact.key)} in {self.path}")
+            self._write([(fact_id, fact)], (), model, tokenizer, False, False)
+        return fact_id
 
-    def remove(self, ids: Iterable[int]) -> None:
-        ids = np.unique(np.asarray(list(ids), dtype=np.int64))
+    def update_by_key(self, facts: Iterable[Fact | dict], model: nn.Module | None = None,
+                      tokenizer=None, *, progress: bool = False) -> AddResult:
+        """Re-edit stored facts from ``facts``, each of which carries the key of a stored
+        fact (checked for all before anything changes); identical ones are skipped."""
+        facts = _unique(as_facts(facts))
+        with self.store.writing():
+            self.refresh()
+            for fact in facts:
+                if fact.key is None:
+                    raise FactError(f"{fact.text!r} -> {fact.target_new!r} has no key: "
+                                    "an update names the stored fact by its key")
+                self.id_of(fact.key)
+            return self.add(facts, model, tokenizer, update=True, progress=progress)
+
+    def mates(self, ids: Iterable[int]) -> list[int]:
+        """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``:
+        those about the same subject when residuals are per subject, else none. Removing
+        or re-editing ``ids`` re-optimizes theirs, which needs the model."""
+        if self.config.compute.residual_scope != "subject":
+            return []
+        stored, ids = self.facts(), set(ids)
+        subjects = {stored[i].subject for i in ids if i in stored}
+        return sorted(i for i, f in stored.items() if f.subject in subjects and i not in ids)
+
+    def remove(self, ids: Iterable[int], model: nn.Module | None = None, tokenizer=None,
+               *, progress: bool = False) -> None:
+        """Remove the facts with these database ids (all of them, or none if one is absent).
+        Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
+        without it in the same commit; that needs the model (given, or attached)."""
+        ids = np.unique(np.array([_as_fact_id(i) for i in ids], dtype=np.int64))
         if len(ids) == 0:
             return
         with self.store.writing():
@@ -268,8 +389,15 @@ class NeuralDB:
                 raise FactNotFoundError(
                     f"no fact with id {err.args[0]} in {self.path}; nothing was removed"
                 ) from None
-            self.store.delete(ids)
-            self.refresh()
+            if self.mates(ids.tolist()):
+                model, tokenizer = self._require_model(model, tokenizer)
+            self._write([], ids.tolist(), model, tokenizer, progress, False)
+
+    def remove_keys(self, keys: Iterable[str]) -> list[int]:
+        """Remove the facts with these keys (all of them, or none if one is unknown)."""
+        ids = [self.id_of(key) for key in keys]
+        self.remove(ids)
+        return ids
 
     def remove_subject(self, subject: str) -> list[int]:
         ids = self.find(subject)
@@ -340,38 +468,52 @@ class NeuralDB:
         )
         return [int(i) for i in written]
 
-    def _write(self, facts: list[Fact], model, tokenizer, ids, progress: bool,
-               commit_each_batch: bool = False) -> list[int]:
-        self._check_model(model)
-        written: list[int] = []
-        with tqdm(total=len(facts), desc="edit", unit="fact", disable=not progress) as bar, \
-                self._all_hooks_disabled(model):
-            batches = self._computed_batches(facts, model, tokenizer, ids)
-            if commit_each_batch:
-                for part, *vectors in batches:
-                    with self.store.appending() as pending:
-                        written.extend(self._stage(pending, part, *vectors))
-                    bar.update(len(part))
-            else:
-                with self.store.appending() as pending:
-                    for part, *vectors in batches:
-                        written.extend(self._stage(pending, part, *vectors))
-                        bar.update(len(part))
+    def _write(self, edits: list[tuple[int | None, Fact]], removed: Sequence[int], model,
+               tokenizer, progress: bool, commit_each_batch: bool) -> list[int]:
+        """Commit ``edits`` ((stored id to re-edit, or None for a new fact; the fact)) and the
+        removal of ``removed``, re-editing the stored facts that share a residual with any of
+        them (:meth:`mates`); returns the ids of ``edits`` in order."""
+        stored = self.facts()
+        touched = {*removed, *(i for i, _ in edits if i is not None)}
+        subjects = {f.subject for _, f in edits} | {stored[i].subject for i in touched}
+        mates = [(i, f) for i, f in stored.items() if i not in touched and f.subject in subjects
+                 and self.config.compute.residual_scope == "subject"]
+        next_id = self.store.manifest.next_id
+        ids = []
+        for fact_id, _ in edits:
+            ids.append(next_id if fact_id is None else fact_id)
+            next_id += fact_id is None
+        todo = [*zip(ids, (f for _, f in edits)), *mates]
+        if todo:
+            self._check_model(model)
+        with tqdm(total=len(todo), desc="edit", unit="fact", disable=not progress) as bar, \
+                self._all_hooks_disabled(model), self.store.appending() as pending:
+            if len(removed):
+                pending.delete(np.asarray(removed, np.int64))
+            for part, keys, residuals in self._computed_batches(todo, model, tokenizer):
+                self._stage(pending, [f for _, f in part], keys, residuals,
+                            np.array([i for i, _ in part], np.int64))
+                bar.update(len(part))
+                if commit_each_batch:
+                    self.store.commit_now(pending)
         self.refresh()
-        return written
+        return ids
 
-    def _computed_batches(self, facts: list[Fact], model, tokenizer, ids
-                          ) -> Iterator[tuple[list[Fact], torch.Tensor, torch.Tensor, Any]]:
-        """(facts, keys, residuals, ids or None) of each batch, computed as it is asked for."""
+    def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer
+                          ) -> Iterator[tuple[list[tuple[int, Fact]], torch.Tensor, torch.Tensor]]:
+        """(id and fact, keys, residuals) of each batch of whole groups (facts sharing a
+        residual), computed as it is asked for."""
         cfg = self.config
-        chunk = max(cfg.compute.batch_size, 1)
-        for start in range(0, len(facts), chunk):
-            part = facts[start : start + chunk]
-            keys = compute_keys(model, tokenizer, part, cfg.layer, cfg.prefixes,
+        per_subject = cfg.compute.residual_scope == "subject"
+        labels = [f.subject if per_subject else n for n, (_, f) in enumerate(todo)]
+        for batch in pack_groups(labels, max(cfg.compute.batch_size, 1)):
+            part = [todo[n] for n in batch]
+            facts = [f for _, f in part]
+            keys = compute_keys(model, tokenizer, facts, cfg.layer, cfg.prefixes,
                                 split=cfg.compute.keys_per_fact > 1)
-            residuals = compute_residuals(model, tokenizer, part, cfg.layer, cfg.prefixes,
-                                          cfg.compute)
-            yield part, keys, residuals, None if ids is None else ids[start : start + chunk]
+            residuals = compute_residuals(model, tokenizer, facts, cfg.layer, cfg.prefixes,
+                                          cfg.compute, groups=[labels[n] for n in batch])
+            yield part, keys, residuals
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:

@@ -24,13 +24,18 @@ class Fact:
     prompt: str  # holds "{}" where the subject goes
     target_new: str
     target_true: str | None = None
-    id: str | None = None  # the user's own id, if any; the database assigns its own integer ids
+    key: str | None = None  # the user's own unique name for the fact; the database ids are ints
     paraphrases: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # e.g. eval prompts
 
     @property
     def text(self) -> str:
         return self.prompt.format(self.subject)
+
+    @property
+    def edit(self) -> tuple[str, str, str]:
+        """What the fact changes: facts with the same edit (and key) are the same fact."""
+        return (self.subject, self.prompt, self.target_new)
 
     def to_json(self) -> dict[str, Any]:
         record = {k: v for k, v in asdict(self).items() if v not in (None, (), {})}
@@ -45,7 +50,7 @@ class Fact:
             prompt=record["prompt"],
             target_new=record["target_new"],
             target_true=record.get("target_true"),
-            id=record.get("id"),
+            key=_user_key(record, "key", "id"),  # stored before keys existed: "id"
             paraphrases=tuple(record.get("paraphrases", ())),
             extra=dict(record.get("extra", {})),
         )
@@ -77,6 +82,20 @@ def validate(fact: Fact, where: str) -> Fact:
     return fact
 
 
+def _user_key(record: dict[str, Any], *fields: str) -> str | None:
+    """The first of ``fields`` present in ``record`` (null: no key), as a key: a string (an
+    integer, e.g. a dataset's case_id, becomes its decimal string)."""
+    for name in fields:
+        if name in record:
+            value = record[name]
+            if value is None or isinstance(value, str):
+                return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+            raise ValueError(f"'{name}' must be a string or an integer, got {value!r}")
+    return None
+
+
 def _from_plain(record: dict[str, Any]) -> Fact:
     missing = [k for k in ("subject", "prompt", "target_new") if k not in record]
     if missing:
@@ -84,14 +103,18 @@ def _from_plain(record: dict[str, Any]) -> Fact:
     paraphrases = record.get("paraphrases") or ()
     if isinstance(paraphrases, str):
         paraphrases = (paraphrases,)
-    ident = record.get("id")
+    extra = record.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"'extra' must be an object, got {extra!r}")
     return Fact(
         subject=record["subject"],
         prompt=record["prompt"],
         target_new=record["target_new"],
         target_true=record.get("target_true"),
-        id=None if ident is None else str(ident),
+        # a record with a "key" field (e.g. from 'ndb list --json') never reads "id" as a key
+        key=_user_key(record, "key", "id"),
         paraphrases=tuple(paraphrases),
+        extra=dict(extra),
     )
 
 
@@ -114,13 +137,12 @@ def _from_counterfact(record: dict[str, Any]) -> Fact:
                        ("target_new_id", _target_id(rw["target_new"]))):
         if value:
             extra[key] = value
-    ident = record.get("case_id", record.get("id"))
     return Fact(
         subject=rw["subject"],
         prompt=rw["prompt"],
         target_new=_target(rw["target_new"]),
         target_true=_target(rw["target_true"]) if "target_true" in rw else None,
-        id=None if ident is None else str(ident),
+        key=_user_key(record, "case_id", "id"),
         paraphrases=tuple(record.get("paraphrase_prompts", ())),
         extra=extra,
     )
@@ -135,13 +157,12 @@ def _from_zsre(record: dict[str, Any]) -> Fact:
         raise KeyError("alt")
     true = record.get("answers", [None])[0] if record.get("alt") else None
     rephrase = record.get("rephrase")
-    ident = record.get("case_id", record.get("id"))
     return Fact(
         subject=subject,
         prompt=question.replace(subject, "{}", 1),
         target_new=answer,
         target_true=true if true != answer else None,
-        id=None if ident is None else str(ident),
+        key=_user_key(record, "case_id", "id"),
         paraphrases=(rephrase,) if rephrase else (),
         extra={k: record[k] for k in ("loc", "loc_ans") if k in record},
     )
@@ -194,12 +215,11 @@ def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
     facts = [parse_record(record, where) for where, record in _records(text, name)]
     seen: dict[str, int] = {}
     for i, fact in enumerate(facts):
-        if fact.id is not None:
-            if fact.id in seen:
-                raise FactError(
-                    f"{name}: duplicate id {fact.id!r} (records {seen[fact.id] + 1} and {i + 1})"
-                )
-            seen[fact.id] = i
+        if fact.key is not None:
+            first = seen.setdefault(fact.key, i)
+            if facts[first].edit != fact.edit:
+                raise FactError(f"{name}: key {fact.key!r} names two different facts "
+                                f"(records {first + 1} and {i + 1})")
     if not facts:
         raise FactError(f"{name}: no facts found")
     return facts

@@ -526,6 +526,13 @@ class Store:
                 self._commit(pending)
                 self._maybe_compact()
 
+    def commit_now(self, pending: Pending) -> None:
+        """Commit what ``pending`` holds so far (inside ``appending``), and go on with it
+        empty: for long writes that keep their progress (``ndb build --resume``)."""
+        if pending.written:
+            self._commit(pending)
+            pending.__init__(self)
+
     def _commit(self, pending: Pending, *, compacted: bool = False) -> None:
         if self._lock_fd is None:
             raise StoreError("internal error: commit without the writer lock")
@@ -568,12 +575,8 @@ class Store:
             return pending.append(keys, residuals, facts, ids, key_scores)
 
     def delete(self, ids: np.ndarray) -> None:
-        with self.writing():
-            self.entries.locate(ids)  # every id must exist
-            with self.appending() as pending:
-                ids = np.asarray(ids, np.int64)
-                pending.add_segment({"ids": ids,
-                                     "seq": np.full(len(ids), pending.version, np.int64)})
+        with self.appending() as pending:
+            pending.delete(ids)
 
     def _maybe_compact(self) -> None:
         if len(self.manifest.segments) > COMPACT_SEGMENTS:
@@ -632,6 +635,12 @@ class Pending:
                            else key_scores.astype(np.float16)),
         })
         return ids
+
+    def delete(self, ids: np.ndarray) -> None:
+        """Remove entries (every id must be live)."""
+        ids = np.asarray(ids, np.int64)
+        self.store.entries.locate(ids)
+        self.add_segment({"ids": ids, "seq": np.full(len(ids), self.version, np.int64)})
 
     def add_segment(self, datasets: dict[str, np.ndarray]) -> None:
         name = f"seg-{self.version:08d}-{len(self.written):04d}.h5"

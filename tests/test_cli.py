@@ -62,7 +62,7 @@ def test_add_and_remove(built, tmp_path):
     (("remove", "{db}", "42"), "no fact with id 42"),
     (("remove", "{db}", "--subject", "Nobody"), "no fact about subject 'Nobody'"),
     (("add", "{db}", "{bad}"), "line 1: 'prompt' must contain exactly one '{}'"),
-    (("add", "{db}", "{dup}"), "fact id 'a' is already used"),
+    (("add", "{db}", "{dup}"), "key 'a' is already used"),
     (("add", "{db}", "{missing}"), "no such file"),
     (("build", "{good}", "-o", "{db}"), "already exists"),
     (("info", "{nodb}"), "not a fact database"),
@@ -146,3 +146,92 @@ def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model
     assert {p.name: p.read_bytes() for p in tiny_model_dir.glob("*.safetensors")} == weights
     assert run("eval", str(facts), "--model", str(tiny_model_dir), "--methods",
                "rome").exit_code != 0
+
+
+def listed(db):
+    result = run("list", str(db), "--json")
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_list_shows_ids_and_keys_apart_and_remove_takes_either(built, tmp_path):
+    rome = write_jsonl(tmp_path / "rome.jsonl", [  # a key that looks like another fact's id
+        {"subject": "Rome", "prompt": "{} is the capital of", "target_new": "Peru", "id": "1"}])
+    assert run("add", str(built), str(rome)).exit_code == 0
+    rows = {r["subject"]: r for r in listed(built)}
+    assert (rows["Rome"]["id"], rows["Rome"]["key"]) == (3, "1")
+    assert (rows["Paris"]["id"], rows["Paris"]["key"]) == (0, "a")
+    assert "[key 1]" in run("list", str(built)).stdout
+    assert run("remove", str(built), str(rows["Rome"]["id"])).exit_code == 0
+    assert [r["subject"] for r in listed(built)] == ["Paris", "Lionel Messi", "Toyota"]
+    assert run("remove", str(built), "--key", "b").exit_code == 0
+    assert [r["key"] for r in listed(built)] == ["a", "c"]
+
+
+def test_remove_resolves_everything_before_removing(built):
+    before = snapshot(built)
+    for args, message in [
+        (("99999999999999999999",), "no fact with id 99999999999999999999"),
+        (("b",), "to remove by key: --key b"),
+        (("0", "--key", "nope"), "no fact with key 'nope'"),
+        (("0", "--key", "a", "7"), "no fact with id 7"),
+    ]:
+        result = run("remove", str(built), *args)
+        assert result.exit_code != 0 and message in result.output
+        assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    assert snapshot(built) == before
+
+
+def test_adding_the_same_facts_again_skips_them(built, tmp_path):
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS + [
+        {"subject": "Oslo", "prompt": "{} is the capital of", "target_new": "Chile"}] * 2)
+    result = run("add", str(built), str(facts))
+    assert result.exit_code == 0, result.output
+    assert "added 1 facts (ids 3); skipped 3 already stored (ids 0-2); 4 in total" in result.output
+    result = run("add", str(built), str(facts))
+    assert "added 0 facts (ids none); skipped 4 already stored (ids 0-3)" in result.output
+    assert len(NeuralDB(built)) == 4
+
+
+def test_add_update_and_the_update_command_re_edit_under_the_same_id(built, tmp_path):
+    moved = write_jsonl(tmp_path / "moved.jsonl", [{**FACTS[0], "target_new": "Chile"}])
+    result = run("add", str(built), str(moved), "--update")
+    assert result.exit_code == 0, result.output
+    assert "updated 1 (ids 0)" in result.output
+    assert NeuralDB(built).get("a").target_new == "Chile" and len(NeuralDB(built)) == 3
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [
+        {**FACTS[1], "target_new": "golf"}, {**FACTS[2], "key": "zz"}])
+    before = snapshot(built)
+    result = run("update", str(built), str(unknown))
+    assert result.exit_code != 0 and "no fact with key 'zz'" in result.output
+    assert snapshot(built) == before
+    golf = write_jsonl(tmp_path / "golf.jsonl", [{**FACTS[1], "target_new": "golf"}])
+    result = run("update", str(built), str(golf))
+    assert result.exit_code == 0 and "updated 1 (ids 1)" in result.output
+    assert NeuralDB(built).get(1).target_new == "golf"
+
+
+def test_list_json_feeds_build_and_add_losslessly(built, tmp_path, tiny_model_dir):
+    counterfact = write_jsonl(tmp_path / "cf.jsonl", [{
+        "case_id": 900000, "requested_rewrite": {
+            "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+            "relation_id": "P103", "target_new": {"str": "English"},
+            "target_true": {"str": "French"}},
+        "paraphrase_prompts": ["Danielle Darrieux speaks"],
+        "neighborhood_prompts": ["The mother tongue of Léon Blum is"]}])
+    assert run("add", str(built), str(counterfact)).exit_code == 0
+    original = listed(built)
+    assert original[-1]["key"] == "900000" and original[-1]["extra"]["relation_id"] == "P103"
+    text = "".join(json.dumps(r) + "\n" for r in original)
+    copy = tmp_path / "copy"
+    result = run("build", "-", "-o", str(copy), "--model", str(tiny_model_dir), "--layer", "1",
+                 input=text)
+    assert result.exit_code == 0, result.output
+    assert listed(copy) == original
+    part = tmp_path / "part"
+    first = write_jsonl(tmp_path / "first.jsonl", FACTS[:1])
+    assert run("build", str(first), "-o", str(part), "--model", str(tiny_model_dir),
+               "--layer", "1").exit_code == 0
+    result = run("add", str(part), "-", input=text)
+    assert result.exit_code == 0 and "skipped 1 already stored (ids 0)" in result.output
+    assert listed(part) == original

@@ -150,11 +150,11 @@ def test_same_weights_in_bfloat16_have_the_same_fingerprint(db, llama):
 
 
 def test_duplicate_user_id_changes_nothing(db):
-    first = Fact("Rome", "{} is in", "Peru", "Italy", id="r1")
+    first = Fact("Rome", "{} is in", "Peru", "Italy", key="r1")
     db.add([first])
     n = len(db)
-    with pytest.raises(ValueError, match="'r1' is already used"):
-        db.add([Fact("Oslo", "{} is in", "Peru", "Norway", id="r1")])
+    with pytest.raises(ValueError, match="key 'r1' is already used"):
+        db.add([Fact("Oslo", "{} is in", "Peru", "Norway", key="r1")])
     assert len(db) == n
 
 

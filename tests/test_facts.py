@@ -30,7 +30,7 @@ def test_three_formats_parse(tmp_path):
     plain, cf, zsre = facts
     assert plain == Fact("Paris", "{} is the capital of", "Italy", "France", "p1",
                          ("The city of {} is in",))
-    assert (cf.subject, cf.target_new, cf.target_true, cf.id) == (
+    assert (cf.subject, cf.target_new, cf.target_true, cf.key) == (
         "Danielle Darrieux", "English", "French", "7")
     assert cf.extra["neighborhood_prompts"] == ["The mother tongue of Léon Blum is"]
     assert zsre.prompt == "What university did {} attend?"
@@ -82,10 +82,12 @@ def test_unreadable_inputs(tmp_path):
         read_facts(empty)
 
 
-def test_duplicate_ids_are_refused():
+def test_a_key_naming_two_facts_is_refused_and_repeats_are_not():
     text = "\n".join(json.dumps(PLAIN) for _ in range(2))
-    with pytest.raises(FactError, match="duplicate id 'p1'"):
-        parse_facts(text, "f.jsonl")
+    assert len(parse_facts(text, "f.jsonl")) == 2  # the database adds a repeat once
+    other = {**PLAIN, "subject": "Rome"}
+    with pytest.raises(FactError, match="key 'p1' names two different facts"):
+        parse_facts(f"{json.dumps(PLAIN)}\n{json.dumps(other)}", "f.jsonl")
 
 
 def test_stdin(monkeypatch):
