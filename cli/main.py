@@ -268,11 +268,12 @@ def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, se
     """Choose the layer and gamma for a model on DEVSET (CounterFact-schema facts with
     paraphrases and neighborhood prompts); later builds with this model use them."""
     from ndb.baselines.stats import read_texts
-    from ndb.eval.tune import model_texts, save_tuned
+    from ndb.eval.tune import check_dev_facts, model_texts, save_tuned
     from ndb.eval.tune import tune as run_tune
     from ndb.models import num_layers
 
     facts = read_facts(devset)
+    check_dev_facts(facts)
     model, tokenizer = _load(model_name, device)
     depth = num_layers(model)
     tried = _numbers(layers, int) if layers else list(range(1, depth // 2 + 1, 2))

@@ -14,8 +14,10 @@ from ndb.cli.main import cli
 from ndb.compute import ComputeConfig
 from ndb.errors import ModelError, ModelMismatchError
 from ndb.models import (
+    BASELINE_DEFAULTS,
     DEFAULT_MODEL_IDENTITY,
     EDIT_DEFAULTS,
+    baseline_hyper,
     decoder_layers,
     default_edit_settings,
     edit_defaults,
@@ -114,6 +116,7 @@ def test_default_model_gets_the_swept_settings_however_loaded(tmp_path, real_mod
     model, _ = real_model
     assert model_identity(model) == DEFAULT_MODEL_IDENTITY
     assert default_edit_settings(model) == EDIT_DEFAULTS[DEFAULT_MODEL_IDENTITY] == (6, 0.7)
+    assert baseline_hyper(model) == BASELINE_DEFAULTS[DEFAULT_MODEL_IDENTITY]
     copy = tmp_path / "my-smollm2"
     copy.mkdir()
     for file in resolve_model_path(None).iterdir():
@@ -121,6 +124,7 @@ def test_default_model_gets_the_swept_settings_however_loaded(tmp_path, real_mod
     local, _ = load_model(str(copy), dtype="bfloat16")
     assert local.config.name_or_path == str(copy.resolve())
     assert default_edit_settings(local) == (6, 0.7)
+    assert baseline_hyper(local) == BASELINE_DEFAULTS[DEFAULT_MODEL_IDENTITY]
     assert edit_defaults(local).source == "swept for this model"
 
 
@@ -175,20 +179,35 @@ DEV = [
 ]
 
 
-def test_tune_then_build_uses_the_tuned_settings(tmp_path, tiny_model_dir, ndb_home):
+@pytest.fixture
+def fast_compute(monkeypatch):
+    """Every database the commands create computes with the fast test settings."""
+    from ndb import compute, database
+
+    def fast(**kwargs):
+        return ComputeConfig(**{**FAST_COMPUTE, **kwargs})
+
+    monkeypatch.setattr(compute, "ComputeConfig", fast)  # the CLI's build imports it here
+    monkeypatch.setattr(database, "ComputeConfig", fast)  # NeuralDB.create's default
+
+
+def test_tune_then_build_uses_the_tuned_settings(tmp_path, tiny_model_dir, ndb_home,
+                                                 fast_compute):
     records = [counterfact(f, p.format(f.subject), n) for f, p, n in DEV]
     dev = tmp_path / "dev.json"
     dev.write_text(json.dumps(records))
+    generic = tmp_path / "generic.txt"
+    generic.write_text("The weather was mild for the season.\nShe read the letter twice.\n")
     tuned = CliRunner().invoke(cli, ["tune", str(dev), "--model", str(tiny_model_dir),
                                      "--layers", "1,2", "--gammas", "0.6,0.9",
-                                     "--n-text", "4"])
+                                     "--text", str(generic)])
     assert tuned.exit_code == 0, tuned.output
     saved_files = list((ndb_home / "tuned").glob("*.json"))
     assert len(saved_files) == 1 and str(saved_files[0]) in tuned.output
     saved = json.loads(saved_files[0].read_text())
     assert {(r["layer"], r["gamma"]) for r in saved["rows"]} == {(1, 0.6), (1, 0.9), (2, 0.6),
                                                                (2, 0.9)}
-    assert 0 < saved["n_dev"] <= len(DEV)
+    assert 0 < saved["n_dev"] <= len(DEV) and saved["n_text"] == 2
     best = max((r for r in saved["rows"] if r["trigger_rate"] <= 0.001) or saved["rows"],
                key=lambda r: (round(r["score"], 4), r["gamma"]))
     assert (saved["layer"], saved["gamma"]) == (best["layer"], best["gamma"])

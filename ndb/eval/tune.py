@@ -27,6 +27,14 @@ from ndb.store import atomic_write_json
 MAX_TRIGGER = 0.001  # at most one generic token in a thousand may pass the gate
 
 
+def check_dev_facts(facts: Sequence[Fact]) -> None:
+    """Refuse a dev set that cannot be scored, before anything is computed."""
+    missing = [i + 1 for i, f in enumerate(facts) if not f.target_true]
+    if missing:
+        raise FactError(f"dev fact {missing[0]} has no target_true; tuning compares it with "
+                        f"target_new (CounterFact records have both)")
+
+
 def known_facts(model, tokenizer, facts: Sequence[Fact]) -> list[Fact]:
     """The facts the unedited model gets right (an edit of an unknown fact proves less)."""
     prompts = [f.text for f in facts]
@@ -79,10 +87,7 @@ def tune(model, tokenizer, facts: Sequence[Fact], layers: Sequence[int],
          say: Callable[[str], None] = print) -> dict:
     """Edit the known dev facts at each layer, as `ndb build` would, and score every gamma;
     returns the rows, the chosen one ("best") and the counts behind them."""
-    missing = [i + 1 for i, f in enumerate(facts) if not f.target_true]
-    if missing:
-        raise FactError(f"dev fact {missing[0]} has no target_true; tuning compares it with "
-                        f"target_new (CounterFact records have both)")
+    check_dev_facts(facts)
     dev = known_facts(model, tokenizer, facts)
     if not dev:
         raise FactError(f"the model knows none of the {len(facts)} dev facts (it does not "
