@@ -116,9 +116,10 @@ class NeuralDB:
         residual_dtype: str = "float32",
     ) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`."""
-        default_layer, default_gamma = default_edit_settings(model)
-        layer = default_layer if layer is None else layer
-        gamma = default_gamma if gamma is None else gamma
+        if layer is None or gamma is None:  # defaults are looked up only when needed
+            default_layer, default_gamma = default_edit_settings(model)
+            layer = default_layer if layer is None else layer
+            gamma = default_gamma if gamma is None else gamma
         if not -1.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
