@@ -3,8 +3,9 @@
 Stage 1 tries every layer on a coarse gamma grid, stage 2 the best layer on a fine grid,
 with ndb's two keys per fact and the paper's one. Residuals of the dev facts are computed
 once per layer (cached, so an interrupted sweep resumes); each gamma only changes the gate.
-The score is the mean of efficacy, generalization and specificity (the paper's Figure 1
-average); the rate at which tokens of generic text trigger the gate is reported beside it.
+The score and the selection rule are ndb.eval.tune's (which `ndb tune` runs for any
+model, on the user's dev set): the mean of efficacy, generalization and specificity, best
+among settings whose generic-text trigger rate is at most --max-trigger.
 
     python benchmarks/sweep.py --text ../shared/data/general/lambada_test.jsonl
 """
@@ -18,12 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ndb import NeuralDB, load_model, read_facts
 from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
 from ndb.eval.metrics import counterfact_metrics, summarize
-from ndb.eval.scoring import score_targets
+from ndb.eval.tune import MAX_TRIGGER, choose, known_facts, score_gammas
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,24 +36,6 @@ def generic_texts(path: Path | None, n: int) -> list[str]:
         record = json.loads(line)
         texts.append(record.get("text") or record.get("context", ""))
     return [t for t in texts if t][:n]
-
-
-def known_facts(model, tok, facts):
-    """The dev facts the unedited model gets right (an edit of an unknown fact proves less)."""
-    prompts = [f.text for f in facts]
-    true, _ = score_targets(model, tok, prompts, [f.target_true for f in facts])
-    new, _ = score_targets(model, tok, prompts, [f.target_new for f in facts])
-    return [f for f, t, n in zip(facts, true, new) if t < n]
-
-
-def trigger_rate(model, tok, db, texts: list[str]) -> float:
-    """Fraction of searched tokens of generic text that pass the gate."""
-    stats = db.retrieval.stats
-    stats.searched = stats.hits = 0
-    with torch.no_grad():
-        for text in texts:
-            model(**tok(text, return_tensors="pt", truncation=True, max_length=256))
-    return stats.hits / max(stats.searched, 1)
 
 
 def cached_residuals(cache: Path, layer: int, facts, model, tok, prefixes, config):
@@ -73,13 +55,6 @@ def cached_residuals(cache: Path, layer: int, facts, model, tok, prefixes, confi
     return residuals, saved["seconds_per_fact"] * len(facts)
 
 
-def choose(rows: list[dict], max_trigger: float) -> dict:
-    """Best score among settings that leave generic text alone (trigger rate at most
-    ``max_trigger``); ties go to the higher gamma, which protects unrelated text."""
-    safe = [r for r in rows if r["trigger_rate"] is None or r["trigger_rate"] <= max_trigger]
-    return max(safe or rows, key=lambda r: (round(r["score"], 4), r["gamma"]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", default=str(HERE.parent / "ndb/data/dev_counterfact.json"))
@@ -90,7 +65,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=None,
                     help="JSONL of generic text ({'text': ...}) for the false-trigger rate")
     ap.add_argument("--n-text", type=int, default=100)
-    ap.add_argument("--max-trigger", type=float, default=0.001,
+    ap.add_argument("--max-trigger", type=float, default=MAX_TRIGGER,
                     help="largest acceptable fraction of generic tokens passing the gate")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep")
@@ -120,14 +95,8 @@ def main() -> None:
             db = NeuralDB.create(Path(tmp) / "db", model, tok, layer=layer, compute=compute)
             db.add_vectors(dev, keys, residuals)
             db.attach(model)
-            for gamma in tqdm(gammas, desc=f"layer {layer}, {keys_mode} keys"):
-                db.retrieval.gamma = gamma
-                m = summarize(counterfact_metrics(model, tok, dev))
-                score = (m["efficacy"] + m["generalization"] + m["specificity"]) / 3
-                rows.append({"layer": layer, "keys": keys_mode, "gamma": gamma, **m,
-                             "score": score, "s_per_fact": seconds / len(dev),
-                             "trigger_rate": trigger_rate(model, tok, db, texts)
-                             if texts else None})
+            for row in score_gammas(model, tok, db, dev, gammas, texts):
+                rows.append({**row, "keys": keys_mode, "s_per_fact": seconds / len(dev)})
             db.close()
 
     vectors = {}

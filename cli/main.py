@@ -53,7 +53,12 @@ def _open(db_path: str, model_override: str | None = None, device: str | None = 
     db = NeuralDB.from_pretrained(db_path)
     if not need_model:
         return db, None, None
-    model, tokenizer = _load(model_override or db.config.model_name, device)
+    name = model_override or db.config.model_name
+    if not name:
+        raise click.ClickException(
+            f"{db_path} does not record how to load its model (it was built from a model "
+            f"without a name or path): give --model")
+    model, tokenizer = _load(name, device)
     return db, model, tokenizer
 
 
@@ -67,8 +72,12 @@ def cli() -> None:
 @click.argument("facts")
 @click.option("-o", "--output", "db_path", required=True, help="Database directory to create.")
 @click.option("--model", "model_name", default=None, help="Embedded model name or local HF dir.")
-@click.option("--layer", type=int, default=None, help="Edited layer (default: swept per model).")
-@click.option("--gamma", type=float, default=None, help="Gate threshold on cosine similarity.")
+@click.option("--layer", type=int, default=None,
+              help="Edited layer (default: swept for the default model, or tuned by 'ndb tune'; "
+                   "else a quarter of the model's depth).")
+@click.option("--gamma", type=float, default=None,
+              help="Gate threshold on cosine similarity (default: swept or tuned like --layer, "
+                   "else 0.65).")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Facts optimized together (and committed together).")
@@ -85,6 +94,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
     from ndb.compute import ComputeConfig
     from ndb.database import NeuralDB
+    from ndb.models import edit_defaults
 
     records = read_facts(facts)
     path = Path(db_path)
@@ -96,6 +106,12 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
         db, model, tokenizer = _open(db_path, model_name, device)
     else:
         model, tokenizer = _load(model_name, device)
+        if layer is None or gamma is None:
+            defaults = edit_defaults(model)
+            click.echo(f"default layer {defaults.layer}, gamma {defaults.gamma}: "
+                       f"{defaults.source}", err=True)
+            layer = defaults.layer if layer is None else layer
+            gamma = defaults.gamma if gamma is None else gamma
         compute = ComputeConfig(precision=precision)
         if batch_size:
             compute.batch_size = batch_size
@@ -273,10 +289,66 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
             result["unedited"] = complete(model, tokenizer, prompt, max_new_tokens, chat)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
+    elif chat:  # an answer, not a continuation: each on its own line(s) after the prompt
+        click.echo(f"prompt:\n{prompt}")
+        for label in ("edited", "unedited") if compare else ("edited",):
+            click.echo(f"\n{label}:\n{result[label].strip()}")
     else:
         click.echo(f"edited:   {prompt}{result['edited']}")
         if compare:
             click.echo(f"unedited: {prompt}{result['unedited']}")
+
+
+def _numbers(text: str, kind: type) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s")
+    return values
+
+
+@cli.command()
+@click.argument("devset")
+@click.option("--model", "model_name", default=None, help="Embedded model name or local HF dir.")
+@click.option("--layers", default=None,
+              help="Comma-separated layers to try (default: every other one up to half depth).")
+@click.option("--gammas", default="0.6,0.65,0.7,0.75,0.8", show_default=True,
+              help="Comma-separated gate thresholds to try at each layer.")
+@click.option("--text", "text_files", multiple=True,
+              help="Generic text (.txt or JSONL) for the false-trigger rate; default: text "
+                   "the model writes itself.")
+@click.option("--n-text", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--max-trigger", type=click.FloatRange(0, 1), default=0.001, show_default=True,
+              help="Largest acceptable fraction of generic tokens passing the gate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@user_errors
+def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, seed, device):
+    """Choose the layer and gamma for a model on DEVSET (CounterFact-schema facts with
+    paraphrases and neighborhood prompts); later builds with this model use them."""
+    from ndb.baselines.stats import read_texts
+    from ndb.eval.tune import check_dev_facts, model_texts, save_tuned
+    from ndb.eval.tune import tune as run_tune
+    from ndb.models import num_layers
+
+    facts = read_facts(devset)
+    check_dev_facts(facts)
+    model, tokenizer = _load(model_name, device)
+    depth = num_layers(model)
+    tried = _numbers(layers, int) if layers else list(range(1, depth // 2 + 1, 2))
+    texts = (read_texts(text_files)[:n_text] if text_files
+             else model_texts(model, tokenizer, n_text, seed))
+    result = run_tune(model, tokenizer, facts, tried, _numbers(gammas, float), texts,
+                      seed=seed, max_trigger=max_trigger, say=lambda m: click.echo(m, err=True))
+    path = save_tuned(model, result)
+    best = result["best"]
+    trigger = "-" if best["trigger_rate"] is None else f"{best['trigger_rate']:.4f}"
+    click.echo(f"layer {best['layer']}, gamma {best['gamma']}: score {best['score']:.3f} "
+               f"(efficacy {best['efficacy']:.3f}, paraphrase {best['generalization']:.3f}, "
+               f"neighborhood {best['specificity']:.3f}, generic trigger rate {trigger}) on "
+               f"{result['n_dev']} known dev facts; saved to {path}")
 
 
 @cli.command(name="eval")

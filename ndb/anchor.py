@@ -44,7 +44,8 @@ def anchor_tokenizer(tokenizer):
     """Make ``tokenizer(text)`` start with the anchor token (in place); returns the tokenizer.
 
     Chat templates, which tokenize with ``add_special_tokens=False``, are unaffected: they
-    already start with a fixed token of their own.
+    already start with a fixed token of their own. ``tokenizer.save_pretrained`` still
+    writes the tokenizer as it was, so a plain reload of it adds no anchor.
     """
     anchor = anchor_token_id(tokenizer)
     tokenizer.ndb_anchor_id = anchor
@@ -53,6 +54,8 @@ def anchor_tokenizer(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; ndb needs one")
+    if not isinstance(tokenizer.save_pretrained, _SaveUnanchored):  # not anchored before
+        tokenizer.save_pretrained = _SaveUnanchored(tokenizer, backend.post_processor)
     token = tokenizer.convert_ids_to_tokens(anchor)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{token} $A",
@@ -60,6 +63,38 @@ def anchor_tokenizer(tokenizer):
         special_tokens=[(token, anchor)],
     )
     return tokenizer
+
+
+class _SaveUnanchored:
+    """save_pretrained of an anchored tokenizer: writes the post-processor it had before,
+    so that what it saves reloads without ndb's anchor (a callable object, not a closure,
+    so that the tokenizer still pickles and copies)."""
+
+    def __init__(self, tokenizer, original):
+        self.tokenizer = tokenizer
+        self.original = original
+
+    def __call__(self, *args, **kwargs):
+        backend = self.tokenizer.backend_tokenizer
+        anchored = backend.post_processor
+        backend.post_processor = self.original
+        try:
+            return type(self.tokenizer).save_pretrained(self.tokenizer, *args, **kwargs)
+        finally:
+            backend.post_processor = anchored
+
+
+def fixed_first_ids(anchor: int, tokenizer=None, model=None) -> set[int]:
+    """Token ids an input may start with and still need no anchor: the anchor, and special
+    tokens (a chat template's ``<|im_start|>``), which no subject can be."""
+    ids = {anchor}
+    if tokenizer is not None:
+        ids.update(tokenizer.all_special_ids)
+    config = getattr(model, "config", None)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -33,6 +33,10 @@ class NeuralDBConfig:
     # at least one key per fact; None turns the guard off
     guard_margin: float | None = 0.05
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # fingerprints of the embeddings and of layers 0..layer, all that keys depend on (see
+    # ndb.database.input_fingerprints); empty in databases written before them, which
+    # recorded the edited layer's fingerprint only
+    input_fingerprints: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -49,6 +53,10 @@ class NeuralDBConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         data = dict(data)
+        parts = data.get("input_fingerprints", {})
+        if not (isinstance(parts, dict)
+                and all(isinstance(v, str) for v in [*parts, *parts.values()])):
+            raise ValueError("input_fingerprints must map part names to fingerprint strings")
         # databases written before these settings existed edit as the paper does
         compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)

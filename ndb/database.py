@@ -12,7 +12,6 @@ the model are never changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -28,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ndb import store as store_mod
-from ndb.anchor import anchor_token_id
+from ndb.anchor import anchor_token_id, fixed_first_ids
 from ndb.compute import (
     ComputeConfig,
     background_keys,
@@ -43,31 +42,36 @@ from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
 from ndb.models import (
-    DEFAULT_MODEL,
     decoder_layers,
     default_edit_settings,
+    embedding_params,
     ffn_dims,
     ffn_out_path,
     get_module,
     num_layers,
+    params_fingerprint,
 )
 from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
-    """Hash of the edited layer's weights, rounded to bfloat16 so that the same model in
-    float32, bfloat16 or on another device has the same fingerprint."""
-    digest = hashlib.sha256()
-    for name, param in sorted(decoder_layers(model)[layer].named_parameters()):
-        digest.update(name.encode())
-        rounded = param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
-        digest.update(rounded.tobytes())
-    return digest.hexdigest()[:16]
+    """Hash of one decoder layer's weights (see models.params_fingerprint)."""
+    return params_fingerprint(decoder_layers(model)[layer].named_parameters())
+
+
+def input_fingerprints(model: nn.Module, layer: int) -> dict[str, str]:
+    """Fingerprints of everything a key at ``layer`` depends on: the embeddings and every
+    decoder layer up to and including ``layer``."""
+    parts = {"embeddings": params_fingerprint(embedding_params(model))}
+    for i in range(layer + 1):
+        parts[f"layer {i}"] = fingerprint(model, i)
+    return parts
 
 
 def model_name(model: nn.Module) -> str:
-    return str(getattr(model.config, "name_or_path", "") or DEFAULT_MODEL)
+    """How to load the model again ('' when it has no name or path to load it by)."""
+    return str(getattr(model.config, "name_or_path", None) or "")
 
 
 class AddResult(list):
@@ -147,9 +151,10 @@ class NeuralDB:
         residual_dtype: str = "float32",
     ) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`."""
-        default_layer, default_gamma = default_edit_settings(model)
-        layer = default_layer if layer is None else layer
-        gamma = default_gamma if gamma is None else gamma
+        if layer is None or gamma is None:  # defaults are looked up only when needed
+            default_layer, default_gamma = default_edit_settings(model)
+            layer = default_layer if layer is None else layer
+            gamma = default_gamma if gamma is None else gamma
         if not -1.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
@@ -166,6 +171,7 @@ class NeuralDB:
             model_type=model.config.model_type,
             num_layers=num_layers(model),
             fingerprint=fingerprint(model, layer),
+            input_fingerprints=input_fingerprints(model, layer),
             layer=layer,
             module=module,
             d_key=d_key,
@@ -654,12 +660,20 @@ class NeuralDB:
         elif ffn_dims(model, cfg.layer) != (cfg.d_key, cfg.d_value):
             problems.append(f"FFN dims {ffn_dims(model, cfg.layer)} != "
                             f"{(cfg.d_key, cfg.d_value)}")
+        elif cfg.input_fingerprints:
+            found = input_fingerprints(model, cfg.layer)
+            differ = [part for part, saved in cfg.input_fingerprints.items()
+                      if found.get(part) != saved]
+            if differ:
+                problems.append(f"the weights of {', '.join(differ)} differ")
         elif fingerprint(model, cfg.layer) != cfg.fingerprint:
+            # written before input_fingerprints: only the edited layer was recorded
             problems.append(f"the weights of layer {cfg.layer} differ (fingerprint "
                             f"{fingerprint(model, cfg.layer)} != {cfg.fingerprint})")
         if problems:
+            built_for = repr(cfg.model_name) if cfg.model_name else "a model without a name"
             raise ModelMismatchError(
-                f"{self.path} was built for model {cfg.model_name!r}; this model does not "
+                f"{self.path} was built for {built_for}; this model does not "
                 f"match: {problems[0]}")
 
     def _require_model(self, model, tokenizer):
@@ -684,9 +698,11 @@ class NeuralDB:
             self._index = None
         self._residuals = ResidualCache(self.store, self.config.d_value, device,
                                         self._cache_bytes)
-        self._retrieval = GatedRetrieval(self.index, self._residuals, self.config.gamma,
-                                         self.config.anchor_token_id,
-                                         self.config.compute.keys_per_fact)
+        anchor = self.config.anchor_token_id
+        self._retrieval = GatedRetrieval(
+            self.index, self._residuals, self.config.gamma, anchor,
+            self.config.compute.keys_per_fact,
+            fixed_first_ids(anchor, tokenizer or self._tokenizer, model))
         self._residuals.warm()
         self._retrieval.attach(model.base_model, projection)
         self._model = model

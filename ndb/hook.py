@@ -12,6 +12,7 @@ KV cache, where each call carries only the new tokens and the mask covers them a
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,12 +51,17 @@ class GatedRetrieval:
     """The hooks that put a fact database into a model's forward pass."""
 
     def __init__(self, index: KeyIndex, residuals: ResidualCache, gamma: float,
-                 anchor_id: int | None = None, keys_per_fact: int = 1):
+                 anchor_id: int | None = None, keys_per_fact: int = 1,
+                 fixed_first: Collection[int] = ()):
         self.index = index
         self.keys_per_fact = keys_per_fact  # index ids are fact_id * keys_per_fact + k
         self.residuals = residuals
         self.gamma = gamma
         self.anchor_id = anchor_id
+        # first tokens that need no warning: the anchor, and special tokens such as a chat
+        # template's <|im_start|> (no subject can sit there; see anchor.fixed_first_ids)
+        allowed = {*fixed_first} if anchor_id is None else {anchor_id, *fixed_first}
+        self._fixed_first = torch.tensor(sorted(allowed), dtype=torch.long)
         self.enabled = True
         self.record = False
         self.stats = GateStats()
@@ -89,7 +95,7 @@ class GatedRetrieval:
     def _check_anchor(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         first = mask.int().argmax(1) if mask is not None and mask.dim() == 2 else None
         starts = ids[:, 0] if first is None else ids.gather(1, first[:, None].to(ids.device))[:, 0]
-        if bool((starts != self.anchor_id).any()):
+        if not bool(torch.isin(starts.cpu(), self._fixed_first).all()):
             self._warned = True
             warnings.warn(
                 f"ndb: an input does not start with the anchor token (id {self.anchor_id}); "

@@ -7,10 +7,13 @@ The default model, ``smollm2-135m``, is the GGUF file shipped inside the PyPI pa
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,27 +52,101 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def params_fingerprint(named_params: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hash of parameters rounded to bfloat16, so that the same weights in float32 or
+    bfloat16, on any device, hash the same."""
+    digest = hashlib.sha256()
+    for name, param in sorted(named_params, key=lambda item: item[0]):
+        digest.update(name.encode())
+        rounded = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        digest.update(rounded.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def embedding_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every embedding table that feeds the decoder layers (tokens, and positions where the
+    family has them), i.e. the embeddings outside the decoder layers."""
+    layers = decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    return [(f"{name}.{pname}", p)
+            for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+            for pname, p in module.named_parameters() if id(p) not in inside]
+
+
+def model_identity(model: nn.Module) -> str:
+    """What the same weights share however they were loaded (embedded name, a local copy,
+    another dtype): the architecture, its sizes and the embeddings' fingerprint."""
+    config = model.config
+    shape = (config.model_type, num_layers(model), *ffn_dims(model, 0))
+    embeddings = params_fingerprint(embedding_params(model))
+    return hashlib.sha256(repr((shape, embeddings)).encode()).hexdigest()[:16]
+
+
 # Layer and gate chosen by a sweep on a dev set (benchmarks/sweep.py, results in
-# benchmarks/results/sweep.md); other models start from the paper's proportions.
-EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL: (6, 0.7)}
+# benchmarks/results/sweep.md), by model_identity; other models start from the paper's
+# proportions unless `ndb tune` found better ones (tuned_path).
+DEFAULT_MODEL_IDENTITY = "2676d0564e939ee3"  # smollm2-135m, the embedded default
+EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL_IDENTITY: (6, 0.7)}
 # MEMIT's lambda and AlphaEdit's null-space threshold, tuned for the baselines the same way
 # (benchmarks/baseline_sweep.py; the published values suit GPT-J/Llama-3 key scales)
 BASELINE_DEFAULTS: dict[str, dict[str, float]] = {
-    DEFAULT_MODEL: {"mom2_weight": 3000.0, "null_threshold": 0.05},
+    DEFAULT_MODEL_IDENTITY: {"mom2_weight": 3000.0, "null_threshold": 0.05},
 }
+RULE_GAMMA = 0.65  # the gate for models nobody swept or tuned
+
+
+@dataclass(frozen=True)
+class EditDefaults:
+    layer: int
+    gamma: float
+    source: str  # where they come from, said to the user
+
+
+def tuned_path(identity: str) -> Path:
+    """Where `ndb tune` keeps the (layer, gamma) it chose for a model."""
+    return ndb_home() / "tuned" / f"{identity}.json"
+
+
+def _read_tuned(path: Path, n_layers: int) -> tuple[int, float] | None:
+    try:
+        saved = json.loads(path.read_text())
+        layer, gamma = saved["layer"], saved["gamma"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelError(f"{path}: unreadable tuned settings ({err}); run 'ndb tune' again "
+                         f"or delete it") from None
+    valid = (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < n_layers
+             and isinstance(gamma, (int, float)) and -1.0 <= gamma <= 1.0)
+    if not valid:
+        raise ModelError(f"{path}: layer {layer!r} / gamma {gamma!r} do not fit this model "
+                         f"({n_layers} layers); run 'ndb tune' again or delete it")
+    return layer, float(gamma)
+
+
+def edit_defaults(model: nn.Module) -> EditDefaults:
+    """(layer, gamma) for ``model`` and where they come from: tuned by `ndb tune`, else swept
+    for the models in EDIT_DEFAULTS, else a quarter of the depth and gamma 0.65."""
+    identity = model_identity(model)
+    path = tuned_path(identity)
+    tuned = _read_tuned(path, num_layers(model))
+    if tuned is not None:
+        return EditDefaults(*tuned, f"tuned by 'ndb tune', {path}")
+    if identity in EDIT_DEFAULTS:
+        return EditDefaults(*EDIT_DEFAULTS[identity], "swept for this model")
+    return EditDefaults(max(1, round(0.25 * num_layers(model))), RULE_GAMMA,
+                        "not tuned for this model: a quarter of its depth, gamma 0.65")
 
 
 def default_edit_settings(model: nn.Module) -> tuple[int, float]:
-    """(layer, gamma) for ``model``: swept for known models, else about a quarter deep."""
-    name = str(getattr(model.config, "name_or_path", ""))
-    if name in EDIT_DEFAULTS:
-        return EDIT_DEFAULTS[name]
-    return max(1, round(0.25 * num_layers(model))), 0.65
+    """(layer, gamma) for ``model``; see edit_defaults."""
+    defaults = edit_defaults(model)
+    return defaults.layer, defaults.gamma
 
 
 def baseline_hyper(model: nn.Module) -> dict[str, float]:
     """WeightEditConfig overrides for ``model`` (empty: the papers' published values)."""
-    return dict(BASELINE_DEFAULTS.get(str(getattr(model.config, "name_or_path", "")), {}))
+    return dict(BASELINE_DEFAULTS.get(model_identity(model), {}))
 
 
 def family_of(model: nn.Module) -> Family:

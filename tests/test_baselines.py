@@ -116,13 +116,13 @@ def test_bad_configs():
 
 def test_tuned_hyper_parameters_apply_to_the_default_model_only(llama):
     from ndb.eval.methods import weight_edit_config
-    from ndb.models import BASELINE_DEFAULTS, DEFAULT_MODEL, baseline_hyper
+    from ndb.models import BASELINE_DEFAULTS, DEFAULT_MODEL, DEFAULT_MODEL_IDENTITY, baseline_hyper
 
     model, _ = llama
+    model.config.name_or_path = DEFAULT_MODEL  # the name alone is not the model's identity
     assert baseline_hyper(model) == {}  # a model nobody tuned keeps the published values
     assert weight_edit_config("memit", 3).mom2_weight == WeightEditConfig.mom2_weight
-    named = type("Named", (), {"config": type("C", (), {"name_or_path": DEFAULT_MODEL})()})()
-    tuned = weight_edit_config("alphaedit", 3, **baseline_hyper(named))
-    assert tuned.null_threshold == BASELINE_DEFAULTS[DEFAULT_MODEL]["null_threshold"]
+    tuned = weight_edit_config("alphaedit", 3, **BASELINE_DEFAULTS[DEFAULT_MODEL_IDENTITY])
+    assert tuned.null_threshold == BASELINE_DEFAULTS[DEFAULT_MODEL_IDENTITY]["null_threshold"]
     assert tuned.layers == [0, 1, 2, 3]  # spread ends at the given layer
     assert weight_edit_config("memit-1", 3, mom2_weight=7.0).mom2_weight == 7.0
