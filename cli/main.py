@@ -9,16 +9,16 @@ from functools import wraps
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from ndb.errors import USER_ERRORS as NDB_ERRORS
+from ndb.errors import USER_ERRORS, ConfigError, environment_error
 from ndb.facts import read_facts
-
-# ValueError and OSError too: bad option values and unreadable paths are the user's errors
-USER_ERRORS: tuple[type[BaseException], ...] = (*NDB_ERRORS, ValueError, OSError)
+from ndb.output import check_writable, dumps_strict, write_strict_json
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn expected failures into one line on stderr and a non-zero exit, no traceback."""
+    """Turn ndb's own errors into one line on stderr and a non-zero exit; anything else is
+    a bug and keeps its traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,10 +30,52 @@ def user_errors(fn: Callable) -> Callable:
             click.echo("ndb: interrupted; the database keeps what was committed before", err=True)
             sys.exit(130)
         except USER_ERRORS as err:
-            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-            raise click.ClickException(message) from None
+            raise click.ClickException(_one_line(err)) from None
+        except Exception as err:
+            refused = environment_error(err)
+            if refused is None:
+                raise  # a bug: Python prints the traceback and exits with status 1
+            raise click.ClickException(_one_line(refused)) from None
 
     return wrapper
+
+
+def _one_line(err: BaseException) -> str:
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(message.split())
+
+
+class DeviceType(click.ParamType):
+    """A torch device this machine has, checked before any model is loaded."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)",
+                      param, ctx)
+        if device.type == "cpu":
+            return value
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available"):
+            self.fail(f"{value!r}: ndb does not run on {device.type!r} devices", param, ctx)
+        if not backend.is_available():
+            self.fail(f"{value!r}: this machine's torch {torch.__version__} has no "
+                      f"{device.type} device", param, ctx)
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if device.index is not None and device.index >= count:
+            self.fail(f"{value!r}: there are only {count} {device.type} device(s)", param, ctx)
+        return value
+
+
+DEVICE = DeviceType()
+GAMMA = click.FloatRange(0, 1)  # a cosine threshold; below 0 every key would pass
+SEED = click.IntRange(0, 2**32 - 1)
+BATCH_SIZE = click.IntRange(1, 4096)
 
 
 def _load(name: str | None, device: str | None):
@@ -67,12 +109,13 @@ def cli() -> None:
 @click.argument("facts")
 @click.option("-o", "--output", "db_path", required=True, help="Database directory to create.")
 @click.option("--model", "model_name", default=None, help="Embedded model name or local HF dir.")
-@click.option("--layer", type=int, default=None, help="Edited layer (default: swept per model).")
-@click.option("--gamma", type=float, default=None, help="Gate threshold on cosine similarity.")
-@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
-@click.option("--batch-size", type=click.IntRange(1), default=None,
+@click.option("--layer", type=click.IntRange(0), default=None,
+              help="Edited layer (default: swept per model).")
+@click.option("--gamma", type=GAMMA, default=None, help="Gate threshold on cosine similarity.")
+@click.option("--device", type=DEVICE, default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--batch-size", type=BATCH_SIZE, default=None,
               help="Facts optimized together (and committed together).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--index", "index_kind", default="auto", show_default=True,
               help="Key index backend.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
@@ -84,7 +127,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
           precision, resume):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
     from ndb.compute import ComputeConfig
-    from ndb.database import NeuralDB
+    from ndb.database import NeuralDB, check_creatable, check_index_kind
 
     records = read_facts(facts)
     path = Path(db_path)
@@ -93,8 +136,12 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
             f"{path} already exists; use --resume to finish an interrupted build, "
             f"or 'ndb add {path} FACTS' to add facts")
     if resume and (path / "config.json").is_file():
-        db, model, tokenizer = _open(db_path, model_name, device)
+        db = NeuralDB.from_pretrained(path)
+        _refuse_changed_settings(db)
+        model, tokenizer = _load(model_name or db.config.model_name, device)
     else:
+        check_creatable(path)
+        check_index_kind(index_kind)
         model, tokenizer = _load(model_name, device)
         compute = ComputeConfig(precision=precision)
         if batch_size:
@@ -109,12 +156,35 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
                f"gamma {db.config.gamma}")
 
 
+def _refuse_changed_settings(db) -> None:
+    """A resumed build must finish the database it started: refuse options given on the
+    command line that differ from what the database was built with (the batch size may)."""
+    cfg = db.config
+    stored = {"model_name": cfg.model_name, "layer": cfg.layer, "gamma": cfg.gamma,
+              "seed": cfg.seed, "index_kind": cfg.index, "precision": cfg.compute.precision}
+    ctx = click.get_current_context()
+    options = {p.name: p.opts[-1] for p in ctx.command.params}
+    changed = []
+    for name, have in stored.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT):
+            continue  # not given: the stored value is used
+        value = ctx.params[name]
+        if name == "model_name" and Path(value).expanduser().is_dir():
+            value = str(Path(value).expanduser().resolve())  # as load_model records it
+        if value != have:
+            changed.append(f"{options[name]} {value} (the database has {have})")
+    if changed:
+        raise ConfigError(f"{db.path} was built with other settings, which --resume keeps: "
+                          f"{'; '.join(changed)}")
+
+
 @cli.command()
 @click.argument("db_path", metavar="DB")
 @click.argument("facts")
 @click.option("--model", "model_name", default=None, help="Override the model to load.")
-@click.option("--device", default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--device", type=DEVICE, default=None)
+@click.option("--batch-size", type=BATCH_SIZE, default=None)
 @user_errors
 def add(db_path, facts, model_name, device, batch_size):
     """Add the facts in FACTS to the database DB."""
@@ -183,7 +253,7 @@ def info(db_path, as_json):
         "version": db.store.manifest.version, "disk_bytes": size,
     }
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(dumps_strict(report, indent=2))
     else:
         for key, value in report.items():
             click.echo(f"{key:>14}: {value}")
@@ -192,12 +262,12 @@ def info(db_path, as_json):
 @cli.command()
 @click.argument("db_path", metavar="DB")
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=20, show_default=True)
 @click.option("--compare", is_flag=True, help="Also show the unedited model's answer.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--model", "model_name", default=None)
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @user_errors
 def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
     """Complete PROMPT with the database attached (greedy decoding)."""
@@ -211,7 +281,7 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
         with db.disabled():
             result["unedited"] = complete(model, tokenizer, prompt, max_new_tokens, chat)
     if as_json:
-        click.echo(json.dumps(result, ensure_ascii=False))
+        click.echo(dumps_strict(result, ensure_ascii=False))
     else:
         click.echo(f"edited:   {prompt}{result['edited']}")
         if compare:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,7 +37,7 @@ from ndb.compute import (
     context_prefixes,
 )
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactNotFoundError, ModelMismatchError, StoreError
+from ndb.errors import ConfigError, FactError, FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
@@ -49,11 +50,41 @@ from ndb.models import (
     get_module,
     num_layers,
 )
+from ndb.output import check_writable
 from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
 
 INDEX_META = "index.json"
 BACKGROUND = "background"  # background.npy: keys of generic text, for the key guard
+
+
+def check_gamma(gamma: float | None) -> None:
+    """The gate is a cosine threshold in [0, 1]: below 0 a key would pass for vectors
+    pointing away from it, so nearly every token would be edited. None means the default."""
+    if gamma is None:
+        return
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
+        raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
+                          f"got {gamma!r}")
+
+
+def check_index_kind(kind: str) -> None:
+    if kind != "auto" and kind not in BACKENDS:
+        raise ConfigError(f"unknown index kind {kind!r} (known: auto, "
+                          f"{', '.join(sorted(BACKENDS))})")
+
+
+def check_creatable(path: str | Path) -> None:
+    """A new database can be made at ``path``: nothing is there (or an empty directory),
+    and the nearest existing folder is writable."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists():
+        what = ("a fact database" if (path / store_mod.CONFIG).is_file()
+                else "a directory that is not empty" if path.is_dir() else "a file")
+        raise StoreError(f"{path} already exists and is {what}")
+    check_writable(path, what="directory")
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
@@ -112,17 +143,19 @@ class NeuralDB:
         residual_dtype: str = "float32",
     ) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`."""
+        check_creatable(path)  # before minutes of computation, not after
+        check_gamma(gamma)
+        check_index_kind(index)
+        for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
+            if dtype not in ("float16", "float32"):
+                raise ConfigError(f"{name} must be float16 or float32, got {dtype!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ConfigError(f"layer must be an integer, got {layer!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         default_layer, default_gamma = default_edit_settings(model)
         layer = default_layer if layer is None else layer
         gamma = default_gamma if gamma is None else gamma
-        if not -1.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
-        for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
-            if dtype not in ("float16", "float32"):
-                raise ValueError(f"{name} must be float16 or float32, got {dtype!r}")
-        if index != "auto" and index not in BACKENDS:
-            raise ValueError(f"unknown index kind {index!r} (known: auto, "
-                             f"{', '.join(sorted(BACKENDS))})")
         module = ffn_out_path(model, layer)
         d_key, d_value = ffn_dims(model, layer)
         compute = compute or ComputeConfig()
@@ -254,7 +287,7 @@ class NeuralDB:
             taken = {f.id: i for i, f in existing.items() if f.id is not None}
             for f in facts:
                 if f.id is not None and f.id in taken:
-                    raise ValueError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
+                    raise FactError(f"fact id {f.id!r} is already used by fact {taken[f.id]} "
                                      f"in {self.path}; use update() or remove it first")
             return self._write(facts, model, tokenizer, ids=None, progress=progress)
 
@@ -291,8 +324,7 @@ class NeuralDB:
         return ids
 
     def set_gamma(self, gamma: float) -> None:
-        if not -1.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
+        check_gamma(gamma)
         guarded = self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None
         with self.store.writing():
             if guarded:  # which keys the guard keeps depends on gamma: index anew

@@ -125,3 +125,23 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
                  for k, _ in present]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+_PROMPT_KINDS = {"efficacy": "rewrite", "generalization": "paraphrase"}
+_SPECIFICITY_PROMPTS = {"counterfact": "neighborhood", "zsre": "locality ('loc')"}
+
+
+def noted_rows(rows: dict[str, dict[str, float]], schema: str) -> dict[str, dict]:
+    """``rows`` for a JSON report: a metric that could not be measured (NaN) gets a reason
+    under the row's "notes", so that writing it as null loses nothing."""
+    kinds = {**_PROMPT_KINDS, "specificity": _SPECIFICITY_PROMPTS[schema]}
+    out = {}
+    for name, row in rows.items():
+        notes = {}
+        for key, value in row.items():
+            if not np.isfinite(value):
+                kind = kinds.get(key.removesuffix("_magnitude"))
+                notes[key] = (f"no {kind} prompts in the facts" if kind
+                              else "not measurable on these facts")
+        out[name] = {**row, "notes": notes} if notes else dict(row)
+    return out
