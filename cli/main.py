@@ -40,7 +40,7 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(message.split())
 
@@ -76,6 +76,7 @@ DEVICE = DeviceType()
 GAMMA = click.FloatRange(0, 1)  # a cosine threshold; below 0 every key would pass
 SEED = click.IntRange(0, 2**32 - 1)
 BATCH_SIZE = click.IntRange(1, 4096)
+MAX_GENERATE_CHARS = 100_000  # a prompt may be a long chat; the model's context bounds it
 
 
 def _load(name: str | None, device: str | None):
@@ -99,7 +100,22 @@ def _open(db_path: str, model_override: str | None = None, device: str | None = 
     return db, model, tokenizer
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageErrors(click.Group):
+    """Usage errors of every subcommand as one line, like ndb's own errors (the usage text
+    is one '-h' away)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            one_line = click.ClickException(f"{where}: {_one_line(err.format_message())} "
+                                            f"(see '{where} -h')")
+            one_line.exit_code = err.exit_code
+            raise one_line from None
+
+
+@click.group(cls=OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ndb")
 def cli() -> None:
     """ndb: edit what a language model knows with a gated fact database (NeuralDB)."""
@@ -271,8 +287,10 @@ def info(db_path, as_json):
 @user_errors
 def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
     """Complete PROMPT with the database attached (greedy decoding)."""
+    from ndb.facts import check_text
     from ndb.generation import complete
 
+    check_text(prompt, "PROMPT", limit=MAX_GENERATE_CHARS)
     db, model, tokenizer = _open(db_path, model_name, device)
     db.attach(model, tokenizer)
     result = {"prompt": prompt, "edited": complete(model, tokenizer, prompt, max_new_tokens, chat)}
@@ -317,7 +335,7 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
               help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
 @click.option("--json", "json_out", default=None, help="Write all results to this JSON file.")
 @click.option("--model", "model_name", default=None)
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @user_errors
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
@@ -327,10 +345,9 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     import tempfile
     import time
 
-    from ndb.database import NeuralDB
-    from ndb.eval.generation import TfidfReference
+    from ndb.database import NeuralDB, check_creatable
     from ndb.eval.methods import METHODS, make_methods
-    from ndb.eval.run import EvalSettings, evaluate, markdown_table, schema_of
+    from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of
 
     records = read_facts(facts)[:limit]
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -340,18 +357,20 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
                                    f"(known: {', '.join(METHODS)})")
     lambada = Path(general_dir or "") / "lambada_test.jsonl"
     stats_text = list(stats_text) or ([lambada] if general_dir and lambada.is_file() else [])
+    _check_eval_inputs(records, chosen, stats_text, general_dir, json_out)
     settings = EvalSettings(
         batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
         general_limit=general_limit, mmlu_limit=mmlu_limit,
-        consistency=TfidfReference.load(consistency_dir) if consistency_dir else None)
-    model, tokenizer = _load(model_name, device)
+        consistency=_consistency_reference(consistency_dir) if consistency_dir else None)
     tmp = tempfile.TemporaryDirectory() if db_path is None else None
     path = Path(db_path) if db_path else Path(tmp.name) / "eval.ndb"
-    if (path / "config.json").is_file():
-        db = NeuralDB.from_pretrained(path)
-    else:
-        db = NeuralDB.create(path, model, tokenizer)
+    # the database is opened (or its place checked) before minutes of model loading
+    existing = NeuralDB.from_pretrained(path) if (path / "config.json").is_file() else None
+    if existing is None:
+        check_creatable(path)
+    model, tokenizer = _load(model_name, device)
+    db = existing or NeuralDB.create(path, model, tokenizer)
     start = time.perf_counter()
     added = db.add(records, model, tokenizer, skip_existing=True, progress=True)
     build_s = time.perf_counter() - start
@@ -374,11 +393,43 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
                   "methods": chosen, "stats_text": [str(p) for p in stats_text],
                   "db": str(path) if db_path else None, "layer": db.config.layer,
                   "gamma": db.config.gamma, "edits_computed": len(added),
-                  "build_seconds": build_s, "seconds": settings.timings, "rows": rows}
-        Path(json_out).write_text(json.dumps(report, indent=2))
+                  "build_seconds": build_s, "seconds": settings.timings,
+                  "rows": noted_rows(rows, schema_of(records))}
+        write_strict_json(json_out, report, indent=2)
     db.close()
     if tmp is not None:
         tmp.cleanup()
+
+
+def _check_eval_inputs(records, methods: list[str], stats_text: list, general_dir: str | None,
+                       json_out: str | None) -> None:
+    """What would otherwise fail after the edits are computed, refused before."""
+    from ndb.eval.run import schema_of
+
+    if schema_of(records) == "counterfact":
+        missing = next((i for i, f in enumerate(records) if not f.target_true), None)
+        if missing is not None:
+            raise ConfigError(f"fact {missing + 1} has no target_true, which CounterFact "
+                              "metrics compare the new object with")
+    if any(m != "neuraldb" for m in methods) and not stats_text:
+        raise ConfigError("MEMIT and AlphaEdit need generic text for their C0 statistics: "
+                          "pass --stats-text FILE (e.g. lambada_test.jsonl) or --general DIR")
+    for text in stats_text:
+        if not Path(text).is_file():
+            raise ConfigError(f"--stats-text {text}: no such file")
+    if general_dir and not Path(general_dir).is_dir():
+        raise ConfigError(f"--general {general_dir}: no such directory")
+    if json_out:
+        check_writable(json_out)
+
+
+def _consistency_reference(directory: str):
+    from ndb.eval.generation import TfidfReference
+
+    try:
+        return TfidfReference.load(directory)
+    except (OSError, ValueError) as err:  # the files are missing, unreadable or not ROME's
+        raise ConfigError(f"--consistency-dir {directory}: {err}") from None
 
 
 @cli.command()
@@ -414,8 +465,8 @@ def bench_keys(out, n):
     sample = facts[:: max(1, len(facts) // 200)][:200]
     report = {"n": len(facts), "layer": layer,
               **key_fidelity(model, tok, sample, layer, context_prefixes(model, tok, 5, 10, 0))}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    click.echo(json.dumps(report))
+    write_strict_json(out / "report.json", report, indent=2)
+    click.echo(dumps_strict(report))
 
 
 @bench.command("run")

@@ -17,7 +17,7 @@ import json
 import numbers
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from ndb.compute import (
     compute_residuals,
     context_prefixes,
 )
+from ndb.compute import _rows as residual_rows
 from ndb.config import NeuralDBConfig
 from ndb.errors import ConfigError, FactError, FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
@@ -58,11 +59,9 @@ INDEX_META = "index.json"
 BACKGROUND = "background"  # background.npy: keys of generic text, for the key guard
 
 
-def check_gamma(gamma: float | None) -> None:
+def check_gamma(gamma: float) -> None:
     """The gate is a cosine threshold in [0, 1]: below 0 a key would pass for vectors
-    pointing away from it, so nearly every token would be edited. None means the default."""
-    if gamma is None:
-        return
+    pointing away from it, so nearly every token would be edited."""
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
         raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
                           f"got {gamma!r}")
@@ -85,6 +84,24 @@ def check_creatable(path: str | Path) -> None:
                 else "a directory that is not empty" if path.is_dir() else "a file")
         raise StoreError(f"{path} already exists and is {what}")
     check_writable(path, what="directory")
+
+
+def check_encodable(facts: Sequence[Fact], model: nn.Module, tokenizer,
+                    prefixes: Sequence[str]) -> None:
+    """Refuse, before any computation, a fact whose residual could not be computed: a
+    subject that yields no token in its prompt, or a text longer than the model's context."""
+    context = (getattr(model.config, "max_position_embeddings", None)
+               or getattr(model.config, "n_positions", None))
+    for i, fact in enumerate(facts):
+        try:
+            rows = residual_rows(tokenizer, [fact], prefixes)
+        except ValueError:  # no token ends inside the subject's span
+            raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): the subject "
+                            f"{fact.subject!r} yields no token in its prompt") from None
+        longest = max(len(row.ids) for row in rows)
+        if context and longest > context:
+            raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): {longest} tokens with its "
+                            f"context prefix and target; the model reads at most {context}")
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
@@ -144,7 +161,8 @@ class NeuralDB:
     ) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`."""
         check_creatable(path)  # before minutes of computation, not after
-        check_gamma(gamma)
+        if gamma is not None:
+            check_gamma(gamma)
         check_index_kind(index)
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
             if dtype not in ("float16", "float32"):
@@ -278,6 +296,7 @@ class NeuralDB:
         """
         facts = as_facts(facts)
         model, tokenizer = self._require_model(model, tokenizer)
+        check_encodable(facts, model, tokenizer, self.config.prefixes)
         with self.store.writing():
             self.refresh()
             existing = self.facts()
@@ -296,6 +315,7 @@ class NeuralDB:
         """Re-edit fact ``fact_id`` (its id stays the same)."""
         (fact,) = as_facts([fact])
         model, tokenizer = self._require_model(model, tokenizer)
+        check_encodable([fact], model, tokenizer, self.config.prefixes)
         with self.store.writing():
             self.refresh()
             self.get(fact_id)
