@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -30,14 +31,22 @@ def user_errors(fn: Callable) -> Callable:
             click.echo("ndb: interrupted; the database keeps what was committed before", err=True)
             sys.exit(130)
         except USER_ERRORS as err:
-            raise click.ClickException(_one_line(err)) from None
+            raise _refuse(err) from None
         except Exception as err:
             refused = environment_error(err)
             if refused is None:
                 raise  # a bug: Python prints the traceback and exits with status 1
-            raise click.ClickException(_one_line(refused)) from None
+            raise _refuse(refused) from None
 
     return wrapper
+
+
+def _refuse(err: BaseException) -> click.ClickException:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
+        bar.close()
+    return click.ClickException(_one_line(err))
 
 
 def _one_line(err: BaseException | str) -> str:
@@ -72,8 +81,19 @@ class DeviceType(click.ParamType):
         return value
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses NaN (which compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a number in the range {self._describe_range()}.",
+                      param, ctx)
+        return value
+
+
 DEVICE = DeviceType()
-GAMMA = click.FloatRange(0, 1)  # a cosine threshold; below 0 every key would pass
+GAMMA = FiniteFloatRange(0, 1)  # a cosine threshold; below 0 nearly every key would pass
 SEED = click.IntRange(0, 2**32 - 1)
 BATCH_SIZE = click.IntRange(1, 4096)
 MAX_GENERATE_CHARS = 100_000  # a prompt may be a long chat; the model's context bounds it
