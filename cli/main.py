@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ndb.errors import USER_ERRORS, ConfigError, environment_error
+from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error
 from ndb.facts import read_facts
 from ndb.output import check_writable, dumps_strict, write_strict_json
 
@@ -106,7 +106,15 @@ def _load(name: str | None, device: str | None):
 
     logging.disable_progress_bar()  # ndb's own bars are the ones worth watching
 
-    return load_model(name, device=device)
+    try:
+        return load_model(name, device=device)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as err:  # the model's files: missing, unreadable, not a model
+        if environment_error(err) is not None:
+            raise
+        raise ModelError(f"cannot load model {name or 'smollm2-135m'}: {_one_line(err)}"
+                         ) from None
 
 
 def _open(db_path: str, model_override: str | None = None, device: str | None = None,

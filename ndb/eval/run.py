@@ -121,8 +121,8 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     lines = ["| method | " + " | ".join(h for _, h in present) + " |",
              "|---" * (len(present) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[k]:.1f}" if k in row and np.isfinite(row[k]) else "-"
-                 for k, _ in present]
+        cells = [f"{row[k]:.1f}" if row.get(k) is not None and np.isfinite(row[k]) else "-"
+                 for k, _ in present]  # None: not measurable, as read back from strict JSON
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,7 +139,7 @@ def noted_rows(rows: dict[str, dict[str, float]], schema: str) -> dict[str, dict
     for name, row in rows.items():
         notes = {}
         for key, value in row.items():
-            if not np.isfinite(value):
+            if value is None or not np.isfinite(value):
                 kind = kinds.get(key.removesuffix("_magnitude"))
                 notes[key] = (f"no {kind} prompts in the facts" if kind
                               else "not measurable on these facts")
