@@ -124,6 +124,7 @@ BAD_ARGUMENTS = [
     (("eval", "{facts}", "--general", "{new}"), "no such directory"),
     (("eval", "{facts}", "--consistency-dir", "{new}"), "consistency needs ROME's"),
     (("info", "{new}"), "not a fact database"),
+    (("build", "{facts}", "-o", "{new}", "--model", "{weightless}"), "cannot load model"),
 ]
 
 
@@ -179,6 +180,9 @@ def test_bad_arguments_are_refused_in_one_line_and_change_nothing(built, tmp_pat
              "facts": write_jsonl(tmp_path / "facts.jsonl", [COUNTERFACT]),
              "plain": write_jsonl(tmp_path / "plain.jsonl", [{**PLAIN, "target_true": None}])}
     paths["file"].write_text("not a directory")
+    paths["weightless"] = tmp_path / "weightless"  # a model directory with no weights
+    paths["weightless"].mkdir()
+    (paths["weightless"] / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
     before = hashes(built)
     result = CliRunner().invoke(cli, [a.format(**paths) for a in args])
     assert_one_line_refusal(result, message)
