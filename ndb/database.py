@@ -167,13 +167,15 @@ class NeuralDB:
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
             if dtype not in ("float16", "float32"):
                 raise ConfigError(f"{name} must be float16 or float32, got {dtype!r}")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        if layer is not None and (isinstance(layer, bool)
+                                  or not isinstance(layer, numbers.Integral)):
             raise ConfigError(f"layer must be an integer, got {layer!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         default_layer, default_gamma = default_edit_settings(model)
-        layer = default_layer if layer is None else layer
+        layer = default_layer if layer is None else int(layer)
         gamma = default_gamma if gamma is None else gamma
+        seed = int(seed)
         module = ffn_out_path(model, layer)
         d_key, d_value = ffn_dims(model, layer)
         compute = compute or ComputeConfig()
