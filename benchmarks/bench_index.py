@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ndb.indexes import make_index
 from ndb.indexes.synthetic import KeyDistribution, gate_queries, noisy_copies
+from ndb.output import write_strict_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -161,7 +162,7 @@ def make_queries(keys: np.ndarray, n: int, args) -> tuple[np.ndarray, int]:
 
 
 def write_outputs(results: dict, out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_strict_json(out.with_suffix(".json"), results, indent=1)
     runs = sorted(results["runs"].values(), key=lambda r: (r["n"], r["kind"]))
     reproduce = "\n".join(f"    {c}" for c in results["commands"])
     lines = [f"# Key index benchmark\n\nReproduce (in order):\n\n{reproduce}\n",

@@ -10,7 +10,6 @@ edits when attached, on the facts' rewrite prompts and paraphrases).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ from ndb import NeuralDB, load_model, read_facts
 from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
 from ndb.eval.metrics import counterfact_metrics, summarize
 from ndb.models import default_edit_settings
+from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,7 +71,7 @@ def main() -> None:
               torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "runs": runs, "speedup": ratio}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_strict_json(args.out.with_suffix(".json"), result, indent=2)
     lines = ["# Edit build speed (keys + residuals, default model)", "",
              f"Reproduce: `python benchmarks/build_speed.py --n {args.n}` "
              f"({len(facts)} dev facts, layer {layer}, {torch.get_num_threads()} torch threads)",

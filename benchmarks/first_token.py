@@ -23,7 +23,6 @@ the share of generic tokens that pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -42,6 +41,7 @@ from ndb.database import model_name
 from ndb.eval.kvview import GAMMAS, KINDS, eval_prompts, gate_rates, score_rows, token_key_batches
 from ndb.facts import Fact, parse_record, read_facts
 from ndb.models import default_edit_settings, load_model
+from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
 LAMBADA = HERE.parents[1] / "shared" / "data" / "general" / "lambada_test.jsonl"
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_strict_json(args.out.with_suffix(".json"), result, indent=1)
     args.out.with_suffix(".md").write_text(markdown(result))
     plot(result, args.out.with_suffix(".png"))
     print(markdown(result))

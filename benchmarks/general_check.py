@@ -43,6 +43,7 @@ import yaml  # noqa: E402
 from ndb.anchor import anchor_token_id  # noqa: E402
 from ndb.eval import general  # noqa: E402
 from ndb.models import load_model  # noqa: E402
+from ndb.output import write_strict_json
 
 # ndb's task name -> lm-eval's built-in task (or group) name
 BUILTIN = {
@@ -500,7 +501,7 @@ def main() -> None:
         "tasks": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_strict_json(args.out.with_suffix(".json"), report, indent=2)
     args.out.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {args.out}.md and .json in {report['total_seconds']:.0f} s")
 

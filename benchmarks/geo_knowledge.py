@@ -10,7 +10,6 @@ its greedy next token is the true object's first token. Writes a Markdown table 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -25,6 +24,7 @@ import torch
 from ndb.eval.geo import RELATIONS, build_geo, count_available
 from ndb.eval.scoring import score_targets, target_ids
 from ndb.models import DEFAULT_MODEL, load_model
+from ndb.output import write_strict_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_strict_json(args.out.with_suffix(".json"), result, indent=2)
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 

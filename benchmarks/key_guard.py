@@ -13,7 +13,6 @@ and on LAMBADA passages the guard never saw.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from ndb.eval.geo import build_geo
 from ndb.eval.kvview import eval_prompts, gate_rates, score_rows
 from ndb.facts import parse_record
 from ndb.models import default_edit_settings
+from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
 MARGIN = NeuralDBConfig.__dataclass_fields__["guard_margin"].default
@@ -110,7 +110,7 @@ def main() -> None:
                              f" | {drop} |")
         lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_strict_json(args.out.with_suffix(".json"), result, indent=2)
     args.out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 

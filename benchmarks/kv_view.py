@@ -11,7 +11,6 @@ weight scores w = K^T S k of a single-layer update, own fact (positive) against 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -40,6 +39,7 @@ from ndb.eval.kvview import (
 )
 from ndb.facts import parse_record, read_facts
 from ndb.models import default_edit_settings, load_model
+from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
 LAMBADA = HERE.parents[1] / "shared" / "data" / "general" / "lambada_test.jsonl"
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_strict_json(args.out.with_suffix(".json"), result, indent=1)
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 

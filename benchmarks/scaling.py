@@ -27,6 +27,7 @@ from ndb.compute import ComputeConfig, compute_keys
 from ndb.eval.methods import make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure
 from ndb.models import baseline_hyper, default_edit_settings
+from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
 PLOTTED = ("efficacy", "generalization", "specificity")
@@ -37,9 +38,7 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def save(path: Path, meta: dict, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    tmp.replace(path)
+    write_strict_json(path, {**meta, "rows": rows}, indent=2)
 
 
 def plot(rows: list[dict], out: Path) -> None:

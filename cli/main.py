@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from ndb.errors import USER_ERRORS as NDB_ERRORS
+from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error
 from ndb.facts import read_facts
-
-# ValueError and OSError too: bad option values and unreadable paths are the user's errors
-USER_ERRORS: tuple[type[BaseException], ...] = (*NDB_ERRORS, ValueError, OSError)
+from ndb.output import check_writable, dumps_strict, write_strict_json
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn expected failures into one line on stderr and a non-zero exit, no traceback."""
+    """Turn ndb's own errors into one line on stderr and a non-zero exit; anything else is
+    a bug and keeps its traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,10 +31,72 @@ def user_errors(fn: Callable) -> Callable:
             click.echo("ndb: interrupted; the database keeps what was committed before", err=True)
             sys.exit(130)
         except USER_ERRORS as err:
-            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-            raise click.ClickException(message) from None
+            raise _refuse(err) from None
+        except Exception as err:
+            refused = environment_error(err)
+            if refused is None:
+                raise  # a bug: Python prints the traceback and exits with status 1
+            raise _refuse(refused) from None
 
     return wrapper
+
+
+def _refuse(err: BaseException) -> click.ClickException:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
+        bar.close()
+    return click.ClickException(_one_line(err))
+
+
+def _one_line(err: BaseException | str) -> str:
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(message.split())
+
+
+class DeviceType(click.ParamType):
+    """A torch device this machine has, checked before any model is loaded."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)",
+                      param, ctx)
+        if device.type == "cpu":
+            return value
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available"):
+            self.fail(f"{value!r}: ndb does not run on {device.type!r} devices", param, ctx)
+        if not backend.is_available():
+            self.fail(f"{value!r}: this machine's torch {torch.__version__} has no "
+                      f"{device.type} device", param, ctx)
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if device.index is not None and device.index >= count:
+            self.fail(f"{value!r}: there are only {count} {device.type} device(s)", param, ctx)
+        return value
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses NaN (which compares false with both bounds)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a number in the range {self._describe_range()}.",
+                      param, ctx)
+        return value
+
+
+DEVICE = DeviceType()
+GAMMA = FiniteFloatRange(0, 1)  # a cosine threshold; below 0 nearly every key would pass
+SEED = click.IntRange(0, 2**32 - 1)
+BATCH_SIZE = click.IntRange(1, 4096)
+MAX_GENERATE_CHARS = 100_000  # a prompt may be a long chat; the model's context bounds it
 
 
 def _load(name: str | None, device: str | None):
@@ -43,7 +106,15 @@ def _load(name: str | None, device: str | None):
 
     logging.disable_progress_bar()  # ndb's own bars are the ones worth watching
 
-    return load_model(name, device=device)
+    try:
+        return load_model(name, device=device)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as err:  # the model's files: missing, unreadable, not a model
+        if environment_error(err) is not None:
+            raise
+        raise ModelError(f"cannot load model {name or 'smollm2-135m'}: {_one_line(err)}"
+                         ) from None
 
 
 def _open(db_path: str, model_override: str | None = None, device: str | None = None,
@@ -62,7 +133,22 @@ def _open(db_path: str, model_override: str | None = None, device: str | None = 
     return db, model, tokenizer
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageErrors(click.Group):
+    """Usage errors of every subcommand as one line, like ndb's own errors (the usage text
+    is one '-h' away)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            one_line = click.ClickException(f"{where}: {_one_line(err.format_message())} "
+                                            f"(see '{where} -h')")
+            one_line.exit_code = err.exit_code
+            raise one_line from None
+
+
+@click.group(cls=OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ndb")
 def cli() -> None:
     """ndb: edit what a language model knows with a gated fact database (NeuralDB)."""
@@ -72,16 +158,16 @@ def cli() -> None:
 @click.argument("facts")
 @click.option("-o", "--output", "db_path", required=True, help="Database directory to create.")
 @click.option("--model", "model_name", default=None, help="Embedded model name or local HF dir.")
-@click.option("--layer", type=int, default=None,
+@click.option("--layer", type=click.IntRange(0), default=None,
               help="Edited layer (default: swept for the default model, or tuned by 'ndb tune'; "
                    "else a quarter of the model's depth).")
-@click.option("--gamma", type=float, default=None,
+@click.option("--gamma", type=GAMMA, default=None,
               help="Gate threshold on cosine similarity (default: swept or tuned like --layer, "
                    "else 0.65).")
-@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
-@click.option("--batch-size", type=click.IntRange(1), default=None,
+@click.option("--device", type=DEVICE, default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--batch-size", type=BATCH_SIZE, default=None,
               help="Facts optimized together (and committed together).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--index", "index_kind", default="auto", show_default=True,
               help="Key index backend.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
@@ -93,7 +179,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
           precision, resume):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
     from ndb.compute import ComputeConfig
-    from ndb.database import NeuralDB
+    from ndb.database import NeuralDB, check_creatable, check_index_kind
     from ndb.models import edit_defaults
 
     records = read_facts(facts)
@@ -103,8 +189,12 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
             f"{path} already exists; use --resume to finish an interrupted build, "
             f"or 'ndb add {path} FACTS' to add facts")
     if resume and (path / "config.json").is_file():
-        db, model, tokenizer = _open(db_path, model_name, device)
+        db = NeuralDB.from_pretrained(path)
+        _refuse_changed_settings(db)
+        model, tokenizer = _load(model_name or db.config.model_name, device)
     else:
+        check_creatable(path)
+        check_index_kind(index_kind)
         model, tokenizer = _load(model_name, device)
         if layer is None or gamma is None:
             defaults = edit_defaults(model)
@@ -133,13 +223,36 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
                f"gamma {db.config.gamma}")
 
 
+def _refuse_changed_settings(db) -> None:
+    """A resumed build must finish the database it started: refuse options given on the
+    command line that differ from what the database was built with (the batch size may)."""
+    cfg = db.config
+    stored = {"model_name": cfg.model_name, "layer": cfg.layer, "gamma": cfg.gamma,
+              "seed": cfg.seed, "index_kind": cfg.index, "precision": cfg.compute.precision}
+    ctx = click.get_current_context()
+    options = {p.name: p.opts[-1] for p in ctx.command.params}
+    changed = []
+    for name, have in stored.items():
+        if ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT):
+            continue  # not given: the stored value is used
+        value = ctx.params[name]
+        if name == "model_name" and Path(value).expanduser().is_dir():
+            value = str(Path(value).expanduser().resolve())  # as load_model records it
+        if value != have:
+            changed.append(f"{options[name]} {value} (the database has {have})")
+    if changed:
+        raise ConfigError(f"{db.path} was built with other settings, which --resume keeps: "
+                          f"{'; '.join(changed)}")
+
+
 def _edit_options(fn: Callable) -> Callable:
     for option in reversed([
         click.argument("db_path", metavar="DB"),
         click.argument("facts"),
         click.option("--model", "model_name", default=None, help="Override the model to load."),
-        click.option("--device", default=None),
-        click.option("--batch-size", type=click.IntRange(1), default=None),
+        click.option("--device", type=DEVICE, default=None),
+        click.option("--batch-size", type=BATCH_SIZE, default=None),
     ]):
         fn = option(fn)
     return fn
@@ -260,7 +373,7 @@ def info(db_path, as_json):
         "version": db.store.manifest.version, "disk_bytes": size,
     }
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(dumps_strict(report, indent=2))
     else:
         for key, value in report.items():
             click.echo(f"{key:>14}: {value}")
@@ -269,17 +382,19 @@ def info(db_path, as_json):
 @cli.command()
 @click.argument("db_path", metavar="DB")
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=20, show_default=True)
 @click.option("--compare", is_flag=True, help="Also show the unedited model's answer.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--model", "model_name", default=None)
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @user_errors
 def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
     """Complete PROMPT with the database attached (greedy decoding)."""
+    from ndb.facts import check_text
     from ndb.generation import complete
 
+    check_text(prompt, "PROMPT", limit=MAX_GENERATE_CHARS)
     db, model, tokenizer = _open(db_path, model_name, device)
     db.attach(model, tokenizer)
     result = {"prompt": prompt, "edited": complete(model, tokenizer, prompt, max_new_tokens, chat)}
@@ -288,7 +403,7 @@ def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name
         with db.disabled():
             result["unedited"] = complete(model, tokenizer, prompt, max_new_tokens, chat)
     if as_json:
-        click.echo(json.dumps(result, ensure_ascii=False))
+        click.echo(dumps_strict(result, ensure_ascii=False))
     elif chat:  # an answer, not a continuation: each on its own line(s) after the prompt
         click.echo(f"prompt:\n{prompt}")
         for label in ("edited", "unedited") if compare else ("edited",):
@@ -380,7 +495,7 @@ def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, se
               help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
 @click.option("--json", "json_out", default=None, help="Write all results to this JSON file.")
 @click.option("--model", "model_name", default=None)
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @user_errors
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
@@ -390,10 +505,9 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     import tempfile
     import time
 
-    from ndb.database import NeuralDB
-    from ndb.eval.generation import TfidfReference
+    from ndb.database import NeuralDB, check_creatable
     from ndb.eval.methods import METHODS, make_methods
-    from ndb.eval.run import EvalSettings, evaluate, markdown_table, schema_of
+    from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of
 
     records = read_facts(facts)[:limit]
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
@@ -403,18 +517,20 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
                                    f"(known: {', '.join(METHODS)})")
     lambada = Path(general_dir or "") / "lambada_test.jsonl"
     stats_text = list(stats_text) or ([lambada] if general_dir and lambada.is_file() else [])
+    _check_eval_inputs(records, chosen, stats_text, general_dir, json_out)
     settings = EvalSettings(
         batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
         general_limit=general_limit, mmlu_limit=mmlu_limit,
-        consistency=TfidfReference.load(consistency_dir) if consistency_dir else None)
-    model, tokenizer = _load(model_name, device)
+        consistency=_consistency_reference(consistency_dir) if consistency_dir else None)
     tmp = tempfile.TemporaryDirectory() if db_path is None else None
     path = Path(db_path) if db_path else Path(tmp.name) / "eval.ndb"
-    if (path / "config.json").is_file():
-        db = NeuralDB.from_pretrained(path)
-    else:
-        db = NeuralDB.create(path, model, tokenizer)
+    # the database is opened (or its place checked) before minutes of model loading
+    existing = NeuralDB.from_pretrained(path) if (path / "config.json").is_file() else None
+    if existing is None:
+        check_creatable(path)
+    model, tokenizer = _load(model_name, device)
+    db = existing or NeuralDB.create(path, model, tokenizer)
     start = time.perf_counter()
     added = db.add(records, model, tokenizer, skip_existing=True, progress=True,
                    commit_each_batch=True)
@@ -438,11 +554,43 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
                   "methods": chosen, "stats_text": [str(p) for p in stats_text],
                   "db": str(path) if db_path else None, "layer": db.config.layer,
                   "gamma": db.config.gamma, "edits_computed": len(added),
-                  "build_seconds": build_s, "seconds": settings.timings, "rows": rows}
-        Path(json_out).write_text(json.dumps(report, indent=2))
+                  "build_seconds": build_s, "seconds": settings.timings,
+                  "rows": noted_rows(rows, schema_of(records))}
+        write_strict_json(json_out, report, indent=2)
     db.close()
     if tmp is not None:
         tmp.cleanup()
+
+
+def _check_eval_inputs(records, methods: list[str], stats_text: list, general_dir: str | None,
+                       json_out: str | None) -> None:
+    """What would otherwise fail after the edits are computed, refused before."""
+    from ndb.eval.run import schema_of
+
+    if schema_of(records) == "counterfact":
+        missing = next((i for i, f in enumerate(records) if not f.target_true), None)
+        if missing is not None:
+            raise ConfigError(f"fact {missing + 1} has no target_true, which CounterFact "
+                              "metrics compare the new object with")
+    if any(m != "neuraldb" for m in methods) and not stats_text:
+        raise ConfigError("MEMIT and AlphaEdit need generic text for their C0 statistics: "
+                          "pass --stats-text FILE (e.g. lambada_test.jsonl) or --general DIR")
+    for text in stats_text:
+        if not Path(text).is_file():
+            raise ConfigError(f"--stats-text {text}: no such file")
+    if general_dir and not Path(general_dir).is_dir():
+        raise ConfigError(f"--general {general_dir}: no such directory")
+    if json_out:
+        check_writable(json_out)
+
+
+def _consistency_reference(directory: str):
+    from ndb.eval.generation import TfidfReference
+
+    try:
+        return TfidfReference.load(directory)
+    except (OSError, ValueError) as err:  # the files are missing, unreadable or not ROME's
+        raise ConfigError(f"--consistency-dir {directory}: {err}") from None
 
 
 @cli.command()
@@ -478,8 +626,8 @@ def bench_keys(out, n):
     sample = facts[:: max(1, len(facts) // 200)][:200]
     report = {"n": len(facts), "layer": layer,
               **key_fidelity(model, tok, sample, layer, context_prefixes(model, tok, 5, 10, 0))}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    click.echo(json.dumps(report))
+    write_strict_json(out / "report.json", report, indent=2)
+    click.echo(dumps_strict(report))
 
 
 @bench.command("run")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "ComputeConfig": "ndb.compute",
+    "ConfigError": "ndb.errors",
     "Fact": "ndb.facts",
     "FactError": "ndb.errors",
     "read_facts": "ndb.facts",
@@ -15,6 +16,7 @@ _EXPORTS = {
     "ModelMismatchError": "ndb.errors",
     "NeuralDB": "ndb.database",
     "NeuralDBConfig": "ndb.config",
+    "NdbError": "ndb.errors",
     "LockedError": "ndb.errors",
     "StoreError": "ndb.errors",
     "anchor_tokenizer": "ndb.anchor",
@@ -23,11 +25,13 @@ _EXPORTS = {
 
 __all__ = [
     "ComputeConfig",
+    "ConfigError",
     "Fact",
     "FactError",
     "FactNotFoundError",
     "LockedError",
     "ModelMismatchError",
+    "NdbError",
     "NeuralDB",
     "NeuralDBConfig",
     "StoreError",
@@ -42,10 +46,12 @@ if TYPE_CHECKING:
     from ndb.config import NeuralDBConfig
     from ndb.database import NeuralDB
     from ndb.errors import (
+        ConfigError,
         FactError,
         FactNotFoundError,
         LockedError,
         ModelMismatchError,
+        NdbError,
         StoreError,
     )
     from ndb.facts import Fact, read_facts

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from tokenizers import processors
 
+from ndb.errors import ModelError
+
 _FALLBACK_ANCHORS = ("<|endoftext|>", "<|begin_of_text|>", "<s>")
 
 
@@ -37,7 +39,7 @@ def anchor_token_id(tokenizer) -> int:
     for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
         if token_id is not None:
             return token_id
-    raise ValueError("the tokenizer has no BOS, EOS or <|endoftext|> token to use as anchor")
+    raise ModelError("the tokenizer has no BOS, EOS or <|endoftext|> token to use as anchor")
 
 
 def anchor_tokenizer(tokenizer):
@@ -53,7 +55,7 @@ def anchor_tokenizer(tokenizer):
         return tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; ndb needs one")
+        raise ModelError(f"{type(tokenizer).__name__} is not a fast tokenizer; ndb needs one")
     if not isinstance(tokenizer.save_pretrained, _SaveUnanchored):  # not anchored before
         tokenizer.save_pretrained = _SaveUnanchored(tokenizer, backend.post_processor)
     token = tokenizer.convert_ids_to_tokens(anchor)

@@ -26,9 +26,11 @@ from ndb import nethook
 from ndb.anchor import encode
 from ndb.compute import ComputeConfig, compute_keys
 from ndb.database import NeuralDB
+from ndb.errors import ConfigError
 from ndb.facts import Fact
 from ndb.indexes import KeyIndex
 from ndb.models import ffn_out_path, get_module
+from ndb.output import write_strict_json
 
 CHUNK = 100_000  # facts per commit while building: few segments, bounded memory
 KEY_TEMPLATES = (  # relation prompts that put different text before the subject
@@ -129,7 +131,7 @@ def load_scale_keys(directory: Path, layer: int, n: int) -> tuple[list[Fact], np
         chunks.append(chunk[: n - have])
         have += len(chunks[-1])
     if have < n:
-        raise ValueError(f"{directory} holds keys of {have} facts at layer {layer}, "
+        raise ConfigError(f"{directory} holds keys of {have} facts at layer {layer}, "
                          f"fewer than {n}: run 'ndb bench keys' for more")
     return facts, np.concatenate(chunks)
 
@@ -326,8 +328,8 @@ def report(rows: list[dict], out: Path, command: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch "
                f"{torch.__version__} with {torch.get_num_threads()} threads")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "machine": machine, "rows": rows}, indent=2))
+    write_strict_json(out.with_suffix(".json"),
+                      {"command": command, "machine": machine, "rows": rows}, indent=2)
     lines = [
         "# Inference cost of a NeuralDB vs the unedited model", "",
         f"Reproduce: `{command}`", "",

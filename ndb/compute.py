@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from ndb import nethook
 from ndb.anchor import anchor_token_id, encode_with_span
+from ndb.errors import FactError
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
 
@@ -237,6 +238,24 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
             ids, s = encode_prompt(tokenizer, "", prompt, name)
             rows.append(_Row(group, ids, s, None))
     return rows, [bare[g] for g in sorted(bare)]
+
+
+def check_encodable(facts: Sequence[Fact], model, tokenizer,
+                    prefixes: Sequence[str], kl_prompts: Sequence[str]) -> None:
+    """Refuse, before any computation, a fact whose residual could not be computed: a
+    subject that yields no token in its prompt, or a text longer than the model's context."""
+    context = (getattr(model.config, "max_position_embeddings", None)
+               or getattr(model.config, "n_positions", None))
+    for i, fact in enumerate(facts):
+        try:
+            rows, _ = _rows(tokenizer, [fact], [0], prefixes, kl_prompts)
+        except ValueError:  # no token ends inside the subject's span
+            raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): the subject "
+                            f"{fact.subject!r} yields no token in its prompt") from None
+        longest = max(len(row.ids) for row in rows)
+        if context and longest > context:
+            raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): {longest} tokens with its "
+                            f"context prefix and target; the model reads at most {context}")
 
 
 class _Batch:

@@ -13,6 +13,7 @@ the model are never changed.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,13 +32,14 @@ from ndb.anchor import anchor_token_id, fixed_first_ids
 from ndb.compute import (
     ComputeConfig,
     background_keys,
+    check_encodable,
     compute_keys,
     compute_residuals,
     context_prefixes,
     pack_groups,
 )
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactError, FactNotFoundError, ModelMismatchError, StoreError
+from ndb.errors import ConfigError, FactError, FactNotFoundError, ModelMismatchError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
@@ -51,8 +53,36 @@ from ndb.models import (
     num_layers,
     params_fingerprint,
 )
+from ndb.output import check_writable
 from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
+
+
+def check_gamma(gamma: float) -> None:
+    """The gate is a cosine threshold in [0, 1]: below 0 a key would pass for vectors
+    pointing away from it, so nearly every token would be edited."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
+        raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
+                          f"got {gamma!r}")
+
+
+def check_index_kind(kind: str) -> None:
+    if kind != "auto" and kind not in BACKENDS:
+        raise ConfigError(f"unknown index kind {kind!r} (known: auto, "
+                          f"{', '.join(sorted(BACKENDS))})")
+
+
+def check_creatable(path: str | Path) -> None:
+    """A new database can be made at ``path``: nothing is there (or an empty directory),
+    and the nearest existing folder is writable."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists():
+        what = ("a fact database" if (path / store_mod.CONFIG).is_file()
+                else "a directory that is not empty" if path.is_dir() else "a file")
+        raise StoreError(f"{path} already exists and is {what}")
+    check_writable(path, what="directory")
 
 
 def fingerprint(model: nn.Module, layer: int) -> str:
@@ -151,18 +181,26 @@ class NeuralDB:
         residual_dtype: str = "float32",
     ) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`."""
+        check_creatable(path)  # before minutes of computation, not after
+        if gamma is not None:
+            check_gamma(gamma)
+        check_index_kind(index)
         if layer is None or gamma is None:  # defaults are looked up only when needed
             default_layer, default_gamma = default_edit_settings(model)
             layer = default_layer if layer is None else layer
             gamma = default_gamma if gamma is None else gamma
-        if not -1.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
         for name, dtype in (("key_dtype", key_dtype), ("residual_dtype", residual_dtype)):
             if dtype not in ("float16", "float32"):
-                raise ValueError(f"{name} must be float16 or float32, got {dtype!r}")
-        if index != "auto" and index not in BACKENDS:
-            raise ValueError(f"unknown index kind {index!r} (known: auto, "
-                             f"{', '.join(sorted(BACKENDS))})")
+                raise ConfigError(f"{name} must be float16 or float32, got {dtype!r}")
+        if layer is not None and (isinstance(layer, bool)
+                                  or not isinstance(layer, numbers.Integral)):
+            raise ConfigError(f"layer must be an integer, got {layer!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        default_layer, default_gamma = default_edit_settings(model)
+        layer = default_layer if layer is None else int(layer)
+        gamma = default_gamma if gamma is None else gamma
+        seed = int(seed)
         module = ffn_out_path(model, layer)
         d_key, d_value = ffn_dims(model, layer)
         compute = compute or ComputeConfig()
@@ -303,6 +341,8 @@ class NeuralDB:
         """
         facts = _unique(as_facts(facts))
         model, tokenizer = self._require_model(model, tokenizer)
+        check_encodable(facts, model, tokenizer, self.config.prefixes,
+                        self.config.compute.kl_prompts)
         with self.store.writing():
             self.refresh()
             new, changed, skipped = self._sort_out(facts, update, skip_existing)
@@ -343,6 +383,8 @@ class NeuralDB:
         stays the same, and so does its key unless ``fact`` brings another. Returns the id."""
         (fact,) = as_facts([fact])
         model, tokenizer = self._require_model(model, tokenizer)
+        check_encodable([fact], model, tokenizer, self.config.prefixes,
+                        self.config.compute.kl_prompts)
         with self.store.writing():
             self.refresh()
             fact_id = self.resolve(id_or_key)
@@ -413,8 +455,7 @@ class NeuralDB:
         return ids
 
     def set_gamma(self, gamma: float) -> None:
-        if not -1.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be a cosine in [-1, 1], got {gamma}")
+        check_gamma(gamma)
         guarded = self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None
         with self.store.writing():
             if guarded:  # which keys the guard keeps depends on gamma: index anew

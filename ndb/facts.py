@@ -7,6 +7,7 @@ command before anything is written; errors name the file, the record and the pro
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,30 +57,88 @@ class Fact:
         )
 
 
-def validate(fact: Fact, where: str) -> Fact:
-    def bad(problem: str) -> FactError:
-        return FactError(f"{where}: {problem}")
+MAX_TEXT_CHARS = 1_000  # per text field: subject, prompt, target, id, each paraphrase...
+MAX_PROMPTS = 100  # per list of prompts: paraphrases, neighborhood prompts...
+PROMPT_LISTS = ("neighborhood_prompts", "attribute_prompts", "generation_prompts")
+EXTRA_TEXTS = ("relation_id", "target_new_id", "loc", "loc_ans")
+# C0 and C1 control characters (tab and newline are text), and UTF-16 surrogates, which
+# only occur in a str that did not come from valid Unicode
+_BAD_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
+
+def check_text(value: Any, name: str, *, empty_ok: bool = False,
+               limit: int = MAX_TEXT_CHARS) -> str:
+    """``value`` if it is usable text; else a FactError naming the field and the problem."""
+    if not isinstance(value, str):
+        raise FactError(f"'{name}' must be a string, got {_kind(value)}")
+    if not empty_ok and not value.strip():
+        raise FactError(f"'{name}' must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise FactError(f"'{name}' has {len(value):,} characters; the limit is {limit:,}")
+    bad = _BAD_CHARACTER.search(value)
+    if bad:
+        code = ord(bad.group())
+        what = ("a lone surrogate (not valid Unicode)" if 0xD800 <= code <= 0xDFFF
+                else "a control character")
+        raise FactError(f"'{name}' contains {what} U+{code:04X} at position {bad.start()}")
+    return value
+
+
+def check_texts(value: Any, name: str) -> tuple[str, ...]:
+    """A list of at most MAX_PROMPTS usable texts, as a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise FactError(f"'{name}' must be a list of strings, got {_kind(value)}")
+    if len(value) > MAX_PROMPTS:
+        raise FactError(f"'{name}' has {len(value):,} entries; the limit is {MAX_PROMPTS}")
+    return tuple(check_text(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_fact(fact: Fact) -> None:
     for name in ("subject", "prompt", "target_new"):
-        value = getattr(fact, name)
-        if not isinstance(value, str) or not value.strip():
-            raise bad(f"'{name}' must be a non-empty string, got {value!r}")
-    if fact.target_true is not None and not isinstance(fact.target_true, str):
-        raise bad(f"'target_true' must be a string, got {fact.target_true!r}")
+        check_text(getattr(fact, name), name)
+    if fact.target_true is not None:
+        check_text(fact.target_true, "target_true")
+    if fact.key is not None:
+        check_text(fact.key, "key")
+    check_texts(fact.paraphrases, "paraphrases")
+    for name in PROMPT_LISTS:
+        if name in fact.extra:
+            check_texts(fact.extra[name], name)
+    for name in EXTRA_TEXTS:
+        if name in fact.extra:
+            check_text(fact.extra[name], name, empty_ok=True)
     if fact.prompt.count("{}") != 1:
-        raise bad(f"'prompt' must contain exactly one '{{}}' for the subject: {fact.prompt!r}")
+        raise FactError(f"'prompt' must contain exactly one '{{}}' for the subject: "
+                        f"{fact.prompt!r}")
     try:
         fact.prompt.format(fact.subject)
     except (IndexError, KeyError, ValueError) as err:
-        raise bad(f"'prompt' has braces other than one '{{}}': {fact.prompt!r} ({err})") from None
+        raise FactError(f"'prompt' has braces other than one '{{}}': {fact.prompt!r} "
+                        f"({err})") from None
     if fact.prompt.rstrip() != fact.prompt:
-        raise bad(f"'prompt' must not end with whitespace: {fact.prompt!r}")
-    for p in fact.paraphrases:
-        if not isinstance(p, str) or not p.strip():
-            raise bad(f"paraphrases must be non-empty strings, got {p!r}")
+        raise FactError(f"'prompt' must not end with whitespace: {fact.prompt!r}")
     if fact.target_true is not None and fact.target_true.strip() == fact.target_new.strip():
-        raise bad(f"'target_new' equals 'target_true' ({fact.target_new!r}): nothing to edit")
+        raise FactError(f"'target_new' equals 'target_true' ({fact.target_new!r}): "
+                        "nothing to edit")
+
+
+def validate(fact: Fact, where: str) -> Fact:
+    """``fact`` if every field is usable; else a FactError that starts with ``where``."""
+    try:
+        _check_fact(fact)
+    except FactError as err:
+        raise FactError(f"{where}: {err}") from None
     return fact
+
+
+def _field(record: dict[str, Any], name: str) -> Any:
+    if name not in record:
+        raise FactError(f"missing field {name}")
+    return record[name]
 
 
 def _user_key(record: dict[str, Any], *fields: str) -> str | None:
@@ -92,34 +151,37 @@ def _user_key(record: dict[str, Any], *fields: str) -> str | None:
                 return value
             if isinstance(value, int) and not isinstance(value, bool):
                 return str(value)
-            raise ValueError(f"'{name}' must be a string or an integer, got {value!r}")
+            raise FactError(f"'{name}' must be a string or an integer, got {_kind(value)}")
     return None
 
 
 def _from_plain(record: dict[str, Any]) -> Fact:
-    missing = [k for k in ("subject", "prompt", "target_new") if k not in record]
-    if missing:
-        raise KeyError(", ".join(missing))
-    paraphrases = record.get("paraphrases") or ()
-    if isinstance(paraphrases, str):
+    paraphrases = record.get("paraphrases")
+    if paraphrases is None:
+        paraphrases = ()
+    elif isinstance(paraphrases, str):
         paraphrases = (paraphrases,)
     extra = record.get("extra") or {}
     if not isinstance(extra, dict):
-        raise ValueError(f"'extra' must be an object, got {extra!r}")
+        raise FactError(f"'extra' must be an object, got {_kind(extra)}")
     return Fact(
-        subject=record["subject"],
-        prompt=record["prompt"],
-        target_new=record["target_new"],
+        subject=_field(record, "subject"),
+        prompt=_field(record, "prompt"),
+        target_new=_field(record, "target_new"),
         target_true=record.get("target_true"),
         # a record with a "key" field (e.g. from 'ndb list --json') never reads "id" as a key
         key=_user_key(record, "key", "id"),
-        paraphrases=tuple(paraphrases),
+        paraphrases=check_texts(paraphrases, "paraphrases"),
         extra=dict(extra),
     )
 
 
-def _target(value: Any) -> str:
-    return value["str"] if isinstance(value, dict) else value
+def _target(rewrite: dict[str, Any], name: str) -> str:
+    """CounterFact's {"str": ..., "id": ...} target, or a plain string."""
+    value = _field(rewrite, name)
+    if isinstance(value, dict):
+        return check_text(_field(value, "str"), f"{name}.str")
+    return check_text(value, name)
 
 
 def _target_id(value: Any) -> str | None:
@@ -128,35 +190,44 @@ def _target_id(value: Any) -> str | None:
 
 def _from_counterfact(record: dict[str, Any]) -> Fact:
     rw = record["requested_rewrite"]
-    extra = {
-        k: record[k]
-        for k in ("neighborhood_prompts", "attribute_prompts", "generation_prompts")
-        if k in record
-    }
+    if not isinstance(rw, dict):
+        raise FactError(f"'requested_rewrite' must be an object, got {_kind(rw)}")
+    extra = {k: list(check_texts(record[k], k)) for k in PROMPT_LISTS if k in record}
     for key, value in (("relation_id", rw.get("relation_id")),
-                       ("target_new_id", _target_id(rw["target_new"]))):
+                       ("target_new_id", _target_id(rw.get("target_new")))):
         if value:
-            extra[key] = value
+            extra[key] = check_text(value, key)
     return Fact(
-        subject=rw["subject"],
-        prompt=rw["prompt"],
-        target_new=_target(rw["target_new"]),
-        target_true=_target(rw["target_true"]) if "target_true" in rw else None,
+        subject=_field(rw, "subject"),
+        prompt=_field(rw, "prompt"),
+        target_new=_target(rw, "target_new"),
+        target_true=_target(rw, "target_true") if "target_true" in rw else None,
         key=_user_key(record, "case_id", "id"),
-        paraphrases=tuple(record.get("paraphrase_prompts", ())),
+        paraphrases=check_texts(record.get("paraphrase_prompts", ()), "paraphrase_prompts"),
         extra=extra,
     )
 
 
 def _from_zsre(record: dict[str, Any]) -> Fact:
-    subject, question = record["subject"], record["src"]
+    subject = check_text(record["subject"], "subject")
+    question = check_text(record["src"], "src")
     if subject not in question:
-        raise ValueError(f"subject {subject!r} does not occur in 'src' {question!r}")
-    answer = record.get("alt") or record.get("answers", [None])[0]
-    if not answer:
-        raise KeyError("alt")
-    true = record.get("answers", [None])[0] if record.get("alt") else None
+        raise FactError(f"subject {subject!r} does not occur in 'src' {question!r}")
+    answers = ()
+    if record.get("answers") is not None:
+        answers = check_texts(record["answers"], "answers")
+        if not answers:
+            raise FactError("'answers' must be a non-empty list of non-empty strings, got []")
+    alt = record.get("alt")
+    if alt is not None:
+        check_text(alt, "alt")
+    elif not answers:
+        raise FactError("missing field alt (or answers)")
+    answer = alt if alt is not None else answers[0]
+    true = answers[0] if alt is not None and answers else None
     rephrase = record.get("rephrase")
+    if rephrase is not None:
+        check_text(rephrase, "rephrase", empty_ok=True)
     return Fact(
         subject=subject,
         prompt=question.replace(subject, "{}", 1),
@@ -164,7 +235,8 @@ def _from_zsre(record: dict[str, Any]) -> Fact:
         target_true=true if true != answer else None,
         key=_user_key(record, "case_id", "id"),
         paraphrases=(rephrase,) if rephrase else (),
-        extra={k: record[k] for k in ("loc", "loc_ans") if k in record},
+        extra={k: check_text(record[k], k, empty_ok=True) for k in ("loc", "loc_ans")
+               if k in record},
     )
 
 
@@ -185,10 +257,8 @@ def parse_record(record: Any, where: str) -> Fact:
     kind = record_format(record)
     try:
         fact = _READERS[kind](record)
-    except KeyError as err:
-        raise FactError(f"{where}: {kind} record is missing field {err.args[0]}") from None
-    except (TypeError, ValueError, AttributeError) as err:
-        raise FactError(f"{where}: malformed {kind} record ({err})") from None
+    except FactError as err:
+        raise FactError(f"{where}: {kind} record: {err}") from None
     return validate(fact, where)
 
 
@@ -199,6 +269,8 @@ def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise FactError(f"{name}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise FactError(f"{name}: JSON nested too deeply") from None
         for i, record in enumerate(data):
             yield f"{name}: record {i + 1}", record
         return
@@ -206,9 +278,12 @@ def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"{name}: line {lineno}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise FactError(f"{name}: line {lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise FactError(f"{name}: line {lineno}: JSON nested too deeply") from None
+        yield f"{name}: line {lineno}", record
 
 
 def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
@@ -227,16 +302,25 @@ def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
 
 def read_facts(path: str | Path) -> list[Fact]:
     """Read facts from a JSONL or JSON file; '-' reads JSONL from standard input."""
-    if str(path) == "-":
-        return parse_facts(sys.stdin.read(), "<stdin>")
+    if str(path) == "-":  # bytes where there are, so that bad UTF-8 gets a clear error
+        raw = getattr(sys.stdin, "buffer", None)
+        text = _decode(raw.read(), "<stdin>") if raw is not None else sys.stdin.read()
+        return parse_facts(text, "<stdin>")
     path = Path(path)
     if not path.is_file():
         raise FactError(f"{path}: no such file")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
+    except OSError as err:
+        raise FactError(f"{path}: cannot read ({err.strerror})") from None
+    return parse_facts(_decode(data, str(path)), str(path))
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise FactError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    return parse_facts(text, str(path))
+        raise FactError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def as_facts(items: Iterable[Fact | dict[str, Any]]) -> list[Fact]:

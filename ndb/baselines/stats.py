@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ndb import nethook
 from ndb.anchor import encode
+from ndb.errors import ConfigError
 from ndb.models import ffn_out_path, get_module, ndb_home
 
 
@@ -28,17 +29,31 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
     texts = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"text file for C0 statistics not found: {path}")
-        for line in path.read_text(encoding="utf-8").splitlines():
+            raise ConfigError(f"text file for C0 statistics not found: {path}")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason})") from None
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             if path.suffix in (".jsonl", ".json"):
-                record = json.loads(line)
-                line = record.get("text") or record.get("context", "")
+                line = _jsonl_text(line, f"{path}: line {lineno}")
             texts.append(line)
     if not texts:
-        raise ValueError(f"no text found in {', '.join(map(str, paths))}")
+        raise ConfigError(f"no text found in {', '.join(map(str, paths))}")
     return texts
+
+
+def _jsonl_text(line: str, where: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+    text = record.get("text") or record.get("context", "") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected an object with a string 'text' or 'context'")
+    return text
 
 
 def _cache_path(fingerprint: str, layer: int, texts: Sequence[str], n_positions: int) -> Path:

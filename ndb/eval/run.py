@@ -121,7 +121,27 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     lines = ["| method | " + " | ".join(h for _, h in present) + " |",
              "|---" * (len(present) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[k]:.1f}" if k in row and np.isfinite(row[k]) else "-"
-                 for k, _ in present]
+        cells = [f"{row[k]:.1f}" if row.get(k) is not None and np.isfinite(row[k]) else "-"
+                 for k, _ in present]  # None: not measurable, as read back from strict JSON
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+_PROMPT_KINDS = {"efficacy": "rewrite", "generalization": "paraphrase"}
+_SPECIFICITY_PROMPTS = {"counterfact": "neighborhood", "zsre": "locality ('loc')"}
+
+
+def noted_rows(rows: dict[str, dict[str, float]], schema: str) -> dict[str, dict]:
+    """``rows`` for a JSON report: a metric that could not be measured (NaN) gets a reason
+    under the row's "notes", so that writing it as null loses nothing."""
+    kinds = {**_PROMPT_KINDS, "specificity": _SPECIFICITY_PROMPTS[schema]}
+    out = {}
+    for name, row in rows.items():
+        notes = {}
+        for key, value in row.items():
+            if value is None or not np.isfinite(value):
+                kind = kinds.get(key.removesuffix("_magnitude"))
+                notes[key] = (f"no {kind} prompts in the facts" if kind
+                              else "not measurable on these facts")
+        out[name] = {**row, "notes": notes} if notes else dict(row)
+    return out
