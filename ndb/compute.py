@@ -368,6 +368,9 @@ def compute_residuals(
     bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=not progress)
     for batch in pack_groups(labels, config.batch_size):
         dense = {label: g for g, label in enumerate(dict.fromkeys(labels[i] for i in batch))}
+        # a group's members in a fixed order, so that its residual does not depend on the
+        # order in which its facts were added
+        batch.sort(key=lambda i: (dense[labels[i]], facts[i].prompt, facts[i].target_new))
         groups_of = [dense[labels[i]] for i in batch]
         with autocast:
             deltas = _optimize(model, tokenizer, [facts[i] for i in batch], groups_of, layer,

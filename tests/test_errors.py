@@ -327,7 +327,7 @@ def test_library_facts_are_validated_like_files(llama, tmp_path):
                          compute=ComputeConfig(**FAST_COMPUTE))
     bad = [Fact("Par\x00is", "{} is in", "Japan"),
            Fact("Paris", "{} is in", "Japan", paraphrases="Paris is in"),
-           Fact("Paris", "{} is in", "Japan", id=["x"])]
+           Fact("Paris", "{} is in", "Japan", key=["x"])]
     for fact in bad:
         with pytest.raises(FactError, match="fact 1: "):
             db.add([fact], model, tok)
