@@ -107,7 +107,8 @@ def _from_counterfact(record: dict[str, Any]) -> Fact:
     rw = record["requested_rewrite"]
     extra = {
         k: record[k]
-        for k in ("neighborhood_prompts", "attribute_prompts", "generation_prompts")
+        for k in ("neighborhood_prompts", "attribute_prompts", "generation_prompts",
+                  "chat_question", "group", "spillover_prompts")
         if k in record
     }
     for key, value in (("relation_id", rw.get("relation_id")),
