@@ -7,7 +7,7 @@ ZsRE: top-1 accuracy of each answer token under teacher forcing.
 
 Generative metrics judge what the model writes, greedily, as people use it: a prompt counts
 when its continuation mentions the wanted object (``generation.mentions``), a chat question
-when the answer does. See ``LEGEND`` for each one.
+when the answer does. ``ndb.eval.legend`` says what each one counts.
 """
 
 from __future__ import annotations
@@ -120,25 +120,6 @@ def summarize(per_case: dict[str, np.ndarray]) -> dict[str, float]:
             for k, v in per_case.items()}
 
 
-LEGEND = {
-    "gen_efficacy": "greedy continuation of the rewrite prompt mentions the new object",
-    "gen_generalization": "same, for the paraphrases",
-    "gen_specificity": "neighborhood prompt's continuation mentions the true object and not "
-                       "the new one",
-    "chat": "chat answer to the fact's question mentions the new object",
-    "chat_known": "chat, over the facts whose true object the unedited model's chat answer "
-                  "mentions",
-    "chat_true": "chat answer mentions the true (old) object",
-    "groups_hold": "groups (edits of one subject) in which every rewrite continuation "
-                   "mentions its new object",
-    "cross_talk": "(edit, other edit of its subject) pairs where the first edit's rewrite "
-                  "continuation or chat answer mentions the other's new object",
-    "spill_subject": "continuations of the subject's unedited relations that mention a new "
-                     "object of the subject's edits",
-    "spill_neighbors": "neighborhood continuations that mention the new object",
-}
-
-
 class Generator(Protocol):
     """Greedy text for prompts (continuations) and questions (chat answers)."""
 
@@ -181,7 +162,7 @@ def _groups(facts: Sequence[Fact]) -> list[list[int]]:
 def generative_metrics(generator: Generator, facts: Sequence[Fact], max_prompts: int = 2,
                        generation: bool = True, chat: bool = True,
                        known: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Generative metrics (``LEGEND``) as arrays of per-unit successes: per case, except
+    """Generative metrics (``legend.GENERATIVE``) as arrays of per-unit successes: per case, except
     groups_hold (per group) and cross_talk (per pair). ``generation`` turns on the prompt
     continuations, ``chat`` the chat answers. ``known`` marks the cases whose true object
     the unedited model gave in chat (its ``chat_true``); by default this row's own.
