@@ -145,3 +145,37 @@ def test_chat_ids_use_the_template_without_the_anchor(tokenizer):
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>") and text.endswith("assistant\n")
     assert "What is the capital of Peru?" in text
+
+
+def test_the_unedited_row_decides_which_facts_are_known(tokenizer, monkeypatch):
+    from contextlib import contextmanager
+
+    from test_metrics import Prefers
+
+    from ndb.eval import run
+
+    state = {"edited": False}
+    unedited = {"What is the capital of France?": "Paris.",
+                "What is the currency of France?": "I do not know."}
+    edited = {"What is the capital of France?": "Rome.",
+              "What is the currency of France?": "The Yen."}
+
+    class Switching(FakeGenerator):
+        def __init__(self, *_, **__):
+            super().__init__(COMPLETIONS, edited if state["edited"] else unedited)
+
+    @contextmanager
+    def edit():
+        state["edited"] = True
+        yield
+        state["edited"] = False
+
+    monkeypatch.setattr(run, "ModelGenerator", Switching)
+    settings = run.EvalSettings(fluency_cases=0)
+    rows = run.evaluate(Prefers(len(tokenizer), {}), tokenizer, FACTS[:2], {"edit": edit},
+                        settings)
+    assert rows["pre-edited"]["chat_true"] == 50 and rows["pre-edited"]["chat_known"] == 0
+    assert rows["edit"]["chat"] == 100
+    assert rows["edit"]["chat_known"] == 100  # the capital, known before the edit
+    assert rows["edit"]["chat_true"] == 0
+    assert settings.timings["edit"] >= settings.timings["edit/generation"] > 0
