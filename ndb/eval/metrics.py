@@ -12,6 +12,7 @@ when the answer does. ``ndb.eval.legend`` says what each one counts.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -130,6 +131,7 @@ class Generator(Protocol):
     def chat(self, questions: Sequence[str]) -> list[str]: ...
 
 
+@functools.lru_cache(maxsize=1)
 def _question_templates() -> dict[str, str]:
     text = resources.files("ndb").joinpath("data/chat_questions.json").read_text("utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
@@ -210,12 +212,11 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
 
     out = {"gen_efficacy": per_case("rewrite", new),
            "gen_generalization": per_case("paraphrase", new)}
-    neighbor_new = per_case("neighbor", new)
     kept = [mentions(t, true[c]) and not mentions(t, new[c])
             for t, c in zip(split["neighbor"], sets["neighbor"].case)]
     out["gen_specificity"] = _per_case_mean(np.array(kept, dtype=float),
                                             sets["neighbor"].case, n)
-    out["spill_neighbors"] = neighbor_new
+    out["spill_neighbors"] = per_case("neighbor", new)
     subject_new: dict[str, list[str]] = defaultdict(list)
     for f in facts:
         subject_new[f.subject].append(f.target_new)
