@@ -5,6 +5,11 @@ object, every other subject is edited and the rest serve only as neighbors, so t
 neighborhood prompt never names an edited subject. New objects are drawn, seeded, from the
 relation's other objects.
 
+Every record carries a chat question (its relation's template in ndb/data/chat_questions.json).
+After those facts come groups: well-known countries, none named elsewhere in the set, with 2
+to 4 of capital, currency, language and continent edited, each record naming its group and
+carrying spill-over prompts (the subject's relations the group leaves unedited).
+
     python benchmarks/make_dev_set.py   # writes ndb/data/dev_counterfact.json
 """
 
@@ -12,7 +17,9 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "ndb" / "data" / "dev_counterfact.json"
+DATA = Path(__file__).resolve().parents[1] / "ndb" / "data"
+OUT = DATA / "dev_counterfact.json"
+QUESTIONS = json.loads((DATA / "chat_questions.json").read_text(encoding="utf-8"))
 
 # relation id: (prompt, paraphrase templates, (subject, true object) pairs)
 R = {
@@ -196,6 +203,57 @@ R = {
 }
 
 
+# Group relations: prompt, paraphrases. Language and continent reuse R's.
+GROUP_RELATIONS = {
+    "P36": ("The capital of {} is", ["{}'s capital city is", "The seat of government of {} is in"]),
+    "P38": ("The currency of {} is the",
+            ["In {}, people pay with the", "The money used in {} is the"]),
+    "P37": R["P37"][:2],
+    "P30": R["P30"][:2],
+}
+# subject: {relation: true object}
+GROUPS = {
+    "Spain": {"P36": "Madrid", "P38": "Euro", "P37": "Spanish", "P30": "Europe"},
+    "South Korea": {"P36": "Seoul", "P38": "South Korean won", "P37": "Korean"},
+    "Australia": {"P36": "Canberra", "P38": "Australian dollar"},
+    "Turkey": {"P36": "Ankara", "P38": "Turkish lira", "P37": "Turkish"},
+    "Switzerland": {"P36": "Bern", "P30": "Europe"},
+}
+# Unedited subjects sharing a group fact's true object, for its neighborhood prompts.
+GROUP_NEIGHBORS = {"Euro": ["Austria", "Italy"], "Spanish": ["Argentina"],
+                   "Europe": ["Poland", "Greece"]}
+
+
+def group_records(first_id: int) -> list[dict]:
+    rng = random.Random("dev-groups")
+    objects = {rid: sorted({o for g in GROUPS.values() for r, o in g.items() if r == rid}
+                           | {o for _, o in (R[rid][2] if rid in R else [])})
+               for rid in GROUP_RELATIONS}
+    records = []
+    for subject, facts in GROUPS.items():
+        unedited = [GROUP_RELATIONS[r][0].format(subject) for r in GROUP_RELATIONS
+                    if r not in facts]
+        for rid, true in facts.items():
+            prompt, paraphrases = GROUP_RELATIONS[rid]
+            records.append({
+                "case_id": first_id + len(records),
+                "requested_rewrite": {
+                    "prompt": prompt,
+                    "subject": subject,
+                    "relation_id": rid,
+                    "target_true": {"str": true},
+                    "target_new": {"str": rng.choice([o for o in objects[rid] if o != true])},
+                },
+                "paraphrase_prompts": [p.format(subject) for p in paraphrases],
+                "neighborhood_prompts": [prompt.format(x) for x in GROUP_NEIGHBORS.get(true, [])],
+                "generation_prompts": [prompt.format(subject), f"{subject} is"],
+                "chat_question": QUESTIONS[rid].format(subject),
+                "group": f"country:{subject}",
+                "spillover_prompts": [*unedited, f"{subject} is"],
+            })
+    return records
+
+
 def main() -> None:
     rng = random.Random(0)
     records = []
@@ -225,8 +283,10 @@ def main() -> None:
                     "paraphrase_prompts": [p.format(subject) for p in paraphrases],
                     "neighborhood_prompts": [prompt.format(x) for x in neighbors],
                     "generation_prompts": [prompt.format(subject), f"{subject} is"],
+                    "chat_question": QUESTIONS[rid].format(subject),
                 }
             )
+    records += group_records(len(records))
     OUT.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     print(f"{len(records)} records -> {OUT}")
 

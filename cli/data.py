@@ -9,7 +9,9 @@ from pathlib import Path
 
 import click
 
+from ndb.errors import FactError
 from ndb.eval.geo import DEFAULT_HOLDOUT, RELATIONS, build_geo, to_zsre, write_records
+from ndb.facts import read_facts
 
 
 @click.group("data")
@@ -65,6 +67,26 @@ def _writable(path: Path) -> None:
     show_default=True,
     help="Share of subjects never edited, kept as unedited neighbors.",
 )
+@click.option(
+    "--groups",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Edit groups of 2 to K relations of one subject (country: capital, currency, "
+    "language, continent, subregion; city: country, continent, US state); 1: no groups.",
+)
+@click.option(
+    "--group-share",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Share of the facts that belong to groups (with --groups 2 or more).",
+)
+@click.option(
+    "--exclude",
+    type=click.Path(path_type=Path),
+    help="A facts file (e.g. the dev set) whose subjects are never edited here.",
+)
 def geo(
     output: Path,
     n: int | None,
@@ -73,10 +95,22 @@ def geo(
     record_format: str,
     min_city_population: int,
     holdout: float,
+    groups: int,
+    group_share: float,
+    exclude: Path | None,
 ) -> None:
-    """Knowledge-editing records of real geographic facts (GeoNames, ISO, countryinfo)."""
+    """Knowledge-editing records of real geographic facts (GeoNames, ISO, countryinfo).
+
+    Each record also carries a chat question ("chat_question") and prompts about its
+    subject on relations the set does not edit ("spillover_prompts"), for ndb eval's
+    generative metrics.
+    """
     _writable(output)
     chosen = [r.strip() for r in relations.split(",") if r.strip()] if relations else None
+    try:
+        excluded = [f.subject for f in read_facts(exclude)] if exclude else []
+    except FactError as err:
+        raise click.ClickException(f"--exclude: {err}") from None
     try:
         records = build_geo(
             n=n,
@@ -85,8 +119,12 @@ def geo(
             min_city_population=min_city_population,
             holdout=holdout,
             progress=sys.stderr.isatty(),
+            groups=groups,
+            group_share=group_share,
+            exclude=excluded,
         )
         counts = Counter(r["requested_rewrite"]["relation_id"] for r in records)
+        in_groups = sum("group" in r for r in records)
         if record_format == "zsre":
             records = to_zsre(records, seed=seed, min_city_population=min_city_population)
     except (ValueError, ImportError) as err:
@@ -96,6 +134,8 @@ def geo(
     except OSError as err:
         raise click.ClickException(f"cannot write {output}: {err.strerror or err}") from None
     per_relation = ", ".join(f"{r} {counts[r]}" for r in RELATIONS if counts[r])
+    grouped = f" ({in_groups} in groups)" if in_groups else ""
     click.echo(
-        f"wrote {len(records)} {record_format} records to {output}: {per_relation}", err=True
+        f"wrote {len(records)} {record_format} records to {output}{grouped}: {per_relation}",
+        err=True,
     )

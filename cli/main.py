@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error
+from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
 from ndb.facts import read_facts
 from ndb.output import check_writable, dumps_strict, write_strict_json
 
@@ -466,7 +467,16 @@ def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, se
                f"{result['n_dev']} known dev facts; saved to {path}")
 
 
-@cli.command(name="eval")
+def _eval_legend() -> str:
+    lines = [f"{k}: {v}" for k, v in {**TEACHER_FORCED, **GENERATIVE}.items()]
+    # \b keeps click from rewrapping the lines into one paragraph
+    return "\b\nMetrics (percent; teacher-forced first, then greedy generation):\n" + \
+        "\n".join(lines) + "\nGenerative metrics count an object when the text names it " \
+        "as a whole word (case, accents and spacing aside). The pre-edited row is the base " \
+        "rate, and decides which facts are known for chat_known."
+
+
+@cli.command(name="eval", epilog=_eval_legend())
 @click.argument("facts")
 @click.option("--db", "db_path", default=None,
               help="NeuralDB to evaluate; built (or finished, if interrupted) from FACTS.")
@@ -491,6 +501,11 @@ def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, se
 @click.option("--mmlu-limit", type=click.IntRange(1), default=None,
               help="Questions per MMLU subject (default: --general-limit).")
 @click.option("--fluency-cases", type=click.IntRange(0), default=100, show_default=True)
+@click.option("--no-generation", is_flag=True,
+              help="Skip the greedy continuations (gen_*, groups, cross-talk, spill-over).")
+@click.option("--no-chat", is_flag=True, help="Skip the chat questions.")
+@click.option("--gen-neighbors", type=click.IntRange(0), default=2, show_default=True,
+              help="Neighborhood and spill-over prompts generated per fact.")
 @click.option("--consistency-dir", default=None,
               help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
 @click.option("--json", "json_out", default=None, help="Write all results to this JSON file.")
@@ -500,7 +515,8 @@ def tune(devset, model_name, layers, gammas, text_files, n_text, max_trigger, se
 @user_errors
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
              alphaedit_threshold, general_dir, general_tasks, general_limit, mmlu_limit,
-             fluency_cases, consistency_dir, json_out, model_name, device, batch_size):
+             fluency_cases, no_generation, no_chat, gen_neighbors, consistency_dir, json_out,
+             model_name, device, batch_size):
     """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
     import tempfile
     import time
@@ -522,6 +538,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
         batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
         general_limit=general_limit, mmlu_limit=mmlu_limit,
+        generation=not no_generation, chat=not no_chat, gen_prompts=gen_neighbors,
         consistency=_consistency_reference(consistency_dir) if consistency_dir else None)
     tmp = tempfile.TemporaryDirectory() if db_path is None else None
     path = Path(db_path) if db_path else Path(tmp.name) / "eval.ndb"

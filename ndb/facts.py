@@ -59,7 +59,8 @@ class Fact:
 
 MAX_TEXT_CHARS = 1_000  # per text field: subject, prompt, target, id, each paraphrase...
 MAX_PROMPTS = 100  # per list of prompts: paraphrases, neighborhood prompts...
-PROMPT_LISTS = ("neighborhood_prompts", "attribute_prompts", "generation_prompts")
+PROMPT_LISTS = ("neighborhood_prompts", "attribute_prompts", "generation_prompts",
+                "spillover_prompts")
 EXTRA_TEXTS = ("relation_id", "target_new_id", "loc", "loc_ans")
 # C0 and C1 control characters (tab and newline are text), and UTF-16 surrogates, which
 # only occur in a str that did not come from valid Unicode
@@ -193,6 +194,9 @@ def _from_counterfact(record: dict[str, Any]) -> Fact:
     if not isinstance(rw, dict):
         raise FactError(f"'requested_rewrite' must be an object, got {_kind(rw)}")
     extra = {k: list(check_texts(record[k], k)) for k in PROMPT_LISTS if k in record}
+    for name in ("chat_question", "group"):
+        if name in record:
+            extra[name] = check_text(record[name], name)
     for key, value in (("relation_id", rw.get("relation_id")),
                        ("target_new_id", _target_id(rw.get("target_new")))):
         if value:

@@ -235,3 +235,46 @@ def test_list_json_feeds_build_and_add_losslessly(built, tmp_path, tiny_model_di
     result = run("add", str(part), "-", input=text)
     assert result.exit_code == 0 and "skipped 1 already stored (ids 0)" in result.output
     assert listed(part) == original
+
+
+def test_eval_reports_generative_metrics(tmp_path, tiny_model_dir):
+    records = [{"case_id": i, "requested_rewrite": {
+        "prompt": prompt, "subject": subject, "relation_id": relation,
+        "target_new": {"str": new}, "target_true": {"str": true}},
+        "paraphrase_prompts": [f"Some words first. {prompt.format(subject)}"],
+        "neighborhood_prompts": [prompt.format(other)], "group": "country:FR",
+        "spillover_prompts": [f"{subject} is"]}
+        for i, (subject, prompt, relation, new, true, other) in enumerate([
+            ("France", "The capital of {} is", "P36", "Rome", "Paris", "Peru"),
+            ("France", "The currency of {} is the", "P38", "Yen", "Euro", "Spain")])]
+    facts = tmp_path / "cf.json"
+    facts.write_text(json.dumps(records))
+    out, db = tmp_path / "eval.json", tmp_path / "db"
+    built = run("build", str(facts), "-o", str(db), "--model", str(tiny_model_dir), "--layer",
+                "1", "--gamma", "0.8")
+    assert built.exit_code == 0, built.output
+    args = ["eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+            "--fluency-cases", "0", "--json", str(out)]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    generative = {"gen_efficacy", "gen_generalization", "gen_specificity", "chat", "chat_known",
+                  "chat_true", "groups_hold", "cross_talk", "spill_subject", "spill_neighbors"}
+    for name in ("pre-edited", "neuraldb"):
+        assert generative <= set(rows[name])
+        # chat_known is NaN where the random model knows no fact; the rest are defined
+        assert all(0 <= rows[name][k] <= 100 for k in generative - {"chat_known"})
+    assert "| G.Eff. |" in result.output and "| Cross |" in result.output
+    assert "pre-edited: " in result.output and "generation " in result.output  # stage times
+    quiet = run(*args, "--no-generation", "--no-chat")
+    assert quiet.exit_code == 0, quiet.output
+    rows = json.loads(out.read_text())["rows"]
+    assert not generative & set(rows["neuraldb"]) and "efficacy" in rows["neuraldb"]
+
+
+def test_eval_help_explains_every_metric():
+    from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
+
+    text = run("eval", "--help").output
+    for name in (*TEACHER_FORCED, *GENERATIVE):
+        assert f"{name}: " in text

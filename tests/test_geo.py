@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -298,3 +298,78 @@ def test_output_does_not_depend_on_hash_seed(records, other_hash_seed_run):
     stdout, stderr = other_hash_seed_run.communicate(timeout=120)
     assert other_hash_seed_run.returncode == 0, stderr
     assert stdout == json.dumps(records)
+
+
+def test_chat_questions_and_spillover_prompts(records):
+    edited = {(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"])
+              for r in records}
+    rewrite_prompts = {t.templates[0]: r for r, t in RELATIONS.items()}
+    others_seen = 0
+    for record in records:
+        rewrite = record["requested_rewrite"]
+        subject, relation = rewrite["subject"], RELATIONS[rewrite["relation_id"]]
+        assert record["chat_question"] == relation.questions[0].format(subject)
+        spill = record["spillover_prompts"]
+        generation = [t.format(subject) for t in relation.generation_templates]
+        assert spill[len(spill) - len(generation):] == generation
+        for prompt in spill[: len(spill) - len(generation)]:
+            other = next(r for t, r in rewrite_prompts.items() if prompt == t.format(subject))
+            assert other != relation.id and (subject, other) not in edited
+            assert subject in true_objects(other)  # a relation the subject really has
+            others_seen += 1
+    assert others_seen > len(records) // 2
+
+
+def test_groups_edit_several_relations_of_one_subject():
+    records = build_geo(n=200, seed=3, groups=4, group_share=0.5)
+    assert len(records) == 200
+    members = defaultdict(list)
+    for record in records:
+        if "group" in record:
+            members[record["group"]].append(record["requested_rewrite"])
+    assert sum(map(len, members.values())) == 100
+    assert {name.split(":")[0] for name in members} == {"country", "city"}
+    for name, rewrites in members.items():
+        assert 2 <= len(rewrites) <= 4
+        assert {rw["subject"] for rw in rewrites} == {name.split(":", 1)[1]}
+        assert len({rw["relation_id"] for rw in rewrites}) == len(rewrites)
+    singles = [r["requested_rewrite"]["subject"] for r in records if "group" not in r]
+    grouped = {rw["subject"] for rws in members.values() for rw in rws}
+    assert len(set(singles)) == len(singles) and not set(singles) & grouped
+    edited = set(singles) | grouped
+    for record in records:
+        template = record["requested_rewrite"]["prompt"]
+        for prompt in record["neighborhood_prompts"]:
+            assert _subject_of(prompt, template) not in edited
+    fact = parse_record(next(r for r in records if "group" in r), "grouped")
+    assert fact.extra["group"] and fact.extra["spillover_prompts"] and fact.extra["chat_question"]
+    assert "group" not in json.dumps(build_geo(n=50, seed=3))  # no groups unless asked
+
+
+def test_excluded_subjects_are_never_edited(tmp_path):
+    capitals = sorted(true_objects("country_capital"))
+    excluded = capitals[::3]
+    records = build_geo(relations=["country_capital"], exclude=excluded)
+    subjects = {r["requested_rewrite"]["subject"] for r in records}
+    assert subjects and not subjects & set(excluded)
+    facts = tmp_path / "dev.jsonl"
+    facts.write_text("".join(json.dumps({"subject": s, "prompt": "{} is", "target_new": "x"})
+                             + "\n" for s in excluded))
+    out = tmp_path / "geo.json"
+    result = CliRunner().invoke(data, ["geo", "-o", str(out), "--relations",
+                                       "country_capital", "--exclude", str(facts)])
+    assert result.exit_code == 0, result.output
+    written = {r["requested_rewrite"]["subject"] for r in json.loads(out.read_text())}
+    assert written == subjects
+    missing = CliRunner().invoke(data, ["geo", "-o", str(out), "--n", "3",
+                                        "--exclude", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 1 and "--exclude" in missing.output
+    assert "Traceback" not in missing.output and len(missing.output.splitlines()) == 1
+
+
+def test_cli_groups(tmp_path):
+    out = tmp_path / "geo.jsonl"
+    result = CliRunner().invoke(data, ["geo", "-o", str(out), "--n", "20", "--groups", "3",
+                                       "--group-share", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "(10 in groups)" in result.stderr

@@ -1,4 +1,5 @@
-"""Metrics on generated text: fluency (n-gram entropy) and consistency (TF-IDF similarity).
+"""Metrics on generated text: fluency (n-gram entropy), consistency (TF-IDF similarity), and
+the greedy generations that generative success is judged on.
 
 Conventions of the ROME code: generations are sampled top-5, fluency is the mean of
 (2/3 * H2, 4/3 * H3) with H_n the entropy in bits of the text's n-gram distribution, and
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ndb.anchor import anchor_token_id, encode
 
 WORD = re.compile(r"\w+|[^\w\s]")
 TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
@@ -58,6 +62,89 @@ def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def _normalized(text: str) -> str:
+    """Compatibility forms, accents dropped, case folded, curly quotes and whitespace runs
+    made plain: "São  Tomé" and "sao tome" compare equal."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
+    return " ".join(text.casefold().split())
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` contains ``name`` as a whole word or phrase, after normalization.
+
+    A word derived from the name does not count: "Japanese" does not mention "Japan", nor
+    "Iranian" "Iran" (an adjective says where something is from, not that it is the place).
+    """
+    needle = _normalized(name)
+    if not needle:
+        return False
+    return re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", _normalized(text)) is not None
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: int,
+                    batch_size: int = 16) -> list[str]:
+    """Greedy continuation (the new text only) of each token-id sequence.
+
+    Batches are left-padded with an attention mask, so the hook skips the padding and each
+    row's first real token; sequences of similar length share a batch. The tokenizer is
+    not touched (padding is done here, not through ``padding_side``).
+    """
+    device = next(model.parameters()).device
+    pad = anchor_token_id(tokenizer)
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    out = [""] * len(inputs)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(inputs[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            ids[r, width - len(inputs[i]) :] = torch.tensor(list(inputs[i]))
+            mask[r, width - len(inputs[i]) :] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad)
+        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for i, text in zip(rows, texts):
+            out[i] = text
+    return out
+
+
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """A user question in the model's chat template, ready for the answer. The template
+    starts with a fixed token of its own, so no anchor is added."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class ModelGenerator:
+    """Greedy continuations of prompts and chat answers to questions, from one model."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 16, chat_tokens: int = 32,
+                 batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.chat_tokens, self.batch_size = (max_new_tokens, chat_tokens,
+                                                                  batch_size)
+
+    @property
+    def has_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        return greedy_generate(self.model, self.tokenizer,
+                               [encode(self.tokenizer, p) for p in prompts],
+                               self.max_new_tokens, self.batch_size)
+
+    def chat(self, questions: Sequence[str]) -> list[str]:
+        return greedy_generate(self.model, self.tokenizer,
+                               [chat_ids(self.tokenizer, q) for q in questions],
+                               self.chat_tokens, self.batch_size)
 
 
 class TfidfReference:

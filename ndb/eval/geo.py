@@ -7,6 +7,9 @@ second opinions on languages and currencies). Install them with ``pip install 'n
 Every subject name in a generated set belongs to exactly one record, because NeuralDB keys a
 fact at the subject's last token: two facts about one subject whose prompts share the text
 before the subject would get the same key. Names that denote several entities are dropped.
+The exception is asked for: ``groups`` edits 2 to K relations of one subject (a country's
+capital, currency, language, ...; a city's country, continent, US state), each record naming
+its group, to measure whether edits of one subject hold together and stay apart.
 Neighborhood and attribute prompts name only subjects that no record of the set edits, so that
 they keep their true answers when the whole set is applied; a seeded share of subjects
 (``holdout``) is kept out of every set for that purpose.
@@ -721,17 +724,21 @@ def count_available(
 
 
 def _draft(
-    tables: dict[str, tuple[_Fact, ...]], relation_ids: list[str], n: int | None, seed: int
+    tables: dict[str, tuple[_Fact, ...]],
+    relation_ids: list[str],
+    n: int | None,
+    seed: int,
+    used: Iterable[str] = (),
 ) -> list[tuple[str, _Fact]]:
     """Relations take turns picking a fact with an unused subject, which keeps the mix balanced
-    until the small relations run out."""
+    until the small relations run out. Subjects in ``used`` are never picked."""
     queues = []
     for relation_id in relation_ids:
         rows = list(tables[relation_id])
         random.Random(f"{seed}|draft|{relation_id}").shuffle(rows)
         queues.append((relation_id, rows))
     positions = [0] * len(queues)
-    used: set[str] = set()
+    used = set(used)
     picked: list[tuple[str, _Fact]] = []
     active = list(range(len(queues)))
     while active:
@@ -751,6 +758,45 @@ def _draft(
                 return picked
         active = still_active
     return picked
+
+
+def _draft_groups(
+    tables: dict[str, tuple[_Fact, ...]], relation_ids: list[str], n: int, largest: int, seed: int
+) -> list[tuple[str, _Fact]]:
+    """About n facts in groups of 2 to ``largest`` relations of one subject, kinds of subject
+    (countries, cities) taking turns; a group's facts are consecutive, in relation order."""
+    by_subject: dict[str, dict[str, _Fact]] = defaultdict(dict)
+    for relation_id in relation_ids:
+        for fact in tables[relation_id]:
+            by_subject[fact.key][relation_id] = fact
+    queues: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(by_subject):
+        if len(by_subject[key]) > 1:
+            queues[RELATIONS[next(iter(by_subject[key]))].subject_kind].append(key)
+    rng = random.Random(f"{seed}|groups")
+    for keys in queues.values():
+        rng.shuffle(keys)
+    picked: list[tuple[str, _Fact]] = []
+    turns = [queues[kind] for kind in sorted(queues)]
+    while turns and n - len(picked) >= 2:
+        keys = turns.pop(0)
+        facts = by_subject[keys.pop()]
+        most = min(largest, len(facts))
+        size = min(rng.randint(2, most), n - len(picked))
+        if n - len(picked) - size == 1:  # a single fact left over could not form a group
+            size += 1 if size < most else -1 if size > 2 else 0
+        chosen = set(rng.sample(sorted(facts), size))
+        picked += [(r, facts[r]) for r in relation_ids if r in chosen]
+        if keys:
+            turns.append(keys)
+    return picked
+
+
+def _spillover_prompts(relation: Relation, fact: _Fact, others: Iterable[str]) -> list[str]:
+    """Prompts about the subject on relations the set does not edit: their rewrite prompts,
+    then this relation's generation templates."""
+    prompts = [RELATIONS[r].templates[0].format(fact.subject) for r in others]
+    return prompts + [t.format(fact.subject) for t in relation.generation_templates]
 
 
 def _sample_prompts(
@@ -781,7 +827,15 @@ def _lookup(rows: tuple[_Fact, ...], in_set: set[str]) -> _Lookup:
     return _Lookup(tuple(sorted(ids)), ids, {t: tuple(s) for t, s in by_target.items()})
 
 
-def _record(case_id: int, relation: Relation, fact: _Fact, lookup: _Lookup, seed: int) -> dict:
+def _record(
+    case_id: int,
+    relation: Relation,
+    fact: _Fact,
+    lookup: _Lookup,
+    seed: int,
+    unedited: Sequence[str],
+    group: str | None,
+) -> dict:
     # Each record draws from its own generator, so a fact reads the same whatever else is drawn.
     rng = random.Random(f"{seed}|{relation.id}|{fact.subject}")
     wrong = {fact.target, *fact.also_true}
@@ -818,7 +872,9 @@ def _record(case_id: int, relation: Relation, fact: _Fact, lookup: _Lookup, seed
             MAX_ATTRIBUTE_PROMPTS,
         ),
         "generation_prompts": [t.format(fact.subject) for t in relation.generation_templates],
-    }
+        "chat_question": relation.questions[0].format(fact.subject),
+        "spillover_prompts": _spillover_prompts(relation, fact, unedited),
+    } | ({"group": group} if group else {})
 
 
 def build_geo(
@@ -828,21 +884,37 @@ def build_geo(
     min_city_population: int = 500,
     holdout: float = DEFAULT_HOLDOUT,
     progress: bool = False,
+    groups: int = 1,
+    group_share: float = 0.5,
+    exclude: Iterable[str] = (),
 ) -> list[dict]:
-    """CounterFact-schema records of real facts, each subject in one record only.
+    """CounterFact-schema records of real facts, each subject in one record only, unless
+    ``groups`` is 2 or more: then a ``group_share`` of the n facts come in groups of 2 to
+    ``groups`` relations of one subject (records with a "group" field naming it).
 
-    A seeded ``holdout`` share of subjects is never edited. ``n=None`` gives every other fact
-    (``count_available``); a smaller n takes facts from the relations in turn, so small
-    relations are used up before large ones dominate. Neighborhood and attribute prompts name
-    only subjects outside the set: held-out ones and those n left out. Cities of fewer than
-    ``min_city_population`` people are left out; a name is judged ambiguous against all
-    GeoNames cities of 500 or more people whatever the threshold.
+    Subjects named in ``exclude`` (e.g. a dev set's) and a seeded ``holdout`` share of
+    subjects are never edited. Every record carries a chat question and spill-over prompts:
+    the subject's relations that the set does not edit, then generation templates.
+
+    ``n=None`` gives every other fact (``count_available``); a smaller n takes facts from the
+    relations in turn, so small relations are used up before large ones dominate.
+    Neighborhood and attribute prompts name only subjects outside the set: held-out ones and
+    those n left out. Cities of fewer than ``min_city_population`` people are left out; a
+    name is judged ambiguous against all GeoNames cities of 500 or more people
+    whatever the threshold.
     """
     relation_ids = _check_relations(relations)
     if n is not None and n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if groups < 1 or not 0 <= group_share <= 1:
+        raise ValueError(f"groups must be at least 1 and group_share in [0, 1], got {groups} "
+                         f"and {group_share}")
     tables = _tables(min_city_population)
-    editable = _editable(relation_ids, min_city_population, seed, holdout)
+    excluded = {_key(name) for name in exclude}
+    editable = {
+        r: tuple(f for f in rows if f.key not in excluded)
+        for r, rows in _editable(relation_ids, min_city_population, seed, holdout).items()
+    }
     available = len({f.key for rows in editable.values() for f in rows})
     if n is not None and n > available:
         which = f" for {', '.join(relation_ids)}" if relations is not None else ""
@@ -850,9 +922,24 @@ def build_geo(
             f"asked for {n} facts but only {available} are available{which} with "
             f"min_city_population={min_city_population} and holdout={holdout}"
         )
-    picked = _draft(editable, relation_ids, n, seed)
+    grouped: list[tuple[str, _Fact]] = []
+    if groups > 1:
+        grouped = _draft_groups(
+            editable, relation_ids, round(group_share * (n or available)), groups, seed
+        )
+    group_keys = {fact.key for _, fact in grouped}
+    rest = None if n is None else n - len(grouped)
+    picked = grouped + (_draft(editable, relation_ids, rest, seed, group_keys) if rest != 0 else [])
+    if n is not None and len(picked) < n:
+        raise ValueError(f"asked for {n} facts but only {len(picked)} could be drawn")
     in_set = {fact.key for _, fact in picked}
     lookups = {r: _lookup(tables[r], in_set) for r in relation_ids}
+    edited = {(fact.key, r) for r, fact in picked}
+    relations_of: dict[str, list[str]] = defaultdict(list)
+    for relation_id, table in tables.items():
+        for fact in table:
+            if fact.key in in_set:
+                relations_of[fact.key].append(relation_id)
     rows: Iterable[tuple[str, _Fact]] = picked
     if progress:
         from tqdm.auto import tqdm
@@ -860,7 +947,16 @@ def build_geo(
         rows = tqdm(picked, desc="geo facts", unit="fact")
     with _collector_paused():
         return [
-            _record(i, RELATIONS[r], fact, lookups[r], seed) for i, (r, fact) in enumerate(rows)
+            _record(
+                i,
+                RELATIONS[r],
+                fact,
+                lookups[r],
+                seed,
+                [o for o in relations_of[fact.key] if (fact.key, o) not in edited],
+                f"{RELATIONS[r].subject_kind}:{fact.subject}" if fact.key in group_keys else None,
+            )
+            for i, (r, fact) in enumerate(rows)
         ]
 
 

@@ -1,21 +1,28 @@
 """One evaluation run: the unedited model and each editing method, on the same facts.
 
 Rows: "pre-edited" (the model as loaded), then one per method. Each row holds the edit
-metrics of the facts' schema (CounterFact or ZsRE), fluency and consistency where the facts
-allow, and general ability when a data directory is given.
+metrics of the facts' schema (CounterFact or ZsRE), the generative ones (greedy
+continuations and chat answers, ``metrics.LEGEND``), fluency and consistency where the facts
+allow, and general ability when a data directory is given. The pre-edited row decides which
+facts the model knows in chat, for every method's ``chat_known``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ndb.eval.generation import TfidfReference, ngram_entropy, sample_generations
-from ndb.eval.metrics import counterfact_metrics, summarize, zsre_metrics
+from ndb.eval.generation import (
+    ModelGenerator,
+    TfidfReference,
+    ngram_entropy,
+    sample_generations,
+)
+from ndb.eval.metrics import counterfact_metrics, generative_metrics, summarize, zsre_metrics
 from ndb.facts import Fact
 
 
@@ -30,7 +37,12 @@ class EvalSettings:
     general_tasks: Sequence[str] | None = None
     general_limit: int | None = None
     mmlu_limit: int | None = None  # questions per MMLU subject (57 subjects); default as above
-    timings: dict[str, float] = field(default_factory=dict)
+    generation: bool = True  # greedy continuations: gen_*, spill_*, groups_hold, cross_talk
+    chat: bool = True  # chat answers, for models with a chat template
+    gen_prompts: int = 2  # neighborhood and spill-over prompts generated per case
+    gen_tokens: int = 16  # greedy tokens per continuation
+    chat_tokens: int = 32  # greedy tokens per chat answer
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per row and stage
 
 
 def schema_of(facts: Sequence[Fact]) -> str:
@@ -60,21 +72,56 @@ def _generation_metrics(model, tok, facts: Sequence[Fact], settings: EvalSetting
 def measure(model, tok, facts: Sequence[Fact], settings: EvalSettings,
             label: str = "") -> dict[str, float]:
     """All metrics of one model state, as percentages (fluency: ROME's x100 entropy)."""
-    start = time.perf_counter()
-    if schema_of(facts) == "zsre":
-        per_case = zsre_metrics(model, tok, facts, settings.batch_size)
-    else:
-        per_case = counterfact_metrics(model, tok, facts, settings.batch_size)
+    return measure_cases(model, tok, facts, settings, label)[0]
+
+
+def measure_cases(model, tok, facts: Sequence[Fact], settings: EvalSettings, label: str = "",
+                  known: np.ndarray | None = None) -> tuple[dict[str, float],
+                                                           dict[str, np.ndarray]]:
+    """``measure``'s row and the per-case results behind it; ``known`` marks the facts the
+    unedited model answers truly in chat (default: this model state's own answers)."""
+    label = label or "row"
+    stage = _Stages(settings.timings, label)
+    with stage("teacher-forced"):
+        if schema_of(facts) == "zsre":
+            per_case = zsre_metrics(model, tok, facts, settings.batch_size)
+        else:
+            per_case = counterfact_metrics(model, tok, facts, settings.batch_size)
+    if settings.generation or settings.chat:
+        with stage("generation"):
+            generator = ModelGenerator(model, tok, settings.gen_tokens, settings.chat_tokens,
+                                       min(16, settings.batch_size))
+            per_case.update(generative_metrics(generator, facts, settings.gen_prompts,
+                                               settings.generation, settings.chat, known))
     row = {k: 100 * v for k, v in summarize(per_case).items()}
     if schema_of(facts) == "counterfact":
-        row.update(_generation_metrics(model, tok, facts, settings))
+        with stage("fluency"):
+            row.update(_generation_metrics(model, tok, facts, settings))
     if settings.general_dir:
-        general = _general(model, tok, settings)
+        with stage("general"):
+            general = _general(model, tok, settings)
         for task, result in general.items():
             row[f"general/{task}"] = 100 * result["acc"]
         row["general/mean"] = float(np.mean([100 * r["acc"] for r in general.values()]))
-    settings.timings[label or "row"] = time.perf_counter() - start
-    return row
+    settings.timings[label] = sum(v for k, v in settings.timings.items()
+                                  if k.startswith(f"{label}/"))
+    return row, per_case
+
+
+class _Stages:
+    """``with stage(name):`` adds the block's seconds to ``timings["label/name"]``."""
+
+    def __init__(self, timings: dict[str, float], label: str):
+        self.timings, self.label = timings, label
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"{self.label}/{name}"
+            self.timings[key] = time.perf_counter() - start
 
 
 def _general(model, tok, settings: EvalSettings) -> dict[str, dict]:
@@ -99,17 +146,31 @@ def evaluate(model, tok, facts: Sequence[Fact], methods: dict[str, Method],
     """Rows for the unedited model and for each method (a context manager that applies the
     edit to ``model`` on entry and takes it back on exit)."""
     say("measuring the unedited model")
-    rows = {"pre-edited": measure(model, tok, facts, settings, "pre-edited")}
+    rows = {}
+    rows["pre-edited"], unedited = measure_cases(model, tok, facts, settings, "pre-edited")
+    say(_stage_line(settings.timings, "pre-edited"))
+    known = unedited["chat_true"] == 1 if "chat_true" in unedited else None
     for name, apply in methods.items():
         say(f"measuring {name}")
         with apply():
-            rows[name] = measure(model, tok, facts, settings, name)
+            rows[name], _ = measure_cases(model, tok, facts, settings, name, known)
+        say(_stage_line(settings.timings, name))
     return rows
+
+
+def _stage_line(timings: dict[str, float], label: str) -> str:
+    stages = ", ".join(f"{k.removeprefix(label + '/')} {v:.1f} s" for k, v in timings.items()
+                       if k.startswith(f"{label}/"))
+    return f"{label}: {timings[label]:.1f} s ({stages})"
 
 
 COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
            ("efficacy_magnitude", "Eff.M"), ("generalization_magnitude", "Gen.M"),
-           ("specificity_magnitude", "Spe.M"), ("fluency", "Flu."), ("consistency", "Consis."),
+           ("specificity_magnitude", "Spe.M"), ("gen_efficacy", "G.Eff."),
+           ("gen_generalization", "G.Gen."), ("gen_specificity", "G.Spe."), ("chat", "Chat"),
+           ("chat_known", "Chat(kn.)"), ("chat_true", "Chat(old)"), ("groups_hold", "Groups"),
+           ("cross_talk", "Cross"), ("spill_subject", "Spill.S"),
+           ("spill_neighbors", "Spill.N"), ("fluency", "Flu."), ("consistency", "Consis."),
            ("general/mean", "General")]
 
 
