@@ -173,11 +173,14 @@ def cli() -> None:
               help="Key index backend.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Of the residual optimization (bfloat16: faster).")
+@click.option("--method", type=click.Choice(["ndb", "paper"]), default="ndb", show_default=True,
+              help="Residuals: ndb's (one per subject, shared by its facts, keeping the "
+                   "subject's identity) or the paper's (one per fact), for comparison.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted build: keep the database, skip facts it holds.")
 @user_errors
 def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
-          precision, resume):
+          precision, method, resume):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
     from ndb.compute import ComputeConfig
     from ndb.database import NeuralDB, check_creatable, check_index_kind
@@ -203,7 +206,8 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
                        f"{defaults.source}", err=True)
             layer = defaults.layer if layer is None else layer
             gamma = defaults.gamma if gamma is None else gamma
-        compute = ComputeConfig(precision=precision)
+        compute = (ComputeConfig.paper if method == "paper" else ComputeConfig)(
+            precision=precision)
         if batch_size:
             compute.batch_size = batch_size
         db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
@@ -482,8 +486,9 @@ def _eval_legend() -> str:
               help="NeuralDB to evaluate; built (or finished, if interrupted) from FACTS.")
 @click.option("--n", "limit", type=click.IntRange(1), default=None, help="Use the first N facts.")
 @click.option("--methods", default="neuraldb", show_default=True,
-              help="Comma-separated: neuraldb, memit (5 layers), memit-1 (one layer), "
-                   "alphaedit.")
+              help="Comma-separated: neuraldb (ndb's defaults), neuraldb-paper (the paper's "
+                   "per-fact residuals, in DB-paper beside --db), memit (5 layers), memit-1 "
+                   "(one layer), alphaedit.")
 @click.option("--stats-text", multiple=True,
               help="Generic text (.txt or JSONL) for MEMIT/AlphaEdit's C0 statistics; "
                    "default: lambada_test.jsonl in the --general directory.")
@@ -521,6 +526,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     import tempfile
     import time
 
+    from ndb.compute import ComputeConfig
     from ndb.database import NeuralDB, check_creatable
     from ndb.eval.methods import METHODS, make_methods
     from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of
@@ -542,17 +548,26 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
         consistency=_consistency_reference(consistency_dir) if consistency_dir else None)
     tmp = tempfile.TemporaryDirectory() if db_path is None else None
     path = Path(db_path) if db_path else Path(tmp.name) / "eval.ndb"
-    # the database is opened (or its place checked) before minutes of model loading
-    existing = NeuralDB.from_pretrained(path) if (path / "config.json").is_file() else None
-    if existing is None:
-        check_creatable(path)
+    paths = {"neuraldb": path, "neuraldb-paper": path.with_name(path.name + "-paper")}
+    wanted = ["neuraldb"] + (["neuraldb-paper"] if "neuraldb-paper" in chosen else [])
+    # the databases are opened (or their places checked) before minutes of model loading
+    existing = {m: NeuralDB.from_pretrained(paths[m]) for m in wanted
+                if (paths[m] / "config.json").is_file()}
+    for method in wanted:
+        if method not in existing:
+            check_creatable(paths[method])
     model, tokenizer = _load(model_name, device)
-    db = existing or NeuralDB.create(path, model, tokenizer)
-    start = time.perf_counter()
-    added = db.add(records, model, tokenizer, skip_existing=True, progress=True,
-                   commit_each_batch=True)
-    build_s = time.perf_counter() - start
-    db.flush()
+    dbs, build_s, added = {}, 0.0, 0
+    for method in wanted:
+        compute = ComputeConfig.paper() if method == "neuraldb-paper" else None
+        dbs[method] = existing.get(method) or NeuralDB.create(paths[method], model, tokenizer,
+                                                              compute=compute)
+        start = time.perf_counter()
+        added += len(dbs[method].add(records, model, tokenizer, skip_existing=True,
+                                     progress=True, commit_each_batch=True))
+        build_s += time.perf_counter() - start
+        dbs[method].flush()
+    db = dbs["neuraldb"]
 
     def say(message: str) -> None:
         click.echo(message, err=True)
@@ -560,21 +575,22 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     hyper = {k: v for k, v in (("mom2_weight", memit_lambda),
                                ("null_threshold", alphaedit_threshold)) if v is not None}
     contexts = make_methods(chosen, model, tokenizer, records, db, stats_text, stats_positions,
-                            say, hyper)
+                            say, hyper, paper_db=dbs.get("neuraldb-paper"))
     rows = evaluate(model, tokenizer, records, contexts, settings, say)
     click.echo(f"{len(records)} facts ({schema_of(records)} schema); NeuralDB layer "
-               f"{db.config.layer}, gamma {db.config.gamma}; {len(added)} edits computed in "
+               f"{db.config.layer}, gamma {db.config.gamma}; {added} edits computed in "
                f"{build_s:.0f} s\n")
     click.echo(markdown_table(rows))
     if json_out:
         report = {"facts": facts, "n": len(records), "schema": schema_of(records),
                   "methods": chosen, "stats_text": [str(p) for p in stats_text],
                   "db": str(path) if db_path else None, "layer": db.config.layer,
-                  "gamma": db.config.gamma, "edits_computed": len(added),
+                  "gamma": db.config.gamma, "edits_computed": added,
                   "build_seconds": build_s, "seconds": settings.timings,
                   "rows": noted_rows(rows, schema_of(records))}
         write_strict_json(json_out, report, indent=2)
-    db.close()
+    for opened in dbs.values():
+        opened.close()
     if tmp is not None:
         tmp.cleanup()
 
@@ -589,7 +605,7 @@ def _check_eval_inputs(records, methods: list[str], stats_text: list, general_di
         if missing is not None:
             raise ConfigError(f"fact {missing + 1} has no target_true, which CounterFact "
                               "metrics compare the new object with")
-    if any(m != "neuraldb" for m in methods) and not stats_text:
+    if any(m not in ("neuraldb", "neuraldb-paper") for m in methods) and not stats_text:
         raise ConfigError("MEMIT and AlphaEdit need generic text for their C0 statistics: "
                           "pass --stats-text FILE (e.g. lambada_test.jsonl) or --general DIR")
     for text in stats_text:

@@ -41,7 +41,10 @@ class ComputeConfig:
     prefix_tokens: int = 10  # length of each sampled prefix
     steps: int = 25  # Adam steps at most
     lr: float = 0.5
-    kl_weight: float = 0.0625
+    # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone, the paper's). With the restatement probes
+    # of kl_prompts, keeping who the subject is must weigh as much as the edit's NLL, or the
+    # cheapest way to the new object is to turn the subject into another entity
+    kl_weight: float = 1.0
     weight_decay: float = 0.5  # times ||delta|| / ||h||^2
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
@@ -77,6 +80,13 @@ class ComputeConfig:
                              f"{self.residual_scope!r}")
         if not self.kl_prompts or any(p.count("{}") != 1 for p in self.kl_prompts):
             raise ValueError("kl_prompts must be prompts with exactly one '{}' each")
+
+    @classmethod
+    def paper(cls, **overrides) -> ComputeConfig:
+        """The paper's residuals (MEMIT's): one per fact, with ROME's single KL prompt at
+        MEMIT's weight; keys as ndb computes them. For comparison with ndb's defaults."""
+        return cls(**{"residual_scope": "fact", "kl_prompts": ("{} is a",), "kl_weight": 0.0625,
+                      **overrides})
 
     @property
     def keys_per_fact(self) -> int:

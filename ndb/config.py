@@ -58,7 +58,8 @@ class NeuralDBConfig:
                 and all(isinstance(v, str) for v in [*parts, *parts.values()])):
             raise ValueError("input_fingerprints must map part names to fingerprint strings")
         # databases written before these settings existed edit as the paper does
-        compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], **data.get("compute", {})}
+        compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], "kl_weight": 0.0625,
+                   **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)
 

@@ -14,7 +14,8 @@ from ndb.database import NeuralDB
 from ndb.facts import Fact
 from ndb.models import baseline_hyper
 
-METHODS = ("neuraldb", "memit", "memit-1", "alphaedit")
+METHODS = ("neuraldb", "neuraldb-paper", "memit", "memit-1", "alphaedit")
+NEURALDB = ("neuraldb", "neuraldb-paper")  # databases attached; the others edit weights
 SPREAD = 5  # MEMIT and AlphaEdit edit this many layers, ending at NeuralDB's layer
 
 
@@ -28,23 +29,30 @@ def weight_edit_config(name: str, layer: int, **hyper: float) -> WeightEditConfi
 def make_methods(names: Sequence[str], model, tok, facts: Sequence[Fact], db: NeuralDB,
                  stats_texts: Sequence[str | Path] = (), stats_positions: int = 100_000,
                  say: Callable[[str], None] = lambda _: None,
-                 hyper: dict[str, float] | None = None) -> dict[str, Callable]:
-    """Context managers for the named methods; weight editors reuse the database's
-    residuals (computed once for NeuralDB) and restore the weights on exit. ``hyper``
-    overrides the model's tuned WeightEditConfig values (``models.BASELINE_DEFAULTS``)."""
+                 hyper: dict[str, float] | None = None,
+                 paper_db: NeuralDB | None = None) -> dict[str, Callable]:
+    """Context managers for the named methods: ``db`` attached (neuraldb), ``paper_db``
+    attached (neuraldb-paper: per-fact residuals, ComputeConfig.paper()), and weight
+    editors, which reuse the per-fact residuals (``paper_db``'s if given, else ``db``'s)
+    and restore the weights on exit. ``hyper`` overrides the model's tuned WeightEditConfig
+    values (``models.BASELINE_DEFAULTS``)."""
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
     methods: dict[str, Callable] = {}
-    weight_editors = [n for n in names if n != "neuraldb"]
+    weight_editors = [n for n in names if n not in NEURALDB]
+    if "neuraldb-paper" in names and paper_db is None:
+        raise ValueError("neuraldb-paper needs its database (paper_db)")
     if weight_editors and not stats_texts:
         raise ValueError("MEMIT and AlphaEdit need generic text for their C0 statistics: "
                          "pass a text file (e.g. lambada_test.jsonl)")
-    residuals = torch.from_numpy(db.store.read("residuals", db.lookup(facts))).float()
+    source = paper_db or db
+    residuals = (torch.from_numpy(source.store.read("residuals", source.lookup(facts))).float()
+                 if weight_editors else None)
     texts = read_texts(stats_texts) if weight_editors else []
     for name in names:
-        if name == "neuraldb":
-            methods[name] = _attached(db, model, tok)
+        if name in NEURALDB:
+            methods[name] = _attached(db if name == "neuraldb" else paper_db, model, tok)
             continue
         config = weight_edit_config(name, db.config.layer,
                                     **{**baseline_hyper(model), **(hyper or {})})
