@@ -226,7 +226,7 @@ def test_disk_full_is_one_line_and_keeps_the_old_state(built, tmp_path, monkeypa
                       "\n errno = 28, error message = 'No space left on device')")
 
     before = hashes(built)
-    monkeypatch.setattr(store, "_write_segment", full)
+    monkeypatch.setattr(store.Store, "write_segment", full)
     more = write_jsonl(tmp_path / "more.jsonl", [{**PLAIN, "subject": "Rome"}])
     result = CliRunner().invoke(cli, ["add", str(built), str(more)])
     assert_one_line_refusal(result, "the disk is full", progress=True)
