@@ -197,10 +197,9 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
         check_creatable(path)
         check_index_kind(index_kind)
         model, tokenizer = _load(model_name, device)
+        defaults = None
         if layer is None or gamma is None:
             defaults = edit_defaults(model)
-            click.echo(f"default layer {defaults.layer}, gamma {defaults.gamma}: "
-                       f"{defaults.source}", err=True)
             layer = defaults.layer if layer is None else layer
             gamma = defaults.gamma if gamma is None else gamma
         compute = ComputeConfig(precision=precision)
@@ -208,6 +207,9 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
             compute.batch_size = batch_size
         db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
                              compute=compute, index=index_kind)
+        if defaults is not None:  # said once accepted: a refusal stays one line
+            click.echo(f"default layer {defaults.layer}, gamma {defaults.gamma}: "
+                       f"{defaults.source}", err=True)
     if batch_size:
         db.config.compute.batch_size = batch_size
     before = len(db)
