@@ -538,11 +538,12 @@ class Exploit:
         return (Path.touch, (self.marker,))
 
 
-def run_hostile(work: Path, model_dir: Path, facts: Facts, tally: Tally, bar: tqdm) -> None:
+def run_hostile(limit: int | None, work: Path, model_dir: Path, facts: Facts, tally: Tally,
+                bar: tqdm) -> None:
     pristine = work / "hostile-pristine.ndb"
     build(pristine, [facts.make() for _ in range(3)], model_dir, work, "--batch-size", "3")
-    cases = hostile_cases()
-    for name, make in cases.items():
+    cases = list(hostile_cases().items())[:limit]
+    for name, make in cases:
         bar.set_postfix_str("hostile directories")
         with hostile_copy(pristine, work) as (db, outside):
             args, message = make(db, outside)
@@ -554,7 +555,7 @@ def run_hostile(work: Path, model_dir: Path, facts: Facts, tally: Tally, bar: tq
             tally.record("hostile directory", name, problem)
         bar.update()
     for name, check in (("corrupted index cache", corrupted_index),
-                        ("index cache is a pickle", pickled_index)):
+                        ("index cache is a pickle", pickled_index))[:limit]:
         with hostile_copy(pristine, work) as (db, outside):
             sentinel = hashes(outside)
             problem = check(db, outside, model_dir)
@@ -716,14 +717,15 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     n_malformed = min(args.malformed, len(test_errors.BAD_FACTS) +
                       len(test_errors.BAD_ARGUMENTS))
-    total = args.kill_trials + n_malformed + args.writers + len(hostile_cases()) + 2 + \
-        args.disk_full
+    n_hostile = min(args.hostile, len(hostile_cases())) + min(args.hostile, 2)
+    total = args.kill_trials + n_malformed + args.writers + n_hostile + args.disk_full
     with tempfile.TemporaryDirectory(dir=args.work) as tmp, \
             tqdm(total=total, unit="trial") as bar:
+        tqdm._instances.discard(bar)  # a refusal closes the command's bars, not this one
         work = Path(tmp)
         model_dir = make_model_dir(work / "tiny-llama")
         for category in (lambda: run_malformed(n_malformed, work, model_dir, tally, bar),
-                         lambda: run_hostile(work, model_dir, facts, tally, bar),
+                         lambda: run_hostile(args.hostile, work, model_dir, facts, tally, bar),
                          lambda: run_writers(args.writers, work, model_dir, facts, tally, bar),
                          lambda: run_disk_full(args.disk_full, work, model_dir, facts, tally,
                                                bar),
@@ -752,6 +754,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="kill -9 trials, spread over the kinds in turn")
     ap.add_argument("--malformed", type=int, default=1000,
                     help="at most this many rows of test_errors' tables (default: all)")
+    ap.add_argument("--hostile", type=int, default=1000,
+                    help="at most this many hostile directories of each kind (default: all)")
     ap.add_argument("--writers", type=int, default=6, help="two-writer trials")
     ap.add_argument("--disk-full", type=int, default=5, help="disk-full trials")
     ap.add_argument("--seed", type=int, default=0)

@@ -21,13 +21,14 @@ def test_the_checks_can_fail(tmp_path):
 def test_a_small_run_passes_and_reports_every_category(tmp_path):
     out = tmp_path / "results" / "reliability"
     args = reliability.parse(["--kill-trials", "3", "--malformed", "2", "--writers", "1",
-                              "--disk-full", "1", "--work", str(tmp_path), "--out", str(out)])
+                              "--hostile", "2", "--disk-full", "1", "--work", str(tmp_path),
+                              "--out", str(out)])
     report = reliability.run(args)
     categories = report["categories"]
     assert [row["failures"] for row in categories.values() if row["failed"]] == []
     assert categories["malformed input"]["trials"] == 2
     assert categories["two writers"]["trials"] == 1
-    assert categories["hostile directory"]["trials"] == len(reliability.hostile_cases()) + 2
+    assert categories["hostile directory"]["trials"] == 4
     kills = [name for name in categories if name.startswith("kill -9")]
     assert sorted(kills) == sorted(f"kill -9: {k}" for k in reliability.KILL_KINDS[:3])
     disk = categories["disk full"]
