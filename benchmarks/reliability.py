@@ -80,6 +80,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.categories: dict[str, dict] = {}
+        self.on_record: Callable[[], None] = lambda: None
 
     def record(self, category: str, case: str, problem: str | None, **extra) -> None:
         row = self.categories.setdefault(category, {"trials": 0, "passed": 0, "failed": 0,
@@ -93,6 +94,7 @@ class Tally:
         for name, value in extra.items():  # counters, e.g. how many kills landed mid-write
             row.setdefault(name, {}).setdefault(str(value), 0)
             row[name][str(value)] += 1
+        self.on_record()
 
     def skip(self, category: str, reason: str) -> None:
         self.categories[category] = {"trials": 0, "passed": 0, "failed": 0, "failures": [],
@@ -692,7 +694,8 @@ def markdown(report: dict) -> str:
     lines = ["# Reliability", "", f"`{report['command']}`", "",
              f"{report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
              f"Python {report['machine']['python']}, torch {report['machine']['torch']}; "
-             f"{report['seconds']:.0f} s", "",
+             f"{report['seconds']:.0f} s" + ("" if report["finished"] else
+                                              " (interrupted: the counts so far)"), "",
              "| category | trials | passed | failed | notes |", "|---|---:|---:|---:|---|"]
     for name, row in report["categories"].items():
         notes = "; ".join(f"{key}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -723,6 +726,8 @@ def run(args: argparse.Namespace) -> dict:
             tqdm(total=total, unit="trial") as bar:
         tqdm._instances.discard(bar)  # a refusal closes the command's bars, not this one
         work = Path(tmp)
+        # saved after every trial: an interrupted run still reports what it counted
+        tally.on_record = lambda: save(args, tally, time.perf_counter() - start, False)
         model_dir = make_model_dir(work / "tiny-llama")
         for category in (lambda: run_malformed(n_malformed, work, model_dir, tally, bar),
                          lambda: run_hostile(args.hostile, work, model_dir, facts, tally, bar),
@@ -732,14 +737,13 @@ def run(args: argparse.Namespace) -> dict:
                          lambda: run_kills(args.kill_trials, work, model_dir, facts, rng,
                                            tally, bar)):
             category()
-            report = save(args, tally, time.perf_counter() - start)  # each as it completes
-    return report
+    return save(args, tally, time.perf_counter() - start, True)
 
 
-def save(args: argparse.Namespace, tally: Tally, seconds: float) -> dict:
+def save(args: argparse.Namespace, tally: Tally, seconds: float, finished: bool) -> dict:
     rows = tally.categories.values()
     report = {"command": " ".join(["python", *sys.argv]), "machine": machine(),
-              "seconds": seconds, "seed": args.seed,
+              "seconds": seconds, "finished": finished, "seed": args.seed,
               "totals": {k: sum(r[k] for r in rows) for k in ("trials", "passed", "failed")},
               "categories": tally.categories}
     args.out.parent.mkdir(parents=True, exist_ok=True)
