@@ -7,6 +7,7 @@ type it replaced, so ``except ValueError`` in callers' code still catches it.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class NdbError(Exception):
@@ -54,6 +55,18 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+_HDF5_ERRNO = re.compile(r"\berrno = (\d+)")
+
+
+def _errno(err: BaseException) -> int | None:
+    """The errno of an OS error; HDF5 reports a write that fails while closing a file as a
+    RuntimeError that carries the errno only in its message."""
+    if isinstance(err, OSError):
+        return err.errno
+    match = _HDF5_ERRNO.search(str(err)) if isinstance(err, RuntimeError) else None
+    return int(match.group(1)) if match else None
+
+
 def environment_error(err: BaseException) -> NdbError | None:
     """The ndb error for an OS refusal behind ``err`` (disk full, permission denied,
     read-only file system), which no code path of ndb can be blamed for; else None.
@@ -63,7 +76,7 @@ def environment_error(err: BaseException) -> NdbError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+        if _errno(err) in _DISK_FULL:
             return DiskFullError("the disk is full (no space left on device); nothing more "
                                  "was written, the database keeps its last committed state")
         if isinstance(err, OSError) and err.errno in _REFUSED:
