@@ -337,14 +337,7 @@ def malformed_cases() -> Iterator[tuple[str, Callable[[Path, Path, Path], list[s
     """(name, arguments given the database, a scratch directory and the model, message)."""
     for i, (record, message) in enumerate(test_errors.BAD_FACTS):
         def facts_args(db, tmp, model_dir, record=record):
-            path = tmp / "bad.jsonl"
-            if isinstance(record, bytes):
-                path.write_bytes(record)
-            elif isinstance(record, str):
-                path.write_text(record)
-            else:
-                path.write_text(json.dumps(test_errors.PLAIN) + "\n" + json.dumps(record) + "\n")
-            return ["add", db, path]
+            return ["add", db, test_errors.write_bad_facts(tmp / "bad.jsonl", record)]
         yield f"bad facts {i}: {message}", facts_args, message
     for i, (args, message) in enumerate(test_errors.BAD_ARGUMENTS):
         def argument_args(db, tmp, model_dir, args=args):

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,15 +157,20 @@ def assert_one_line_refusal(result, message, progress=False):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("record, message", BAD_FACTS)
-def test_bad_facts_are_refused_in_one_line_and_change_nothing(built, tmp_path, record, message):
-    path = tmp_path / "bad.jsonl"
+def write_bad_facts(path: Path, record) -> Path:
+    """A facts file whose second record is ``record`` (bytes or str: the whole file)."""
     if isinstance(record, bytes):
         path.write_bytes(record)
     elif isinstance(record, str):
         path.write_text(record)
     else:
         path.write_text(json.dumps(PLAIN) + "\n" + json.dumps(record) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("record, message", BAD_FACTS)
+def test_bad_facts_are_refused_in_one_line_and_change_nothing(built, tmp_path, record, message):
+    path = write_bad_facts(tmp_path / "bad.jsonl", record)
     before = hashes(built)
     result = CliRunner().invoke(cli, ["add", str(built), str(path)])
     assert_one_line_refusal(result, message)
