@@ -83,3 +83,22 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 FAST_COMPUTE = dict(n_prefixes=2, prefix_tokens=5, steps=4, batch_size=4)
+
+
+@pytest.fixture
+def exact_compute():
+    """No sampled prefixes: a rewrite prompt then reproduces its stored key exactly."""
+    from ndb import ComputeConfig
+
+    return ComputeConfig(**{**FAST_COMPUTE, "n_prefixes": 0})
+
+
+@pytest.fixture
+def db(tmp_path, llama, exact_compute):
+    """The four FACTS, edited at layer 2 with a strict gate."""
+    from ndb import NeuralDB
+
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=exact_compute)
+    db.add(FACTS)
+    return db

@@ -15,14 +15,6 @@ EDITED = [f.text for f in FACTS]
 UNRELATED = ["The weather was mild that spring and the", "She opened the door slowly"]
 
 
-@pytest.fixture
-def db(tmp_path, llama):
-    model, tok = llama
-    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=EXACT)
-    db.add(FACTS)
-    return db
-
-
 def logits(model, tok, texts, padding_side="right"):
     tok.padding_side = padding_side
     enc = tok(texts, return_tensors="pt", padding=True)

@@ -5,22 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from ndb import ComputeConfig, Fact, NeuralDB
+from ndb import Fact
 from ndb.errors import FactError, FactNotFoundError
 from ndb.facts import parse_record, read_facts
 
-from conftest import FACTS, FAST_COMPUTE
+from conftest import FACTS
 
-EXACT = ComputeConfig(**{**FAST_COMPUTE, "n_prefixes": 0})
 ROME = Fact("Rome", "{} is the capital of", "Peru", "Italy", key="it-capital")
-
-
-@pytest.fixture
-def db(tmp_path, llama):
-    model, tok = llama
-    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=EXACT)
-    db.add(FACTS)
-    return db
 
 
 # -- reading keys ------------------------------------------------------------------------
