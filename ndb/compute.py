@@ -16,7 +16,7 @@ and computes logits only where the loss reads them. A fact leaves the batch once
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +31,8 @@ from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+# a bar whose count moves in fractions of a fact but shows whole ones
+FRACTIONAL_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 @dataclass
@@ -360,13 +362,16 @@ def compute_residuals(
     layer: int,
     prefixes: Sequence[str],
     config: ComputeConfig | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[float], object] = False,
     groups: Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
     """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact.
 
     Facts with equal ``groups`` labels share one residual, optimized on all their prompts
     together (see ``ComputeConfig.residual_scope``); by default each fact is its own group.
+    ``progress``: True shows a bar; a callable (a bar's ``update``) is called after every
+    optimization step with the number of facts that step completed, in fractions of a batch,
+    so that a bar moves within a batch and an ETA exists after its first step.
     """
     config = config or ComputeConfig()
     if config.precision not in ("float32", "bfloat16"):
@@ -375,7 +380,9 @@ def compute_residuals(
                               enabled=config.precision == "bfloat16")
     labels = list(range(len(facts))) if groups is None else list(groups)
     out = torch.empty(len(facts), 0)
-    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=not progress)
+    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=progress is not True,
+               bar_format=FRACTIONAL_BAR)
+    advance = progress if callable(progress) else bar.update
     for batch in pack_groups(labels, config.batch_size):
         dense = {label: g for g, label in enumerate(dict.fromkeys(labels[i] for i in batch))}
         # a group's members in a fixed order, so that its residual does not depend on the
@@ -384,11 +391,10 @@ def compute_residuals(
         groups_of = [dense[labels[i]] for i in batch]
         with autocast:
             deltas = _optimize(model, tokenizer, [facts[i] for i in batch], groups_of, layer,
-                               prefixes, config)
+                               prefixes, config, advance)
         if out.shape[1] == 0:
             out = torch.empty(len(facts), deltas.shape[1])
         out[batch] = deltas[groups_of]
-        bar.update(len(batch))
     bar.close()
     return out
 
@@ -407,12 +413,49 @@ def pack_groups(labels: Sequence[Hashable], size: int) -> list[list[int]]:
     return batches
 
 
+def suffix_chunks(lengths: Sequence[int], most: int = 3) -> list[list[int]]:
+    """Indices of ``lengths`` in at most ``most`` chunks of similar length, chosen to minimize
+    the padded work (rows times longest length, summed over chunks)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = sorted(set(lengths))
+    below = [0] + [sum(1 for x in lengths if x <= size) for size in sizes]
+    m = len(sizes)
+    # work[k][j]: least work for the rows up to sizes[j - 1] in k chunks; first[k][j]: the
+    # index into sizes where the last of those chunks begins
+    work = [[0.0] + [float("inf")] * m] + [[float("inf")] * (m + 1) for _ in range(most)]
+    first = [[0] * (m + 1) for _ in range(most + 1)]
+    for k in range(1, most + 1):
+        for j in range(1, m + 1):
+            for i in range(j):
+                w = work[k - 1][i] + (below[j] - below[i]) * sizes[j - 1]
+                if w < work[k][j]:
+                    work[k][j], first[k][j] = w, i
+    k = min(range(1, most + 1), key=lambda k: work[k][m])
+    chunks, j = [], m
+    while j > 0:
+        i = first[k][j]
+        chunks.append(order[below[i] : below[j]])
+        j, k = i, k - 1
+    return chunks[::-1]
+
+
+class _Chunk:
+    """Rows of a batch whose suffixes are run together, with their own prefix cache."""
+
+    def __init__(self, rows: torch.Tensor, width: int):
+        self.rows, self.width = rows, width  # rows of the batch; suffix columns they need
+        self.cache: DynamicCache | None = None
+        self.suffix_in: torch.Tensor | None = None  # the edited layer's input on the suffix
+
+
 class _SuffixRunner:
     """Runs a batch once in full, then re-runs only its suffix with deltas added.
 
     The full pass (no grad) keeps: the key/value cache of every layer for the columns
     before ``p``, the edited layer's input on the suffix columns, the residual-stream norm
-    at the subject, and the KL rows' original next-token distribution.
+    at the subject, and the KL rows' original next-token distribution. Rows are run in
+    chunks of similar suffix length, so that short rows do not pay for the longest one's
+    padding.
     """
 
     def __init__(self, model, batch: _Batch, layer: int, bare_rows: torch.Tensor):
@@ -420,53 +463,90 @@ class _SuffixRunner:
         self.layers = decoder_layers(model)
         self.edited = self.layers[layer]
         self.ffn_out = get_module(model, ffn_out_path(model, layer))
-        p = batch.p
+        p, device = batch.p, batch.ids.device
+        lengths = batch.mask[:, p:].sum(1).tolist()
+        self.chunks = [_Chunk(torch.tensor(rows, device=device), max(lengths[i] for i in rows))
+                       for rows in suffix_chunks(lengths)]
+        hidden, at_subject = [], []
         with torch.no_grad():
-            self.cache = DynamicCache(config=model.config)
-            with nethook.capture_input(self.edited) as h_in, \
-                    nethook.capture_output(self.edited) as h_out:
-                hidden = model.base_model(input_ids=batch.ids, attention_mask=batch.mask,
-                                          position_ids=batch.position_ids, cache=self.cache,
-                                          use_cache=True).last_hidden_state
-            self.suffix_in = h_in["x"][:, p:]
-            self.h_norm = h_out["x"][bare_rows, p].float().norm(dim=-1)
+            for chunk in self.chunks:
+                chunk.cache = DynamicCache(config=model.config)
+                end = p + chunk.width
+                with nethook.capture_input(self.edited) as h_in, \
+                        nethook.capture_output(self.edited) as h_out:
+                    out = model.base_model(
+                        input_ids=batch.ids[chunk.rows, :end],
+                        attention_mask=batch.mask[chunk.rows, :end],
+                        position_ids=batch.position_ids[chunk.rows, :end], cache=chunk.cache,
+                        use_cache=True).last_hidden_state
+                chunk.suffix_in = h_in["x"][:, p:]
+                _crop(chunk.cache, p)
+                hidden.append(out[:, p:])
+                at_subject.append(h_out["x"][:, p])
+            self.hidden_size = hidden[0].shape[-1]
+            hidden = self._gather(hidden)
+            self.h_norm = self._gather(at_subject)[bare_rows].float().norm(dim=-1)
             batch.kl_init = F.log_softmax(
-                _lm_logits(model, hidden[batch.kl_rows, p + batch.kl_cols]), -1)
-            _crop(self.cache, p)
+                _lm_logits(model, hidden[batch.kl_rows, batch.kl_cols]), -1)
+
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-chunk results back in the batch's row order, suffixes padded to one width."""
+        n = sum(len(c.rows) for c in self.chunks)
+        if parts[0].dim() == 3:
+            width = max(part.shape[1] for part in parts)
+            parts = [F.pad(part, (0, 0, 0, width - part.shape[1])) for part in parts]
+        out = parts[0].new_zeros((n, *parts[0].shape[1:]))
+        return out.index_copy(0, torch.cat([c.rows for c in self.chunks]), torch.cat(parts))
 
     def __call__(self, row_deltas: torch.Tensor) -> torch.Tensor:
         """Final hidden states (rows, suffix, d2) with ``row_deltas`` (rows, d2) added to the
-        edited projection's output at each row's subject token."""
-
-        def add_delta(output: torch.Tensor) -> torch.Tensor:
-            return torch.cat([output[:, :1] + row_deltas.unsqueeze(1).to(output.dtype),
-                              output[:, 1:]], dim=1)
-
+        edited projection's output at each row's subject token (zeros past a row's end)."""
         b, p = self.batch, self.batch.p
-        with nethook.truncated(self.layers, self.layer), \
-                nethook.replace_input(self.edited, self.suffix_in), \
-                nethook.edit_output(self.ffn_out, add_delta):
-            hidden = self.model.base_model(
-                input_ids=b.ids[:, p:], attention_mask=b.mask, position_ids=b.position_ids[:, p:],
-                cache=self.cache, use_cache=True).last_hidden_state
-        _crop(self.cache, p)
-        return hidden
+        hidden = []
+        for chunk in self.chunks:
+            deltas = row_deltas[chunk.rows].unsqueeze(1)
+
+            def add_delta(output: torch.Tensor, deltas=deltas) -> torch.Tensor:
+                return torch.cat([output[:, :1] + deltas.to(output.dtype), output[:, 1:]], dim=1)
+
+            end = p + chunk.width
+            with nethook.truncated(self.layers, self.layer), \
+                    nethook.replace_input(self.edited, chunk.suffix_in), \
+                    nethook.edit_output(self.ffn_out, add_delta):
+                hidden.append(self.model.base_model(
+                    input_ids=b.ids[chunk.rows, p:end], attention_mask=b.mask[chunk.rows, :end],
+                    position_ids=b.position_ids[chunk.rows, p:end], cache=chunk.cache,
+                    use_cache=True).last_hidden_state)
+            _crop(chunk.cache, p)
+        return self._gather(hidden)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        _select(self.cache, rows)
-        self.suffix_in = self.suffix_in[rows]
+        """Keep only ``rows`` (sorted indices into the current rows), renumbered from 0."""
+        new_index = torch.full((sum(len(c.rows) for c in self.chunks),), -1,
+                               dtype=torch.long, device=rows.device)
+        new_index[rows] = torch.arange(len(rows), device=rows.device)
+        kept = []
+        for chunk in self.chunks:
+            keep = new_index[chunk.rows] >= 0
+            if not bool(keep.any()):
+                continue
+            _select(chunk.cache, keep)
+            chunk.suffix_in, chunk.rows = chunk.suffix_in[keep], new_index[chunk.rows[keep]]
+            kept.append(chunk)
+        self.chunks = kept
 
 
-def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeConfig
-              ) -> torch.Tensor:
-    """One delta per group (``groups``: dense labels 0..G-1, one per fact), (G, d2)."""
+def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeConfig,
+              advance: Callable[[float], object]) -> torch.Tensor:
+    """One delta per group (``groups``: dense labels 0..G-1, one per fact), (G, d2);
+    ``advance`` gets the facts each step completed, in fractions (summing to len(facts))."""
     device = _device(model)
     rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts)
     batch = _Batch(rows, anchor_token_id(tokenizer)).to(device)
     runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
     n_groups = len(bare_rows)
 
-    delta = torch.zeros(n_groups, runner.suffix_in.shape[-1], device=device)
+    delta = torch.zeros(n_groups, runner.hidden_size, device=device)
     adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
     active = torch.arange(n_groups, device=device)
     b1, b2, eps = 0.9, 0.999, 1e-8
@@ -493,7 +573,9 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
 
         done = loss.detach() < config.stop_loss
         if step == config.steps or bool(done.all()):
+            advance(len(facts) * (1 - (step - 1) / config.steps))
             break
+        advance(len(facts) / config.steps)
         loss[~done].sum().backward()
         with torch.no_grad():
             go = ~done

@@ -11,6 +11,7 @@ from ndb.compute import (
     compute_keys,
     compute_residuals,
     context_prefixes,
+    suffix_chunks,
 )
 from ndb.facts import Fact
 from ndb.models import ffn_dims, ffn_out_path, ffn_out_weight, get_module
@@ -138,3 +139,42 @@ def test_compute_config_refuses_unknown_scope_and_bad_kl_prompts():
         ComputeConfig(residual_scope="relation")
     with pytest.raises(ValueError, match="kl_prompts"):
         ComputeConfig(kl_prompts=("no placeholder",))
+
+
+def test_suffix_chunks_cover_every_row_once_by_length():
+    lengths = [10, 10, 3, 3, 3, 2, 5, 6, 7]
+    chunks = suffix_chunks(lengths)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    # least padded work in three chunks: 4*3 + 3*7 + 2*10 (one chunk: 9*10)
+    assert [sorted(chunk) for chunk in chunks] == [[2, 3, 4, 5], [6, 7, 8], [0, 1]]
+    assert suffix_chunks([4, 4, 4]) == [[0, 1, 2]]
+
+
+def test_suffix_runner_keeps_rows(tokenizer):
+    """After dropping rows (converged facts), the runner computes the remaining rows as
+    before, whichever chunks they sat in."""
+    model = tiny_model("llama")
+    rows, bare = _rows(tokenizer, FACTS, range(len(FACTS)), PREFIXES, ("{} is a",))
+    batch = _Batch(rows, anchor_token_id(tokenizer))
+    runner = _SuffixRunner(model, batch, 1, torch.tensor(bare))
+    assert len(runner.chunks) > 1  # the test must cross chunks
+    deltas = torch.randn(len(batch.rows), 64)
+    before = runner(deltas)
+    kept = batch.select(torch.tensor([0, 2]))  # facts 0 and 2 go on
+    runner.keep_rows(kept)
+    after = runner(deltas[kept])
+    real = batch.mask[:, batch.p:].bool()[:, : after.shape[1]]
+    assert len(kept) < len(deltas) and real.sum() > 0
+    torch.testing.assert_close(after[real], before[kept][:, : after.shape[1]][real],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_residual_progress_moves_within_a_batch(llama):
+    """A progress callback hears from every optimization step, and the shares it gets add up
+    to the number of facts (so that a bar ends full and has an ETA after one step)."""
+    model, tok = llama
+    calls: list[float] = []
+    config = ComputeConfig(**{**FAST_COMPUTE, "steps": 4, "stop_loss": 0.0, "batch_size": 2})
+    compute_residuals(model, tok, FACTS[:3], 1, PREFIXES, config, progress=calls.append)
+    assert len(calls) == 2 * 4  # two batches, four steps each
+    assert max(calls) <= 2 and sum(calls) == pytest.approx(3)
