@@ -1,0 +1,126 @@
+"""Choose how residuals are computed, by a sweep on the dev set judged by real use.
+
+Each setting of ComputeConfig builds a database of the dev facts (kept under --cache, so an
+interrupted sweep resumes where it stopped) and is measured as `ndb eval` measures it:
+teacher-forced, generative, chat, groups, cross-talk, spill-over (fluency off). The layer
+and gamma stay the model's defaults (benchmarks/sweep.py chose them).
+
+The score was fixed before any run: the mean of efficacy, generalization, specificity,
+gen_efficacy, chat_known, groups_hold, 100 - cross_talk and 100 - spill_subject (every
+target of real use weighs alike). The best score wins; a tie keeps today's default.
+
+    python benchmarks/sweep_method.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ndb import NeuralDB, load_model, read_facts
+from ndb.compute import ComputeConfig
+from ndb.eval.run import EvalSettings, markdown_table, measure_cases
+from ndb.output import write_strict_json
+
+HERE = Path(__file__).resolve().parent
+
+PAPER = ComputeConfig.paper().to_dict()
+# name: ComputeConfig overrides; the first is today's default
+SETTINGS: dict[str, dict] = {
+    "ndb (default)": {},
+    "paper": {k: PAPER[k] for k in ("residual_scope", "kl_prompts", "kl_weight")},
+    "ndb, kl_weight 4": {"kl_weight": 4.0},
+    "ndb, kl_weight 0.25": {"kl_weight": 0.25},
+    "subject scope, paper's KL": {"kl_prompts": PAPER["kl_prompts"],
+                                  "kl_weight": PAPER["kl_weight"]},
+}
+SCORED = ("efficacy", "generalization", "specificity", "gen_efficacy", "chat_known",
+          "groups_hold")
+INVERSE = ("cross_talk", "spill_subject")  # lower is better: scored as 100 - value
+
+
+def score(row: dict[str, float]) -> float:
+    values = [row[k] for k in SCORED] + [100 - row[k] for k in INVERSE]
+    return sum(values) / len(values)
+
+
+def built(path: Path, facts, model, tok, overrides: dict) -> tuple[NeuralDB, float | None]:
+    """The setting's database of ``facts``, built unless a complete one is there already;
+    also the seconds per fact the build took (None when it was reused)."""
+    if (path / "done").is_file():
+        return NeuralDB.from_pretrained(path), None
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)  # an interrupted build: start it again
+    db = NeuralDB.create(path, model, tok, compute=ComputeConfig(**overrides))
+    start = time.perf_counter()
+    db.add(facts, model, tok, progress=True)
+    seconds = (time.perf_counter() - start) / len(facts)
+    (path / "done").write_text(f"{seconds}\n")
+    return db, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--facts", default=str(HERE.parent / "ndb/data/dev_counterfact.json"))
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="comma-separated names from SETTINGS, in the order to run")
+    ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep_method")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep_method")
+    args = ap.parse_args()
+
+    model, tok = load_model()
+    facts = read_facts(args.facts)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    saved = args.cache / "rows.json"
+    rows: dict[str, dict] = json.loads(saved.read_text()) if saved.is_file() else {}
+    settings = EvalSettings(fluency_cases=0)
+    if "pre-edited" not in rows:
+        rows["pre-edited"], _ = measure_cases(model, tok, facts, settings, "pre-edited")
+    _, unedited = measure_cases(model, tok, facts, EvalSettings(fluency_cases=0,
+                                                               generation=False), "known")
+    known = unedited["chat_true"] == 1
+    for name in args.settings.split(","):
+        if name in rows:
+            continue
+        print(f"== {name}: {SETTINGS[name] or 'defaults'}", flush=True)
+        slug = "".join(c if c.isalnum() else "-" for c in name)
+        db, seconds = built(args.cache / slug, facts, model, tok, SETTINGS[name])
+        db.attach(model, tok)
+        try:
+            row, _ = measure_cases(model, tok, facts, settings, name, known)
+        finally:
+            db.detach()
+            db.close()
+        rows[name] = {**row, "score": score(row), "s_per_fact": seconds}
+        saved.write_text(json.dumps(rows, indent=1))
+        print(markdown_table({name: rows[name]}), flush=True)
+
+    swept = {k: v for k, v in rows.items() if k in SETTINGS}
+    default = next(iter(SETTINGS))
+    best = max(swept, key=lambda k: (round(swept[k]["score"], 2), k == default))
+    write_strict_json(args.out.with_suffix(".json"),
+                      {"facts": args.facts, "n": len(facts), "settings": SETTINGS,
+                       "scored": [*SCORED, *(f"100 - {k}" for k in INVERSE)], "rows": rows,
+                       "best": best}, indent=2)
+    lines = ["# Residual settings swept on the dev set, judged by real use", "",
+             f"Reproduce: `python benchmarks/sweep_method.py` ({len(facts)} dev records of "
+             f"`{Path(args.facts).name}`, default model, its default layer and gamma; "
+             "fluency off). Columns as in `ndb eval --help`.", "",
+             markdown_table(rows), "",
+             "| setting | overrides | score | build s/fact |", "|---|---|---|---|"]
+    for name, row in swept.items():
+        overrides = json.dumps(SETTINGS[name]) if SETTINGS[name] else "(defaults)"
+        took = "-" if row.get("s_per_fact") is None else f"{row['s_per_fact']:.1f}"
+        mark = " **best**" if name == best else ""
+        lines.append(f"| {name} | `{overrides}` | {row['score']:.1f}{mark} | {took} |")
+    lines += ["", "score: the mean of " + ", ".join(SCORED) + " and 100 minus "
+              + ", ".join(INVERSE) + ", fixed before the runs."]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
