@@ -3,7 +3,8 @@
 A database directory consists of exactly these (``copy_database`` copies them, and a
 directory from someone else is read through ``check_layout``'s rules):
 
-    DB/config.json        NeuralDBConfig (written once at creation; gamma may be changed)
+    DB/ndb_config.json    NeuralDBConfig (written once at creation; gamma may be changed);
+                          databases written before it was named so have DB/config.json
     DB/background.npy     keys of generic text, for the key guard (written once at creation)
     DB/manifest.json      which segment files make up the current state, with each one's
                           row count, size and sha256 (atomically replaced)
@@ -50,14 +51,16 @@ import numpy as np
 
 from ndb.errors import LockedError, StoreError
 
-CONFIG = "config.json"
+CONFIG = "ndb_config.json"
+LEGACY_CONFIG = "config.json"  # its name before: too easily taken for a model's config.json
 BACKGROUND = "background.npy"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 INDEX = "index"
 INDEX_META = "index.json"
 LOCK = ".lock"
-FILES = (CONFIG, BACKGROUND, MANIFEST)  # the plain files; BACKGROUND is optional
+FILES = (CONFIG, LEGACY_CONFIG, BACKGROUND, MANIFEST)  # plain files; one config, BACKGROUND
+# optional
 DIRECTORIES = (SEGMENTS, INDEX)
 DATASETS = ("keys", "residuals", "facts", "key_scores")  # per entry, in addition segments
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
@@ -79,6 +82,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; on success it is synced and
     renamed over ``path``, on failure removed, so ``path`` is always old or new, whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's private 0600 would outlive the rename
     os.close(fd)
     try:
         yield Path(tmp)
@@ -151,12 +157,34 @@ def real_directory(path: Path) -> Path:
     return _require(path, stat.S_ISDIR, "a directory")
 
 
+def config_file(path: Path) -> Path:
+    """The database's config file: under its name, or under the name it had before."""
+    path = Path(path)
+    legacy = path / LEGACY_CONFIG
+    return legacy if not os.path.lexists(path / CONFIG) and os.path.lexists(legacy) \
+        else path / CONFIG
+
+
+def is_database(path: Path) -> bool:
+    return config_file(path).is_file() and (Path(path) / MANIFEST).is_file()
+
+
+def read_config(path: Path) -> dict:
+    """The config a database was created with (checked by NeuralDBConfig, not here)."""
+    return json.loads(regular_file(config_file(path)).read_bytes())
+
+
+def write_config(path: Path, config: dict) -> None:
+    """Replace the config (atomically), under whichever name the database uses."""
+    atomic_write_json(config_file(path), config)
+
+
 def check_layout(path: Path) -> None:
     """Refuse a database directory whose parts are missing, links, or of the wrong kind."""
     path = Path(path)
-    for name in (CONFIG, MANIFEST):
-        if not os.path.lexists(path / name):
-            raise StoreError(f"{path}: not a fact database (no {name})")
+    for file in (config_file(path), path / MANIFEST):
+        if not os.path.lexists(file):
+            raise StoreError(f"{path}: not a fact database (no {file.name})")
     for name in FILES:
         if os.path.lexists(path / name):
             regular_file(path / name)
@@ -694,9 +722,10 @@ def copy_database(source: Store, path: Path) -> None:
     if os.path.lexists(path):
         raise StoreError(f"{path} already exists")
     with _new_directory(path) as staging:
-        for name in (CONFIG, BACKGROUND):
-            if os.path.lexists(source.path / name):
-                atomic_write_bytes(staging / name, regular_file(source.path / name).read_bytes())
+        atomic_write_bytes(staging / CONFIG, regular_file(config_file(source.path)).read_bytes())
+        if os.path.lexists(source.path / BACKGROUND):
+            atomic_write_bytes(staging / BACKGROUND,
+                               regular_file(source.path / BACKGROUND).read_bytes())
         # the copy's versions continue the source's, so its sequence numbers stay ordered
         Manifest(source.manifest.version, source.manifest.next_id).write(staging)
         copy = Store(staging, source.shapes)

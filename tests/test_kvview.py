@@ -6,8 +6,8 @@ import torch
 
 from ndb import nethook
 from ndb.anchor import encode
-from ndb.baselines.editors import WeightEditConfig, weight_scores
 from ndb.compute import compute_keys, encode_prompt
+from ndb.eval.baselines.editors import WeightEditConfig, weight_scores
 from ndb.eval.kvview import (
     eval_prompts,
     gate_rates,
