@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 
+class GpuUnavailableError(RuntimeError):
+    """FAISS was built without GPU support, or sees no GPU."""
+
+
 class KeyIndex(ABC):
     """Top-1 inner-product search over fact keys, with add and remove by id."""
 
