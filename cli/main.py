@@ -412,8 +412,8 @@ def info(db_path, as_json):
 @user_errors
 def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
     """Complete PROMPT with the database attached (greedy decoding)."""
+    from ndb.completion import complete
     from ndb.facts import check_text
-    from ndb.generation import complete
 
     check_text(prompt, "PROMPT", limit=MAX_GENERATE_CHARS)
     db, model, tokenizer = _open(db_path, model_name, device)

@@ -187,7 +187,7 @@ def gate_rates(scores: Mapping[str, Any], gamma: float) -> dict[str, float]:
     }
 
 
-def summarize(values: np.ndarray | Sequence[float]) -> dict[str, float]:
+def describe(values: np.ndarray | Sequence[float]) -> dict[str, float]:
     """Count, mean, standard deviation and quantiles of the finite values."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
