@@ -13,7 +13,7 @@ from torch import nn
 
 from ndb.anchor import anchor_token_id
 from ndb.compute import ComputeConfig, context_prefixes
-from ndb.errors import ConfigError
+from ndb.errors import ConfigError, ModelMismatchError
 from ndb.indexes import BACKENDS
 from ndb.models import (
     decoder_layers,
@@ -153,6 +153,22 @@ class NeuralDBConfig:
             index=edit.index,
             compute=compute,
         )
+
+    def entry_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The per-fact shape of each stored dataset, which every segment must have."""
+        per_fact = self.compute.keys_per_fact
+        scores = (per_fact,) if per_fact > 1 else ()
+        return {"keys": (*scores, self.d_key), "residuals": (self.d_value,),
+                "key_scores": scores}
+
+    def check_model(self, model: nn.Module, where: object) -> None:
+        """Refuse a model that differs from the one the database at ``where`` was built
+        for (see ``mismatch``)."""
+        problem = self.mismatch(model)
+        if problem:
+            built_for = repr(self.model_name) if self.model_name else "a model without a name"
+            raise ModelMismatchError(f"{where} was built for {built_for}; this model does "
+                                     f"not match: {problem}")
 
     def mismatch(self, model: nn.Module) -> str | None:
         """How ``model`` differs from the one this database was built for in what its keys

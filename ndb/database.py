@@ -31,7 +31,7 @@ from ndb.anchor import fixed_first_ids
 from ndb.compute import background_keys, check_encodable
 from ndb.config import EditConfig, NeuralDBConfig, check_gamma
 from ndb.edits import AddResult
-from ndb.errors import FactError, FactNotFoundError, ModelMismatchError, StoreError
+from ndb.errors import FactError, FactNotFoundError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import KeyIndex
@@ -79,7 +79,7 @@ class NeuralDB:
             self.config = NeuralDBConfig.from_dict(store_mod.read_config(self.path))
         except (ValueError, TypeError) as err:
             raise StoreError(f"{store_mod.config_file(self.path)}: {err}") from None
-        self.store = Store(self.path, self._entry_shapes())
+        self.store = Store(self.path, self.config.entry_shapes())
         self.keys = KeySet(self.store, self.config)
         self._writer = edits.Writer(self.store, self.config, self.keys)
         self._cache_bytes = cache_bytes
@@ -313,7 +313,7 @@ class NeuralDB:
         that reuse vectors, e.g. growing databases of 100 to 10k facts); returns ids."""
         facts = as_facts(facts)
         keys, residuals = torch.as_tensor(keys).float(), torch.as_tensor(residuals).float()
-        shapes = self._entry_shapes()
+        shapes = self.config.entry_shapes()
         expected = ((len(facts), *shapes["keys"]), (len(facts), *shapes["residuals"]))
         if (tuple(keys.shape), tuple(residuals.shape)) != expected:
             raise ValueError(f"expected keys and residuals of shapes {expected}, got "
@@ -332,7 +332,7 @@ class NeuralDB:
         ids, todo = edits.plan(self.facts(), changes, removed, self.store.manifest.next_id,
                                self.config.compute.residual_scope)
         if todo:
-            self._check_model(model)
+            self.config.check_model(model, self.path)
         with _all_hooks_disabled(model):
             self._writer.commit(todo, removed, model, tokenizer, progress, commit_each_batch)
         self.refresh()
@@ -341,13 +341,6 @@ class NeuralDB:
     def _check_encodable(self, facts: list[Fact], model, tokenizer) -> None:
         check_encodable(facts, model, tokenizer, self.config.prefixes,
                         self.config.compute.kl_prompts)
-
-    def _entry_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The per-fact shape of each stored dataset, which every segment must have."""
-        per_fact = self.config.compute.keys_per_fact
-        scores = (per_fact,) if per_fact > 1 else ()
-        return {"keys": (*scores, self.config.d_key), "residuals": (self.config.d_value,),
-                "key_scores": scores}
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:
@@ -372,14 +365,6 @@ class NeuralDB:
         return self.keys.index
 
     # -- attaching to a model ------------------------------------------------------------
-    def _check_model(self, model: nn.Module) -> None:
-        problem = self.config.mismatch(model)
-        if problem:
-            name = self.config.model_name
-            built_for = repr(name) if name else "a model without a name"
-            raise ModelMismatchError(f"{self.path} was built for {built_for}; this model "
-                                     f"does not match: {problem}")
-
     def _require_model(self, model, tokenizer):
         model = model if model is not None else self._model
         tokenizer = tokenizer if tokenizer is not None else self._tokenizer
@@ -394,7 +379,7 @@ class NeuralDB:
         if self._retrieval is not None:
             raise RuntimeError(f"{self.path} is already attached; detach() it first")
         if not force:
-            self._check_model(model)
+            self.config.check_model(model, self.path)
         projection = get_module(model, self.config.module)
         device = torch.device(device or next(model.parameters()).device)
         self.keys.move_to(device)
