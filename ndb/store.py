@@ -66,6 +66,7 @@ DATASETS = ("keys", "residuals", "facts", "key_scores")  # per entry, in additio
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
 SEGMENT_NAME = re.compile(r"seg-[0-9]{8,}(-[0-9]{4})?\.h5")
 MAX_RECORD_BYTES = 1 << 20  # one fact record (JSON); real ones are a few hundred bytes
+MAX_CONFIG_BYTES = 1 << 24  # the config (JSON); real ones are a few kilobytes
 SEGMENT_GONE_RETRIES = 8  # a reader racing compactions re-reads the manifest this often
 
 
@@ -171,7 +172,11 @@ def is_database(path: Path) -> bool:
 
 def read_config(path: Path) -> dict:
     """The config a database was created with (checked by NeuralDBConfig, not here)."""
-    return json.loads(regular_file(config_file(path)).read_bytes())
+    file = regular_file(config_file(path))
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise StoreError(f"{file} holds {file.stat().st_size:,} bytes, more than a config "
+                         f"ever does ({MAX_CONFIG_BYTES:,}); refusing to read it")
+    return json.loads(file.read_bytes())
 
 
 def write_config(path: Path, config: dict) -> None:
