@@ -6,17 +6,13 @@ Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact 
 
 from __future__ import annotations
 
-import json
-import re
-import warnings
-
 import numpy as np
 import torch
 
 from ndb import store as store_mod
 from ndb.config import NeuralDBConfig
 from ndb.errors import StoreError
-from ndb.indexes import BACKENDS, KeyIndex, choose_index_kind, load_index, make_index
+from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
 from ndb.store import Store
 
 
@@ -61,25 +57,15 @@ class KeySet:
 
     def forget_saved(self) -> None:
         """Drop the saved and in-memory index (which keys the guard keeps changed)."""
-        (self.store.path / store_mod.INDEX / store_mod.INDEX_META).unlink(missing_ok=True)
+        self.store.forget_saved_index()
         self._index = None
 
     def save(self) -> None:
         """Persist the index if it is newer than the saved copy, so that the next open
         needs no rebuild."""
-        if self._index is None or self._version == self._saved_version():
-            return
-        directory = store_mod.real_directory(self.store.path / store_mod.INDEX)
-        name = f"v{self._version:08d}.{self._index.kind}"
-        with store_mod.atomic_path(directory / name) as tmp:
-            self._index.save(tmp)
-        store_mod.atomic_write_json(directory / store_mod.INDEX_META, {
-            "version": self._version, "kind": self._index.kind, "file": name,
-            **store_mod.file_digest(directory / name)})
-        for old in directory.iterdir():
-            if old.name not in (name, store_mod.INDEX_META) and not old.name.startswith(".") \
-                    and not old.is_dir():
-                old.unlink(missing_ok=True)  # a link is removed, never what it points to
+        saved = self.store.saved_index()
+        if self._index is not None and (saved is None or saved["version"] != self._version):
+            self.store.save_index(self._version, self._index.kind, self._index.save)
 
     # -- the key guard -------------------------------------------------------------------
     @property
@@ -139,41 +125,15 @@ class KeySet:
             self._index.add(*self._entries(changed))
         self._version = self.store.manifest.version
 
-    # -- the saved copy ------------------------------------------------------------------
-    def _saved_meta(self) -> dict | None:
-        """index.json if it describes a usable cache: a version this manifest can catch up
-        from, and a plain file name of the form ``save`` writes (the directory may come
-        from anyone); None otherwise."""
-        try:
-            meta_path = self.store.path / store_mod.INDEX / store_mod.INDEX_META
-            meta = json.loads(store_mod.regular_file(meta_path).read_bytes())
-            version, kind, name = meta["version"], meta["kind"], meta["file"]
-        except (StoreError, ValueError, KeyError, TypeError):
-            return None
-        manifest = self.store.manifest
-        usable = (type(version) is int and kind in BACKENDS and isinstance(name, str)
-                  and re.fullmatch(rf"v[0-9]{{8,}}\.{re.escape(kind)}", name) is not None
-                  and manifest.compacted_through <= version <= manifest.version)
-        return meta if usable else None
-
-    def _saved_version(self) -> int:
-        meta = self._saved_meta()
-        return -1 if meta is None else meta["version"]
-
     def _load_saved(self) -> bool:
-        meta = self._saved_meta()
+        meta = self.store.saved_index()
         if meta is None or meta["kind"] != self._kind():
             return False
-        path = self.store.path / store_mod.INDEX / meta["file"]
+        path = self.store.saved_index_file(meta)
+        if path is None:
+            return False
         try:
-            if "sha256" in meta:  # caches saved before checksums were recorded have none
-                digest = store_mod.file_digest(path)
-                if (digest["bytes"], digest["sha256"]) != (meta.get("bytes"), meta["sha256"]):
-                    warnings.warn(f"{path} is corrupted (its checksum differs from the "
-                                  "record); rebuilding the key index", stacklevel=4)
-                    return False
-            index = load_index(meta["kind"], store_mod.regular_file(path), self.config.d_key,
-                               device=self.device)
+            index = load_index(meta["kind"], path, self.config.d_key, device=self.device)
         except (FileNotFoundError, StoreError, ValueError, KeyError, RuntimeError):
             return False
         self._index, self._version = index, meta["version"]

@@ -41,7 +41,8 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,6 +629,55 @@ class Store:
                 segment["facts"] = segment["facts"].astype(h5py.string_dtype())
                 pending.add_segment(segment)
             self._commit(pending, compacted=True)
+
+    # -- the key index cache: rebuildable, so a cache that is not right is no cache --------
+    def saved_index(self) -> dict | None:
+        """index.json if it describes a usable cache: a version this manifest can catch up
+        from, and a plain file name of the form ``save_index`` writes (the directory may
+        come from anyone), whose size and sha256 match the record; None otherwise."""
+        try:
+            meta = json.loads(regular_file(self.path / INDEX / INDEX_META).read_bytes())
+            version, kind, name = meta["version"], meta["kind"], meta["file"]
+        except (StoreError, ValueError, KeyError, TypeError):
+            return None
+        usable = (type(version) is int and isinstance(kind, str) and isinstance(name, str)
+                  and re.fullmatch(r"[a-z0-9-]+", kind) is not None
+                  and re.fullmatch(rf"v[0-9]{{8,}}\.{re.escape(kind)}", name) is not None
+                  and self.manifest.compacted_through <= version <= self.manifest.version)
+        return meta if usable else None
+
+    def saved_index_file(self, meta: dict) -> Path | None:
+        """The cache file ``meta`` names, if it is whole (caches saved before checksums
+        were recorded have none to check)."""
+        path = self.path / INDEX / meta["file"]
+        try:
+            if "sha256" not in meta:
+                return regular_file(path)
+            digest = file_digest(path)
+        except (FileNotFoundError, StoreError):
+            return None
+        if (digest["bytes"], digest["sha256"]) != (meta.get("bytes"), meta["sha256"]):
+            warnings.warn(f"{path} is corrupted (its checksum differs from the record); "
+                          "rebuilding the key index", stacklevel=5)
+            return None
+        return path
+
+    def save_index(self, version: int, kind: str, write: Callable[[Path], None]) -> None:
+        """Save the key index of manifest ``version`` (``write(path)`` writes it) as the
+        cache, and remove the caches it replaces."""
+        directory = real_directory(self.path / INDEX)
+        name = f"v{version:08d}.{kind}"
+        with atomic_path(directory / name) as tmp:
+            write(tmp)
+        atomic_write_json(directory / INDEX_META, {"version": version, "kind": kind,
+                                                   "file": name, **file_digest(directory / name)})
+        for old in directory.iterdir():
+            if old.name not in (name, INDEX_META) and not old.name.startswith(".") \
+                    and not old.is_dir():
+                old.unlink(missing_ok=True)  # a link is removed, never what it points to
+
+    def forget_saved_index(self) -> None:
+        (self.path / INDEX / INDEX_META).unlink(missing_ok=True)
 
     def close(self) -> None:
         for f in self._files.values():

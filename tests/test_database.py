@@ -111,7 +111,8 @@ def test_reopen_and_copy_behave_the_same(db, llama, tmp_path):
     db.flush()
     db.add([Fact("Berlin", "{} is the capital of", "Spain", "Germany")])  # after the saved index
     reopened = NeuralDB.from_pretrained(db.path)
-    assert reopened.keys._saved_version() < reopened.store.manifest.version  # needs catch-up
+    saved = reopened.store.saved_index()
+    assert saved["version"] < reopened.store.manifest.version  # needs catch-up
     assert reopened.index.ntotal == len(FACTS) + 1
     reopened.attach(model)
     torch.testing.assert_close(logits(model, tok, EDITED)[0], edited)
