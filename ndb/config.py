@@ -4,10 +4,8 @@ plus what the model they were made for looks like), saved in the database's dire
 
 from __future__ import annotations
 
-import json
 import numbers
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from torch import nn
 
@@ -128,8 +126,9 @@ class NeuralDBConfig:
         layer, gamma = edit.layer, edit.gamma
         if layer is None or gamma is None:  # defaults are looked up only when needed
             default_layer, default_gamma = default_edit_settings(model)
-            layer = default_layer if layer is None else int(layer)
+            layer = default_layer if layer is None else layer
             gamma = default_gamma if gamma is None else gamma
+        layer = int(layer)
         module = ffn_out_path(model, layer)  # first: it refuses a layer the model lacks
         d_key, d_value = ffn_dims(model, layer)
         compute = edit.compute
@@ -213,7 +212,3 @@ class NeuralDBConfig:
                    **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)
-
-    @classmethod
-    def read(cls, path: Path) -> NeuralDBConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
