@@ -311,15 +311,8 @@ class NeuralDB:
                     residuals: torch.Tensor | np.ndarray) -> list[int]:
         """Commit facts whose keys and residuals were computed already (for experiments
         that reuse vectors, e.g. growing databases of 100 to 10k facts); returns ids."""
-        facts = as_facts(facts)
-        keys, residuals = torch.as_tensor(keys).float(), torch.as_tensor(residuals).float()
-        shapes = self.config.entry_shapes()
-        expected = ((len(facts), *shapes["keys"]), (len(facts), *shapes["residuals"]))
-        if (tuple(keys.shape), tuple(residuals.shape)) != expected:
-            raise ValueError(f"expected keys and residuals of shapes {expected}, got "
-                             f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
-        with self.store.appending() as pending:
-            written = self._writer.stage(pending, facts, keys, residuals, None)
+        written = self._writer.commit_vectors(as_facts(facts), torch.as_tensor(keys).float(),
+                                              torch.as_tensor(residuals).float())
         self.refresh()
         return written
 

@@ -122,6 +122,17 @@ class Writer:
                 if commit_each_batch:
                     self.store.commit_now(pending)
 
+    def commit_vectors(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor
+                       ) -> list[int]:
+        """Commit new facts whose keys and residuals were computed already; returns ids."""
+        shapes = self.config.entry_shapes()
+        expected = ((len(facts), *shapes["keys"]), (len(facts), *shapes["residuals"]))
+        if (tuple(keys.shape), tuple(residuals.shape)) != expected:
+            raise ValueError(f"expected keys and residuals of shapes {expected}, got "
+                             f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
+        with self.store.appending() as pending:
+            return self.stage(pending, facts, keys, residuals, None)
+
     def stage(self, pending: Pending, facts: list[Fact], keys: torch.Tensor,
               residuals: torch.Tensor, ids: np.ndarray | None) -> list[int]:
         """Write one batch into ``pending`` (committed when its block ends)."""
