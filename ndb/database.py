@@ -38,7 +38,7 @@ from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
 from ndb.models import get_module
 from ndb.output import check_writable
-from ndb.residuals import DEFAULT_CACHE_BYTES, ResidualCache
+from ndb.residual_cache import DEFAULT_CACHE_BYTES, ResidualCache
 from ndb.store import Store
 
 # model -> the databases attached to it; kept here so that the user's model is not changed

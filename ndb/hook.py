@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ndb.indexes import KeyIndex
-from ndb.residuals import ResidualCache
+from ndb.residual_cache import ResidualCache
 
 
 @dataclass
