@@ -94,9 +94,9 @@ def plan(stored: dict[int, Fact], edits: list[tuple[int | None, Fact]], removed:
     for fact_id, _ in edits:
         ids.append(next_id if fact_id is None else fact_id)
         next_id += fact_id is None
-    touched = [*removed, *(i for i, _ in edits if i is not None)]
+    touched = {*removed, *(i for i, _ in edits if i is not None)}
     subjects = {f.subject for _, f in edits} | {stored[i].subject for i in touched}
-    shared = [(i, f) for i, f in stored.items() if i not in set(touched)
+    shared = [(i, f) for i, f in stored.items() if i not in touched
               and f.subject in subjects and residual_scope == "subject"]
     return ids, [*zip(ids, (f for _, f in edits)), *shared]
 
