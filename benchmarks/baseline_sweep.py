@@ -20,10 +20,10 @@ from scaling import machine  # the scripts beside this one
 from sweep import cached_residuals, known_facts
 
 from ndb import load_model, read_facts
-from ndb.baselines.editors import WeightEditConfig, applied, compute_deltas
-from ndb.baselines.stats import key_second_moments, read_texts
 from ndb.compute import ComputeConfig, context_prefixes
-from ndb.database import fingerprint
+from ndb.config import fingerprint
+from ndb.eval.baselines.editors import WeightEditConfig, applied, compute_deltas
+from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.eval.methods import SPREAD
 from ndb.eval.metrics import counterfact_metrics, summarize
 from ndb.models import default_edit_settings

@@ -7,7 +7,7 @@ Queries are "hits" (noisy copies of stored keys, cosine to their key uniform in 
 "misses" (unrelated keys of the same distribution, or the rows of ``--queries``).
 
 Keys are synthetic unless ``--keys FILE.npy`` is given: an anisotropic mixture fitted to real
-SmolLM2-135M FFN keys (see indexes/synthetic.py), not isotropic Gaussians. Results go to
+SmolLM2-135M FFN keys (see ndb/eval/synthetic.py), not isotropic Gaussians. Results go to
 benchmarks/results/bench_index.{json,md,png}, rewritten after every (size, backend) run; a rerun
 skips runs already in the JSON unless ``--force`` (so an interrupted run resumes).
 
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ndb.eval.synthetic import KeyDistribution, gate_queries, noisy_copies
 from ndb.indexes import make_index
-from ndb.indexes.synthetic import KeyDistribution, gate_queries, noisy_copies
 from ndb.output import write_strict_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -259,7 +259,7 @@ def main() -> None:
                           f"{args.threads} search thread(s)")
     results["notes"] = (
         f"Machine: {results['machine']}, shared with other jobs, so latencies are noisy. "
-        f"Keys: {args.keys or 'synthetic anisotropic keys (indexes/synthetic.py)'}; "
+        f"Keys: {args.keys or 'synthetic anisotropic keys (ndb/eval/synthetic.py)'}; "
         f"queries: {args.hits} hits (noisy copies, cosine 0.55-0.99) + {args.misses} "
         f"{'rows of ' + args.queries if args.queries else 'unrelated synthetic keys'}; "
         f"gamma = {args.gamma}. 'disagree' = fraction of queries whose gate decision "

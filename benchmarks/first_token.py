@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from ndb.anchor import encode
-from ndb.baselines.stats import read_texts
 from ndb.compute import ComputeConfig, compute_keys, context_prefixes, encode_prompt
-from ndb.database import model_name
+from ndb.config import model_name
+from ndb.eval.baselines.stats import read_texts
 from ndb.eval.kvview import GAMMAS, KINDS, eval_prompts, gate_rates, score_rows, token_key_batches
 from ndb.facts import Fact, parse_record, read_facts
 from ndb.models import default_edit_settings, load_model

@@ -481,7 +481,7 @@ def main() -> None:
                         builtin_lm, [BUILTIN[task]], limit, task_manager=builtin_manager
                     )
                     entry["seconds_builtin"] = time.time() - t0
-                entry["builtin"] = general.summarize(raw, [task], BUILTIN.get)[task]
+                entry["builtin"] = general.task_scores(raw, [task], BUILTIN.get)[task]
                 entry["anchor_builtin"] = probe.counts()
             rows[task] = entry
             print(f"{task}: ndb {entry['ndb']}, built-in {entry.get('builtin')}", flush=True)

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from ndb.eval.geo import RELATIONS, build_geo, count_available
-from ndb.eval.scoring import score_targets, target_ids
+from ndb.eval.scoring import score_targets
 from ndb.models import DEFAULT_MODEL, load_model
 from ndb.output import write_strict_json
+from ndb.tokens import target_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

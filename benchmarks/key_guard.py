@@ -20,9 +20,9 @@ import torch
 
 from ndb import load_model, read_facts
 from ndb.anchor import encode
-from ndb.baselines.stats import read_texts
 from ndb.compute import background_keys, compute_keys, context_prefixes
 from ndb.config import NeuralDBConfig
+from ndb.eval.baselines.stats import read_texts
 from ndb.eval.geo import build_geo
 from ndb.eval.kvview import eval_prompts, gate_rates, score_rows
 from ndb.facts import parse_record

@@ -23,18 +23,18 @@ import numpy as np
 import torch
 
 from ndb.anchor import encode
-from ndb.baselines.editors import WeightEditConfig, null_space_projector
-from ndb.baselines.stats import key_second_moments, read_texts
 from ndb.compute import ComputeConfig, compute_keys, context_prefixes
-from ndb.database import fingerprint, model_name
+from ndb.config import fingerprint, model_name
+from ndb.eval.baselines.editors import WeightEditConfig, null_space_projector
+from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.eval.kvview import (
     GAMMAS,
     KINDS,
+    describe,
     eval_prompts,
     gate_rates,
     gate_scores,
     plot_kv_view,
-    summarize,
     weight_score_view,
 )
 from ndb.facts import parse_record, read_facts
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             key_kind: {
                 "scores": {
                     kind: {
-                        "summary": {s: summarize(g[s]) for s in ("own", "best")},
+                        "summary": {s: describe(g[s]) for s in ("own", "best")},
                         "best_is_own": float(np.mean(g["best_is_own"])),
                         "own": _round(g["own"]),
                         "best": _round(g["best"]),
@@ -339,12 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         "weights": {
             method: {
                 kind: {
-                    "positive": summarize(v["positive"]),
+                    "positive": describe(v["positive"]),
                     "rank1": float(np.mean(v["rank1"])),
                     "negative": {"n": int(len(v["fact"]) * (len(facts) - 1)),
                                  "mean": v["negative_mean"], "std": v["negative_std"]},
-                    "negative_sample": summarize(v["negative_sample"]),
-                    "negative_max": summarize(v["negative_max"]),
+                    "negative_sample": describe(v["negative_sample"]),
+                    "negative_max": describe(v["negative_max"]),
                     "positive_values": _round(v["positive"]),
                 }
                 for kind, v in view.items()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ndb import ComputeConfig, Fact, NeuralDB, load_model
-from ndb.generation import complete
+from ndb.completion import complete
 
 FACTS = [
     Fact("France", "The capital of {} is", "Cairo", "Paris"),

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from ndb import NeuralDB, load_model, read_facts
-from ndb.baselines.editors import WeightEditConfig
 from ndb.compute import ComputeConfig, compute_keys
+from ndb.eval.baselines.editors import WeightEditConfig
 from ndb.eval.methods import make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure
 from ndb.models import baseline_hyper, default_edit_settings
 from ndb.output import write_strict_json
+from ndb.store import is_database
 
 HERE = Path(__file__).resolve().parent
 PLOTTED = ("efficacy", "generalization", "specificity")
@@ -115,7 +116,7 @@ def main() -> None:
     if len(facts) < sizes[-1]:
         raise SystemExit(f"{args.facts} holds {len(facts)} facts, fewer than {sizes[-1]}")
 
-    big = NeuralDB.from_pretrained(args.db) if (args.db / "config.json").is_file() else \
+    big = NeuralDB.from_pretrained(args.db) if is_database(args.db) else \
         NeuralDB.create(args.db, model, tok)
     start = time.perf_counter()
     computed = big.add(facts, model, tok, skip_existing=True, progress=True,

@@ -16,19 +16,23 @@ gpu-flat       exact, FAISS GpuIndexFlatIP (optional faiss-gpu build)           
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from ndb.indexes.base import KeyIndex
-from ndb.indexes.flat import FlatIndex, Fp16FlatIndex
-from ndb.indexes.gpu import GpuFlatIndex, GpuUnavailableError
-from ndb.indexes.ivf import IVFIndex, IVFPQIndex
-from ndb.indexes.torch_index import TorchIndex
+from ndb.indexes.base import GpuUnavailableError, KeyIndex
 
-BACKENDS: dict[str, type[KeyIndex]] = {
-    cls.kind: cls
-    for cls in (FlatIndex, Fp16FlatIndex, IVFIndex, IVFPQIndex, TorchIndex, GpuFlatIndex)
+# kind -> where its class lives: a backend's module is imported only when an index of its
+# kind is made or loaded, so a database loads just the backend it uses
+_CLASSES = {
+    "flat": "ndb.indexes.flat:FlatIndex",
+    "flat-fp16": "ndb.indexes.flat:Fp16FlatIndex",
+    "ivf": "ndb.indexes.ivf:IVFIndex",
+    "ivf-pq": "ndb.indexes.ivf:IVFPQIndex",
+    "torch": "ndb.indexes.torch_index:TorchIndex",
+    "gpu-flat": "ndb.indexes.gpu:GpuFlatIndex",
 }
+BACKENDS = tuple(_CLASSES)  # the kinds an index can be
 _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load take ``device``
 
 # Up to this many keys the CPU choice is exact search with torch, above it ivf (whose own exact
@@ -78,7 +82,7 @@ def make_index(kind: str, dim: int, *, n_keys: int | None = None, device: str | 
             options["device"] = device
     elif device is not None and not str(device).startswith("cpu"):
         raise ValueError(f"index kind {kind!r} runs on the CPU only, not on {device!r}")
-    return BACKENDS[kind](dim, **options)
+    return _backend(kind)(dim, **options)
 
 
 def load_index(kind: str, path: Path, dim: int, *, device: str | None = None) -> KeyIndex:
@@ -87,8 +91,13 @@ def load_index(kind: str, path: Path, dim: int, *, device: str | None = None) ->
     if kind not in BACKENDS:
         raise ValueError(f"unknown index kind {kind!r} (known: {', '.join(sorted(BACKENDS))})")
     if kind in _DEVICE_KINDS and device is not None:
-        return BACKENDS[kind].load(path, dim, device=device)
-    return BACKENDS[kind].load(path, dim)
+        return _backend(kind).load(path, dim, device=device)
+    return _backend(kind).load(path, dim)
+
+
+def _backend(kind: str) -> type[KeyIndex]:
+    module, name = _CLASSES[kind].split(":")
+    return getattr(import_module(module), name)
 
 
 __all__ = ["BACKENDS", "CPU_EXACT_MAX_KEYS", "GpuUnavailableError", "KeyIndex",

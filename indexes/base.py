@@ -11,6 +11,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+import torch
+
+
+class GpuUnavailableError(RuntimeError):
+    """FAISS was built without GPU support, or sees no GPU."""
 
 
 class KeyIndex(ABC):
@@ -50,6 +55,19 @@ class KeyIndex(ABC):
 
         A query with no match (empty index) gets score -inf and id -1.
         """
+
+    def search_tensor(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``search`` for queries in a tensor (what the hook holds); a backend that searches
+        on the tensor's own device overrides it to spare the copies."""
+        scores, ids = self.search(queries.detach().float().cpu().numpy())
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999
+                  ) -> dict[int, float]:
+        """Tune approximate search until its gate decisions agree with exact search on
+        ``target`` of ``queries``; returns what was tried ({setting: agreement}). Exact
+        indexes have nothing to tune: {}."""
+        return {}
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -3,14 +3,12 @@
 Layout: 8-byte magic, 8-byte little-endian header length, the UTF-8 JSON header (kind, dim,
 format version, backend fields), then sections: numpy arrays (``np.save`` format) and FAISS
 indexes (FAISS's own serialization), streamed to and from the file without whole-file copies.
-Writes go to a temporary file beside the target, renamed into place at the end, so a crash
-mid-save leaves the previous file intact.
+Writes go through ndb.store.atomic_path, so a crash mid-save leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import IO, Any
 
 import faiss
 import numpy as np
+
+from ndb.store import atomic_path
 
 MAGIC = b"NDBINDEX"
 VERSION = 1
@@ -28,14 +28,9 @@ def writer(path: Path, kind: str, dim: int, fields: dict[str, Any]) -> Iterator[
     """Open ``path`` for writing, header written; sections follow in the ``with`` body."""
     path = Path(path)
     header = json.dumps({"kind": kind, "dim": dim, "version": VERSION, **fields}).encode()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + len(header).to_bytes(8, "little") + header)
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+        yield f
 
 
 @contextmanager

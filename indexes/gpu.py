@@ -13,13 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from ndb.indexes import fileio
-from ndb.indexes.base import IdSet, KeyIndex, as_ids, as_new_entries, as_queries, empty_result
+from ndb.indexes.base import (
+    GpuUnavailableError,
+    IdSet,
+    KeyIndex,
+    as_ids,
+    as_new_entries,
+    as_queries,
+    empty_result,
+)
 
 _CHUNK = 65536
-
-
-class GpuUnavailableError(RuntimeError):
-    """FAISS was built without GPU support, or sees no GPU."""
 
 
 def _gpu_faiss(device: int):

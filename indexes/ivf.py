@@ -18,7 +18,7 @@ re-encode to themselves; a PQ index keeps its codebooks across retrains).
 Accuracy is set by ``nprobe`` (lists scanned per query), by default ``probe_fraction`` = 1/2 of
 the lists: on the anisotropic synthetic keys that is the smallest fraction with <= 0.1 % gate
 disagreement at 10k, 100k and 1M keys (1/4 gives 0.25 / 0.10 / 0.15 %), so IVF is only 1.6-3x
-faster than exact float16 search there. ``calibrate_nprobe`` measures gate agreement against
+faster than exact float16 search there. ``calibrate`` measures gate agreement against
 exact search on sample queries (e.g. token keys of real text) and picks the smallest nprobe that
 meets a target: use it once real keys exist.
 """
@@ -327,8 +327,8 @@ class IVFIndex(KeyIndex):
             best_ids[better] = internal[start + top[better]]
         return best, self._external(best_ids)
 
-    def calibrate_nprobe(self, queries: np.ndarray, gamma: float,
-                         target: float = 0.999) -> dict[int, float]:
+    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999
+                  ) -> dict[int, float]:
         """Set nprobe to the smallest power of two (or all lists) whose gate decisions agree
         with exact search on at least ``target`` of ``queries``; returns {nprobe: agreement}.
 

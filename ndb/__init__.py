@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "ComputeConfig": "ndb.compute",
     "ConfigError": "ndb.errors",
+    "EditConfig": "ndb.config",
     "Fact": "ndb.facts",
     "FactError": "ndb.errors",
     "read_facts": "ndb.facts",
@@ -20,12 +21,15 @@ _EXPORTS = {
     "LockedError": "ndb.errors",
     "StoreError": "ndb.errors",
     "anchor_tokenizer": "ndb.anchor",
+    "attach": "ndb.database",
+    "attached": "ndb.database",
     "load_model": "ndb.models",
 }
 
 __all__ = [
     "ComputeConfig",
     "ConfigError",
+    "EditConfig",
     "Fact",
     "FactError",
     "FactNotFoundError",
@@ -36,6 +40,8 @@ __all__ = [
     "NeuralDBConfig",
     "StoreError",
     "anchor_tokenizer",
+    "attach",
+    "attached",
     "load_model",
     "read_facts",
 ]
@@ -43,8 +49,8 @@ __all__ = [
 if TYPE_CHECKING:
     from ndb.anchor import anchor_tokenizer
     from ndb.compute import ComputeConfig
-    from ndb.config import NeuralDBConfig
-    from ndb.database import NeuralDB
+    from ndb.config import EditConfig, NeuralDBConfig
+    from ndb.database import NeuralDB, attach, attached
     from ndb.errors import (
         ConfigError,
         FactError,

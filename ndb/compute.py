@@ -29,6 +29,7 @@ from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.errors import FactError
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
+from ndb.tokens import pad_rows, target_ids
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 # a bar whose count moves in fractions of a fact but shows whole ones
@@ -171,16 +172,6 @@ def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[li
     return encode_with_span(tokenizer, text, start, end)
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
     """Per fact: MEMIT's average (bare prompt and sampled prefixes weigh half each), or with
     ``split`` the bare-prompt key and the prefixes' mean side by side, (n, 2, d)."""
@@ -216,7 +207,7 @@ def compute_keys(
                 ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
                 rows.append(ids[: s + 1])  # a key depends on nothing after it
                 last.append(s)
-        ids, mask = _pad(rows, pad)
+        ids, mask = pad_rows(rows, pad)
         x = nethook.run_until(model, module, input_ids=ids.to(device),
                               attention_mask=mask.to(device), use_cache=False)
         x = x[torch.arange(len(rows), device=device), torch.tensor(last, device=device)]
@@ -239,7 +230,7 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
     group, its first bare-prompt row (where the residual stream's norm is read)."""
     rows, bare, subject = [], {}, {}
     for fact, group in zip(facts, groups):
-        target = tokenizer(" " + fact.target_new.strip(), add_special_tokens=False).input_ids
+        target = target_ids(tokenizer, fact.target_new)
         bare.setdefault(group, len(rows))
         subject.setdefault(group, fact.subject)
         for prefix in prefixes:

@@ -1,14 +1,95 @@
-"""NeuralDBConfig: everything needed to reopen a database, saved as config.json beside it."""
+"""What a database is built with: ``EditConfig``, the choices a user makes (layer, gamma,
+index, ...), and ``NeuralDBConfig``, everything needed to reopen the database (those choices
+plus what the model they were made for looks like), saved in the database's directory."""
 
 from __future__ import annotations
 
-import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
-from ndb.compute import ComputeConfig
+from torch import nn
+
+from ndb.anchor import anchor_token_id
+from ndb.compute import ComputeConfig, context_prefixes
+from ndb.errors import ConfigError, ModelMismatchError
+from ndb.indexes import BACKENDS
+from ndb.models import (
+    decoder_layers,
+    default_edit_settings,
+    embedding_params,
+    ffn_dims,
+    ffn_out_path,
+    num_layers,
+    params_fingerprint,
+)
 
 FORMAT_VERSION = 1
+
+
+def check_gamma(gamma: float) -> None:
+    """The gate is a cosine threshold in [0, 1]: below 0 a key would pass for vectors
+    pointing away from it, so nearly every token would be edited."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
+        raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
+                          f"got {gamma!r}")
+
+
+def check_index_kind(kind: str) -> None:
+    if kind != "auto" and kind not in BACKENDS:
+        raise ConfigError(f"unknown index kind {kind!r} (known: auto, "
+                          f"{', '.join(sorted(BACKENDS))})")
+
+
+def _is_integer(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+@dataclass
+class EditConfig:
+    """How ``NeuralDB.create`` edits: like a PEFT config, built by the user and passed in.
+    ``layer`` and ``gamma`` default to the values known for the model (see
+    ndb.models.edit_defaults); everything is checked when the config is made."""
+
+    layer: int | None = None
+    gamma: float | None = None
+    seed: int = 0
+    index: str = "auto"  # a backend of ndb.indexes, or "auto" (by size and device)
+    key_dtype: str = "float16"
+    residual_dtype: str = "float32"
+    compute: ComputeConfig | None = None  # None: ComputeConfig()
+
+    def __post_init__(self) -> None:
+        if self.gamma is not None:
+            check_gamma(self.gamma)
+        check_index_kind(self.index)
+        for name in ("key_dtype", "residual_dtype"):
+            if getattr(self, name) not in ("float16", "float32"):
+                raise ConfigError(f"{name} must be float16 or float32, "
+                                  f"got {getattr(self, name)!r}")
+        if self.layer is not None and not _is_integer(self.layer):
+            raise ConfigError(f"layer must be an integer, got {self.layer!r}")
+        if not _is_integer(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.compute = self.compute or ComputeConfig()
+
+
+def fingerprint(model: nn.Module, layer: int) -> str:
+    """Hash of one decoder layer's weights (see models.params_fingerprint)."""
+    return params_fingerprint(decoder_layers(model)[layer].named_parameters())
+
+
+def input_fingerprints(model: nn.Module, layer: int) -> dict[str, str]:
+    """Fingerprints of everything a key at ``layer`` depends on: the embeddings and every
+    decoder layer up to and including ``layer``."""
+    parts = {"embeddings": params_fingerprint(embedding_params(model))}
+    for i in range(layer + 1):
+        parts[f"layer {i}"] = fingerprint(model, i)
+    return parts
+
+
+def model_name(model: nn.Module) -> str:
+    """How to load the model again ('' when it has no name or path to load it by)."""
+    return str(getattr(model.config, "name_or_path", None) or "")
 
 
 @dataclass
@@ -16,7 +97,7 @@ class NeuralDBConfig:
     model_name: str  # how to load the model again: an embedded name or a local directory
     model_type: str
     num_layers: int
-    fingerprint: str  # of the edited layer's weights, see ndb.database.fingerprint
+    fingerprint: str  # of the edited layer's weights, see fingerprint above
     layer: int
     module: str  # path of the edited FFN output projection
     d_key: int
@@ -34,10 +115,79 @@ class NeuralDBConfig:
     guard_margin: float | None = 0.05
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     # fingerprints of the embeddings and of layers 0..layer, all that keys depend on (see
-    # ndb.database.input_fingerprints); empty in databases written before them, which
+    # input_fingerprints above); empty in databases written before them, which
     # recorded the edited layer's fingerprint only
     input_fingerprints: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer, edit: EditConfig) -> NeuralDBConfig:
+        """The config of a new database that edits ``model`` as ``edit`` says."""
+        layer, gamma = edit.layer, edit.gamma
+        if layer is None or gamma is None:  # defaults are looked up only when needed
+            default_layer, default_gamma = default_edit_settings(model)
+            layer = default_layer if layer is None else layer
+            gamma = default_gamma if gamma is None else gamma
+        layer = int(layer)
+        module = ffn_out_path(model, layer)  # first: it refuses a layer the model lacks
+        d_key, d_value = ffn_dims(model, layer)
+        compute = edit.compute
+        return cls(
+            model_name=model_name(model),
+            model_type=model.config.model_type,
+            num_layers=num_layers(model),
+            fingerprint=fingerprint(model, layer),
+            input_fingerprints=input_fingerprints(model, layer),
+            layer=layer,
+            module=module,
+            d_key=d_key,
+            d_value=d_value,
+            gamma=float(gamma),
+            anchor_token_id=anchor_token_id(tokenizer),
+            prefixes=context_prefixes(model, tokenizer, compute.n_prefixes,
+                                      compute.prefix_tokens, edit.seed),
+            seed=int(edit.seed),
+            key_dtype=edit.key_dtype,
+            residual_dtype=edit.residual_dtype,
+            index=edit.index,
+            compute=compute,
+        )
+
+    def entry_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The per-fact shape of each stored dataset, which every segment must have."""
+        per_fact = self.compute.keys_per_fact
+        scores = (per_fact,) if per_fact > 1 else ()
+        return {"keys": (*scores, self.d_key), "residuals": (self.d_value,),
+                "key_scores": scores}
+
+    def check_model(self, model: nn.Module, where: object) -> None:
+        """Refuse a model that differs from the one the database at ``where`` was built
+        for (see ``mismatch``)."""
+        problem = self.mismatch(model)
+        if problem:
+            built_for = repr(self.model_name) if self.model_name else "a model without a name"
+            raise ModelMismatchError(f"{where} was built for {built_for}; this model does "
+                                     f"not match: {problem}")
+
+    def mismatch(self, model: nn.Module) -> str | None:
+        """How ``model`` differs from the one this database was built for in what its keys
+        depend on (the first difference found), or None."""
+        if getattr(model.config, "model_type", None) != self.model_type:
+            return f"model type {model.config.model_type!r} != {self.model_type!r}"
+        if num_layers(model) != self.num_layers:
+            return f"{num_layers(model)} layers != {self.num_layers}"
+        if ffn_dims(model, self.layer) != (self.d_key, self.d_value):
+            return f"FFN dims {ffn_dims(model, self.layer)} != {(self.d_key, self.d_value)}"
+        if self.input_fingerprints:
+            found = input_fingerprints(model, self.layer)
+            differ = [part for part, saved in self.input_fingerprints.items()
+                      if found.get(part) != saved]
+            return f"the weights of {', '.join(differ)} differ" if differ else None
+        if fingerprint(model, self.layer) != self.fingerprint:
+            # written before input_fingerprints: only the edited layer was recorded
+            return (f"the weights of layer {self.layer} differ (fingerprint "
+                    f"{fingerprint(model, self.layer)} != {self.fingerprint})")
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +212,3 @@ class NeuralDBConfig:
                    **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)
-
-    @classmethod
-    def read(cls, path: Path) -> NeuralDBConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

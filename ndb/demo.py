@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from ndb.completion import complete
 from ndb.database import NeuralDB
 from ndb.eval.scoring import score_targets
 from ndb.facts import read_facts
-from ndb.generation import complete
 from ndb.models import load_model
 
 DEMO_FACTS = files("ndb") / "data" / "demo_facts.jsonl"

@@ -11,6 +11,7 @@ KV cache, where each call carries only the new tokens and the mask covers them a
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ndb.indexes import KeyIndex
-from ndb.residuals import ResidualCache
+from ndb.residual_cache import ResidualCache
 
 
 @dataclass
@@ -65,7 +66,10 @@ class GatedRetrieval:
         self.enabled = True
         self.record = False
         self.stats = GateStats()
-        self._searchable: torch.Tensor | None = None
+        # which tokens the current forward pass may search, per thread: the pre-hook sets
+        # it and the projection hook of the same call reads it, so that one model can run in
+        # several threads at once
+        self._call = threading.local()
         self._handles: list = []
         self._warned = False
 
@@ -79,7 +83,7 @@ class GatedRetrieval:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._searchable = None
+        self._call = threading.local()
 
     def _before_forward(self, _module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -88,7 +92,7 @@ class GatedRetrieval:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
-        self._searchable = searchable_positions(shape[0], shape[1], mask, past)
+        self._call.searchable = searchable_positions(shape[0], shape[1], mask, past)
         if ids is not None and past == 0 and self.anchor_id is not None and not self._warned:
             self._check_anchor(ids, mask)
 
@@ -111,7 +115,7 @@ class GatedRetrieval:
             return None
         self.stats.calls += 1
         keys = inputs[0]
-        searchable = self._searchable
+        searchable = getattr(self._call, "searchable", None)
         if searchable is None or searchable.shape != keys.shape[:2]:
             # called outside the base model's forward: search all but absolute position 0
             searchable = searchable_positions(keys.shape[0], keys.shape[1], None, 0)
@@ -120,10 +124,7 @@ class GatedRetrieval:
             return None
         queries = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()
         queries = queries / queries.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if hasattr(self.index, "search_tensor"):  # searches where the queries are
-            scores, ids = (t.cpu().numpy() for t in self.index.search_tensor(queries))
-        else:
-            scores, ids = self.index.search(queries.cpu().numpy())
+        scores, ids = (t.cpu().numpy() for t in self.index.search_tensor(queries))
         self.stats.searched += len(scores)
         if self.record:
             self.stats.scores.append(scores.copy())

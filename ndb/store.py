@@ -3,7 +3,8 @@
 A database directory consists of exactly these (``copy_database`` copies them, and a
 directory from someone else is read through ``check_layout``'s rules):
 
-    DB/config.json        NeuralDBConfig (written once at creation; gamma may be changed)
+    DB/ndb_config.json    NeuralDBConfig (written once at creation; gamma may be changed);
+                          databases written before it was named so have DB/config.json
     DB/background.npy     keys of generic text, for the key guard (written once at creation)
     DB/manifest.json      which segment files make up the current state, with each one's
                           row count, size and sha256 (atomically replaced)
@@ -40,7 +41,8 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +52,22 @@ import numpy as np
 
 from ndb.errors import LockedError, StoreError
 
-CONFIG = "config.json"
+CONFIG = "ndb_config.json"
+LEGACY_CONFIG = "config.json"  # its name before: too easily taken for a model's config.json
 BACKGROUND = "background.npy"
 MANIFEST = "manifest.json"
 SEGMENTS = "segments"
 INDEX = "index"
 INDEX_META = "index.json"
 LOCK = ".lock"
-FILES = (CONFIG, BACKGROUND, MANIFEST)  # the plain files; BACKGROUND is optional
+FILES = (CONFIG, LEGACY_CONFIG, BACKGROUND, MANIFEST)  # plain files; one config, BACKGROUND
+# optional
 DIRECTORIES = (SEGMENTS, INDEX)
 DATASETS = ("keys", "residuals", "facts", "key_scores")  # per entry, in addition segments
 COMPACT_SEGMENTS = 64  # merge all segments into one once there are more than this many
 SEGMENT_NAME = re.compile(r"seg-[0-9]{8,}(-[0-9]{4})?\.h5")
 MAX_RECORD_BYTES = 1 << 20  # one fact record (JSON); real ones are a few hundred bytes
+MAX_CONFIG_BYTES = 1 << 24  # the config (JSON); real ones are a few kilobytes
 SEGMENT_GONE_RETRIES = 8  # a reader racing compactions re-reads the manifest this often
 
 
@@ -79,6 +84,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; on success it is synced and
     renamed over ``path``, on failure removed, so ``path`` is always old or new, whole."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's private 0600 would outlive the rename
     os.close(fd)
     try:
         yield Path(tmp)
@@ -151,12 +159,38 @@ def real_directory(path: Path) -> Path:
     return _require(path, stat.S_ISDIR, "a directory")
 
 
+def config_file(path: Path) -> Path:
+    """The database's config file: under its name, or under the name it had before."""
+    path = Path(path)
+    legacy = path / LEGACY_CONFIG
+    return legacy if not os.path.lexists(path / CONFIG) and os.path.lexists(legacy) \
+        else path / CONFIG
+
+
+def is_database(path: Path) -> bool:
+    return config_file(path).is_file() and (Path(path) / MANIFEST).is_file()
+
+
+def read_config(path: Path) -> dict:
+    """The config a database was created with (checked by NeuralDBConfig, not here)."""
+    file = regular_file(config_file(path))
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise StoreError(f"{file} holds {file.stat().st_size:,} bytes, more than a config "
+                         f"ever does ({MAX_CONFIG_BYTES:,}); refusing to read it")
+    return json.loads(file.read_bytes())
+
+
+def write_config(path: Path, config: dict) -> None:
+    """Replace the config (atomically), under whichever name the database uses."""
+    atomic_write_json(config_file(path), config)
+
+
 def check_layout(path: Path) -> None:
     """Refuse a database directory whose parts are missing, links, or of the wrong kind."""
     path = Path(path)
-    for name in (CONFIG, MANIFEST):
-        if not os.path.lexists(path / name):
-            raise StoreError(f"{path}: not a fact database (no {name})")
+    for file in (config_file(path), path / MANIFEST):
+        if not os.path.lexists(file):
+            raise StoreError(f"{path}: not a fact database (no {file.name})")
     for name in FILES:
         if os.path.lexists(path / name):
             regular_file(path / name)
@@ -596,6 +630,55 @@ class Store:
                 pending.add_segment(segment)
             self._commit(pending, compacted=True)
 
+    # -- the key index cache: rebuildable, so a cache that is not right is no cache --------
+    def saved_index(self) -> dict | None:
+        """index.json if it describes a usable cache: a version this manifest can catch up
+        from, and a plain file name of the form ``save_index`` writes (the directory may
+        come from anyone), whose size and sha256 match the record; None otherwise."""
+        try:
+            meta = json.loads(regular_file(self.path / INDEX / INDEX_META).read_bytes())
+            version, kind, name = meta["version"], meta["kind"], meta["file"]
+        except (StoreError, ValueError, KeyError, TypeError):
+            return None
+        usable = (type(version) is int and isinstance(kind, str) and isinstance(name, str)
+                  and re.fullmatch(r"[a-z0-9-]+", kind) is not None
+                  and re.fullmatch(rf"v[0-9]{{8,}}\.{re.escape(kind)}", name) is not None
+                  and self.manifest.compacted_through <= version <= self.manifest.version)
+        return meta if usable else None
+
+    def saved_index_file(self, meta: dict) -> Path | None:
+        """The cache file ``meta`` names, if it is whole (caches saved before checksums
+        were recorded have none to check)."""
+        path = self.path / INDEX / meta["file"]
+        try:
+            if "sha256" not in meta:
+                return regular_file(path)
+            digest = file_digest(path)
+        except (FileNotFoundError, StoreError):
+            return None
+        if (digest["bytes"], digest["sha256"]) != (meta.get("bytes"), meta["sha256"]):
+            warnings.warn(f"{path} is corrupted (its checksum differs from the record); "
+                          "rebuilding the key index", stacklevel=5)
+            return None
+        return path
+
+    def save_index(self, version: int, kind: str, write: Callable[[Path], None]) -> None:
+        """Save the key index of manifest ``version`` (``write(path)`` writes it) as the
+        cache, and remove the caches it replaces."""
+        directory = real_directory(self.path / INDEX)
+        name = f"v{version:08d}.{kind}"
+        with atomic_path(directory / name) as tmp:
+            write(tmp)
+        atomic_write_json(directory / INDEX_META, {"version": version, "kind": kind,
+                                                   "file": name, **file_digest(directory / name)})
+        for old in directory.iterdir():
+            if old.name not in (name, INDEX_META) and not old.name.startswith(".") \
+                    and not old.is_dir():
+                old.unlink(missing_ok=True)  # a link is removed, never what it points to
+
+    def forget_saved_index(self) -> None:
+        (self.path / INDEX / INDEX_META).unlink(missing_ok=True)
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
@@ -694,9 +777,10 @@ def copy_database(source: Store, path: Path) -> None:
     if os.path.lexists(path):
         raise StoreError(f"{path} already exists")
     with _new_directory(path) as staging:
-        for name in (CONFIG, BACKGROUND):
-            if os.path.lexists(source.path / name):
-                atomic_write_bytes(staging / name, regular_file(source.path / name).read_bytes())
+        atomic_write_bytes(staging / CONFIG, regular_file(config_file(source.path)).read_bytes())
+        if os.path.lexists(source.path / BACKGROUND):
+            atomic_write_bytes(staging / BACKGROUND,
+                               regular_file(source.path / BACKGROUND).read_bytes())
         # the copy's versions continue the source's, so its sequence numbers stay ordered
         Manifest(source.manifest.version, source.manifest.next_id).write(staging)
         copy = Store(staging, source.shapes)

@@ -12,7 +12,12 @@ import transformers as tf
 from ndb.anchor import anchor_tokenizer
 from ndb.facts import Fact
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "general"
+ROOT = Path(__file__).resolve().parents[1]
+# the project's shared data sits in ../shared beside the repository; a worktree of it may be
+# a level or two further down, so the nearest ancestor that has it is taken
+SHARED_DATA = next((parent / "shared" / "data" / "general" for parent in ROOT.parents
+                    if (parent / "shared" / "data" / "general").is_dir()),
+                   ROOT.parent / "shared" / "data" / "general")
 
 TINY = dict(vocab_size=49152, num_hidden_layers=4)
 FAMILY_CONFIGS = {

@@ -3,7 +3,8 @@ import torch
 
 from ndb import nethook
 from ndb.anchor import encode
-from ndb.baselines.editors import (
+from ndb.compute import compute_keys
+from ndb.eval.baselines.editors import (
     WeightEditConfig,
     applied,
     compute_deltas,
@@ -11,8 +12,7 @@ from ndb.baselines.editors import (
     null_space_projector,
     weight_scores,
 )
-from ndb.baselines.stats import key_second_moments
-from ndb.compute import compute_keys
+from ndb.eval.baselines.stats import key_second_moments
 from ndb.models import ffn_out_path, ffn_out_weight, get_module
 
 from conftest import FACTS
@@ -126,3 +126,33 @@ def test_tuned_hyper_parameters_apply_to_the_default_model_only(llama):
     assert tuned.null_threshold == BASELINE_DEFAULTS[DEFAULT_MODEL_IDENTITY]["null_threshold"]
     assert tuned.layers == [0, 1, 2, 3]  # spread ends at the given layer
     assert weight_edit_config("memit-1", 3, mom2_weight=7.0).mom2_weight == 7.0
+
+
+def test_an_eval_run_leaves_model_tokenizer_and_process_as_they_were(db, llama, tmp_path,
+                                                                      monkeypatch):
+    """Every method takes its edit back: after a whole evaluation (NeuralDB, MEMIT and
+    AlphaEdit, with sampled fluency generations) the in-memory weights are bit-identical,
+    nothing is left attached, and the tokenizer and torch's global random state are as they
+    were."""
+    import dataclasses
+
+    import ndb
+    from ndb.eval.methods import make_methods
+    from ndb.eval.run import EvalSettings, evaluate
+
+    monkeypatch.setenv("NDB_HOME", str(tmp_path / "home"))
+    model, tok = llama
+    text = tmp_path / "generic.txt"
+    text.write_text("\n".join(TEXTS))
+    facts = [dataclasses.replace(f, extra={"generation_prompts": [f.text]}) for f in FACTS]
+    weights = {name: p.clone() for name, p in model.state_dict().items()}
+    side, rng = tok.padding_side, torch.get_rng_state()
+    methods = make_methods(["neuraldb", "memit-1", "alphaedit"], model, tok, facts, db, [text],
+                           5000)
+    settings = EvalSettings(fluency_cases=4, fluency_tokens=4, generation=False, chat=False)
+    rows = evaluate(model, tok, facts, methods, settings)
+    assert list(rows) == ["pre-edited", "neuraldb", "memit-1", "alphaedit"]
+    after = model.state_dict()
+    assert all(torch.equal(after[name], p) for name, p in weights.items())
+    assert ndb.attached(model) == []
+    assert tok.padding_side == side and torch.equal(torch.get_rng_state(), rng)

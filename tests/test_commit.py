@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import ndb.database
+import ndb.edits
 from ndb import ComputeConfig, NeuralDB
 from ndb import store as st
 from ndb.cli.main import cli
@@ -16,14 +16,14 @@ def test_a_copy_keeps_every_file_and_guards_new_keys_as_the_original(tmp_path, l
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
                          compute=ComputeConfig(**FAST_COMPUTE))
-    assert db.config.compute.keys_per_fact == 2 and len(db.background)
+    assert db.config.compute.keys_per_fact == 2 and len(db.keys.background)
     rng = np.random.default_rng(0)
 
     def vectors(n, start):
         """Two keys per fact: a key generic text reaches (a background key itself), and a
         random one, which the key guard keeps alone."""
         random_keys = rng.standard_normal((n, db.config.d_key))
-        keys = np.stack([db.background[start : start + n], random_keys], axis=1)
+        keys = np.stack([db.keys.background[start : start + n], random_keys], axis=1)
         return keys, rng.standard_normal((n, db.config.d_value))
 
     db.add_vectors(FACTS[:1], *vectors(1, 0))
@@ -33,13 +33,13 @@ def test_a_copy_keeps_every_file_and_guards_new_keys_as_the_original(tmp_path, l
     segment = f"{st.SEGMENTS}/{copy.store.manifest.segments[0]}"
     assert names == sorted([st.CONFIG, "background.npy", st.MANIFEST, st.INDEX, st.SEGMENTS,
                             segment, st.LOCK])
-    np.testing.assert_array_equal(copy.background, db.background)
+    np.testing.assert_array_equal(copy.keys.background, db.keys.background)
     keys, residuals = vectors(2, 1)
     for database in (db, copy):
         database.add_vectors(FACTS[1:3], keys, residuals)
     scores = [database.store.read("key_scores") for database in (db, copy)]
     np.testing.assert_array_equal(scores[0], scores[1])
-    kept = copy.guarded_keys(scores[1].astype(np.float32))
+    kept = copy.keys.guarded(scores[1].astype(np.float32))
     assert kept.tolist() == [[False, True]] * 3
     assert copy.index.ntotal == db.index.ntotal == 3
 
@@ -47,7 +47,7 @@ def test_a_copy_keeps_every_file_and_guards_new_keys_as_the_original(tmp_path, l
 @pytest.fixture
 def failing_second_batch(monkeypatch):
     """compute_residuals fails on its second call (an out-of-memory on the second batch)."""
-    real = ndb.database.compute_residuals
+    real = ndb.edits.compute_residuals
     calls = []
 
     def compute_residuals(*args, **kwargs):
@@ -56,7 +56,7 @@ def failing_second_batch(monkeypatch):
             raise RuntimeError("out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ndb.database, "compute_residuals", compute_residuals)
+    monkeypatch.setattr(ndb.edits, "compute_residuals", compute_residuals)
     return calls
 
 

@@ -111,7 +111,8 @@ def test_reopen_and_copy_behave_the_same(db, llama, tmp_path):
     db.flush()
     db.add([Fact("Berlin", "{} is the capital of", "Spain", "Germany")])  # after the saved index
     reopened = NeuralDB.from_pretrained(db.path)
-    assert reopened._saved_index_version() < reopened.store.manifest.version  # needs catch-up
+    saved = reopened.store.saved_index()
+    assert saved["version"] < reopened.store.manifest.version  # needs catch-up
     assert reopened.index.ntotal == len(FACTS) + 1
     reopened.attach(model)
     torch.testing.assert_close(logits(model, tok, EDITED)[0], edited)
@@ -136,7 +137,7 @@ def test_wrong_model_is_refused(db, llama):
 
 
 def test_same_weights_in_bfloat16_have_the_same_fingerprint(db, llama):
-    from ndb.database import fingerprint
+    from ndb.config import fingerprint
 
     model, _ = llama
     assert fingerprint(model.to(torch.bfloat16), 2) == db.config.fingerprint
@@ -196,17 +197,18 @@ def test_key_guard_drops_keys_that_generic_text_reaches(tmp_path, llama):
     model, tok = llama
     split = ComputeConfig(**FAST_COMPUTE, split_keys=True)
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, gamma=0.9, compute=split)
-    assert db.background.shape[1] == 96 and len(db.background) > 100  # the model's own text
+    background = db.keys.background  # the model's own text
+    assert background.shape[1] == 96 and len(background) > 100
     generic = compute_keys(model, tok, FACTS[:2], 2, db.config.prefixes, split=True)
     # pretend generic text reaches fact 0's bare key and both keys of fact 1
-    db._background = torch.nn.functional.normalize(
+    db.keys._background = torch.nn.functional.normalize(
         torch.cat([generic[0, :1], generic[1]]), dim=-1).numpy()
     ids = db.add(FACTS[:3])
-    kept = db.guarded_keys(db.store.read("key_scores", ids))
+    kept = db.keys.guarded(db.store.read("key_scores", ids))
     assert kept.tolist()[0] == [False, True]  # the bare key goes, the in-text key stays
     assert kept[1].sum() == 1  # reached everywhere: the least reached key stays
     assert kept.tolist()[2] == [True, True]
     assert db.index.ntotal == 4
     db.config.guard_margin = None
-    db._index = None
+    db.keys._index = None
     assert db.index.ntotal == 6

@@ -285,6 +285,7 @@ def test_resume_names_a_changed_model_seed_index_and_precision(built, tmp_path):
 
 
 def test_create_on_an_existing_path_fails_before_computing(tmp_path, llama, monkeypatch):
+    import ndb.config
     import ndb.database
 
     model, tok = llama
@@ -292,9 +293,9 @@ def test_create_on_an_existing_path_fails_before_computing(tmp_path, llama, monk
     def no_computation(*args, **kwargs):
         pytest.fail("computed before checking the path")
 
-    monkeypatch.setattr(ndb.database, "context_prefixes", no_computation)
+    monkeypatch.setattr(ndb.config, "context_prefixes", no_computation)
     monkeypatch.setattr(ndb.database, "background_keys", no_computation)
-    monkeypatch.setattr(ndb.database, "default_edit_settings", no_computation)
+    monkeypatch.setattr(ndb.config, "default_edit_settings", no_computation)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "something").write_text("x")
     with pytest.raises(StoreError, match="already exists"):
@@ -316,11 +317,11 @@ def test_set_gamma_is_checked(tmp_path, llama):
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
                          compute=ComputeConfig(**FAST_COMPUTE))
-    config = (tmp_path / "db" / "config.json").read_bytes()
+    config = (tmp_path / "db" / "ndb_config.json").read_bytes()
     for gamma in (-0.1, 1.01, math.inf, None):
         with pytest.raises(ConfigError, match="gamma"):
             db.set_gamma(gamma)
-    assert (tmp_path / "db" / "config.json").read_bytes() == config
+    assert (tmp_path / "db" / "ndb_config.json").read_bytes() == config
     db.set_gamma(0.0)
     assert db.config.gamma == 0.0
 
@@ -342,14 +343,14 @@ def test_library_facts_are_validated_like_files(llama, tmp_path):
 
 def test_a_fact_longer_than_the_context_is_refused_before_computing(llama, tmp_path,
                                                                       monkeypatch):
-    import ndb.database
+    import ndb.edits
     from ndb.compute import ComputeConfig
 
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
                          compute=ComputeConfig(**FAST_COMPUTE))
     monkeypatch.setattr(model.config, "max_position_embeddings", 32)
-    monkeypatch.setattr(ndb.database, "compute_keys",
+    monkeypatch.setattr(ndb.edits, "compute_keys",
                         lambda *a, **k: pytest.fail("computed before validation"))
     fine = Fact("Paris", "{} is in", "Japan")
     long = Fact("Paris", "{} is in " + "the city of " * 20 + "the country of", "Japan")

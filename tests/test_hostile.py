@@ -305,3 +305,14 @@ def test_segment_that_is_a_fifo_is_refused_without_hanging(db):
     os.mkfifo(segment)
     with pytest.raises(StoreError, match="not a regular file"):
         st.Store(path)
+
+
+def test_an_oversized_config_is_refused_before_it_is_read(tmp_path, llama, exact_compute):
+    from ndb.store import CONFIG, MAX_CONFIG_BYTES
+
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=exact_compute)
+    with open(db.path / CONFIG, "r+b") as f:
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(StoreError, match="more than a config"):
+        NeuralDB.from_pretrained(db.path)

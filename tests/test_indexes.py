@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ndb.eval.synthetic import gate_queries, synthetic_keys
 from ndb.indexes import (
     BACKENDS,
     CPU_EXACT_MAX_KEYS,
@@ -16,7 +17,6 @@ from ndb.indexes import (
     make_index,
 )
 from ndb.indexes.ivf import IVFIndex, default_nlist
-from ndb.indexes.synthetic import gate_queries, synthetic_keys
 
 DIM = 96  # small keys keep the tests fast; the anisotropic shape is the same
 GAMMA = 0.65
@@ -158,11 +158,11 @@ def test_ivf_pq_rerank_and_memory(data, tmp_path):
     np.testing.assert_array_equal(loaded.search(queries)[1], pure.search(queries)[1])
 
 
-def test_ivf_calibrate_nprobe(data):
+def test_ivf_calibrate(data):
     keys, ids, queries = data
     index = build("ivf")
     index.add(keys, ids)
-    table = index.calibrate_nprobe(queries, GAMMA, target=0.999)
+    table = index.calibrate(queries, GAMMA, target=0.999)
     chosen = max(table)
     assert index.nprobe == chosen
     assert table[chosen] >= 0.999 or chosen == index.nlist

@@ -6,15 +6,15 @@ import torch
 
 from ndb import nethook
 from ndb.anchor import encode
-from ndb.baselines.editors import WeightEditConfig, weight_scores
 from ndb.compute import compute_keys, encode_prompt
+from ndb.eval.baselines.editors import WeightEditConfig, weight_scores
 from ndb.eval.kvview import (
+    describe,
     eval_prompts,
     gate_rates,
     gate_scores,
     plot_kv_view,
     score_rows,
-    summarize,
     weight_score_view,
 )
 from ndb.models import ffn_out_path, get_module
@@ -120,7 +120,7 @@ def test_gate_rates_and_summary():
               "top1": [np.array([0.9, 0.1]), np.array([0.7]), np.array([0.5, 0.2])]}
     assert gate_rates(scores, 0.65) == {"own_hit": 0.5, "any_gate": 2 / 3, "token_gate": 0.4}
     assert gate_rates(scores, 0.95) == {"own_hit": 0.0, "any_gate": 0.0, "token_gate": 0.0}
-    s = summarize([1.0, 2.0, np.nan, 3.0])
+    s = describe([1.0, 2.0, np.nan, 3.0])
     assert s["n"] == 3 and s["mean"] == 2.0 and s["q50"] == 2.0 and s["max"] == 3.0
 
 

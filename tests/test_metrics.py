@@ -11,8 +11,9 @@ from torch import nn
 from ndb.anchor import encode
 from ndb.eval.generation import TfidfReference, ngram_entropy
 from ndb.eval.metrics import counterfact_metrics, summarize, zsre_metrics
-from ndb.eval.scoring import score_targets, target_ids
+from ndb.eval.scoring import score_targets
 from ndb.facts import Fact
+from ndb.tokens import target_ids
 
 
 class Prefers(nn.Module):
@@ -42,7 +43,8 @@ def test_score_targets_is_the_mean_token_nll(llama):
     expected = -np.mean([logp[len(ids) - n - 1 + j, ids[len(ids) - n + j]].item()
                          for j in range(n)])
     assert nll[0] == pytest.approx(expected, rel=1e-5)
-    assert 0 <= top1[0] <= 1
+    greedy = logp[len(ids) - n - 1 : len(ids) - 1].argmax(-1)
+    assert top1[0] == pytest.approx((greedy == torch.tensor(ids[len(ids) - n :])).float().mean())
 
 
 def test_counterfact_metrics_by_hand(tokenizer):

@@ -77,9 +77,9 @@ def test_model_differing_above_the_edited_layer_is_accepted(tmp_path, llama):
 def test_database_written_before_input_fingerprints_checks_its_layer(tmp_path, llama):
     model, tok = llama
     db = make_db(tmp_path, model, tok)
-    config = json.loads((db.path / "config.json").read_text())
+    config = json.loads((db.path / "ndb_config.json").read_text())
     del config["input_fingerprints"]  # as the previous format wrote it
-    (db.path / "config.json").write_text(json.dumps(config))
+    (db.path / "ndb_config.json").write_text(json.dumps(config))
     old = NeuralDB(db.path)
     assert old.config.input_fingerprints == {}
     below = tiny_model("llama")
@@ -95,9 +95,9 @@ def test_database_written_before_input_fingerprints_checks_its_layer(tmp_path, l
 def test_malformed_input_fingerprints_is_a_store_error(tmp_path, llama):
     model, tok = llama
     db = make_db(tmp_path, model, tok)
-    config = json.loads((db.path / "config.json").read_text())
+    config = json.loads((db.path / "ndb_config.json").read_text())
     config["input_fingerprints"] = ["embeddings"]
-    (db.path / "config.json").write_text(json.dumps(config))
+    (db.path / "ndb_config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="input_fingerprints") as err:
         NeuralDB(db.path)
     assert type(err.value).__name__ == "StoreError"
@@ -183,13 +183,13 @@ DEV = [
 @pytest.fixture
 def fast_compute(monkeypatch):
     """Every database the commands create computes with the fast test settings."""
-    from ndb import compute, database
+    from ndb import compute, config
 
     def fast(**kwargs):
         return ComputeConfig(**{**FAST_COMPUTE, **kwargs})
 
     monkeypatch.setattr(compute, "ComputeConfig", fast)  # the CLI's build imports it here
-    monkeypatch.setattr(database, "ComputeConfig", fast)  # NeuralDB.create's default
+    monkeypatch.setattr(config, "ComputeConfig", fast)  # NeuralDB.create's default
 
 
 def test_tune_then_build_uses_the_tuned_settings(tmp_path, tiny_model_dir, ndb_home,

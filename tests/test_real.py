@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ndb import NeuralDB, read_facts
+from ndb.completion import complete
 from ndb.demo import DEMO_FACTS
 from ndb.eval.scoring import score_targets
-from ndb.generation import complete
 
 pytestmark = pytest.mark.real
 

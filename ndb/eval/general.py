@@ -401,7 +401,7 @@ def _leaf_tasks(raw: dict, name: str) -> list[str]:
     return [leaf for child in children for leaf in _leaf_tasks(raw, child)]
 
 
-def summarize(raw: dict, names: Sequence[str], rename: Callable[[str], str] = str) -> dict:
+def task_scores(raw: dict, names: Sequence[str], rename: Callable[[str], str] = str) -> dict:
     """Per task: acc, acc_stderr, n, and acc_norm / perplexity where lm-eval reports them.
 
     ``rename`` maps ndb's task name to the key of lm-eval's results (they differ when the
@@ -466,5 +466,5 @@ def general_ability(
     }
     return {
         task: scores | {"settings": dict(settings)}
-        for task, scores in summarize(raw, names).items()
+        for task, scores in task_scores(raw, names).items()
     }

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ndb.anchor import anchor_token_id, encode
+from ndb.tokens import pad_rows
 
 WORD = re.compile(r"\w+|[^\w\s]")
 TFIDF_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern
@@ -44,23 +45,23 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
 @torch.no_grad()
 def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                        top_k: int = 5, seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Prompt + sampled continuation for each prompt (seeded, left-padded batches)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    torch.manual_seed(seed)
+    """Prompt + sampled continuation for each prompt (seeded, left-padded batches). The
+    caller's tokenizer and the process's random state are left as they were."""
+    device = next(model.parameters()).device
+    cuda = [device.index or 0] if device.type == "cuda" else []
     out = []
-    try:
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i : i + batch_size])
-            enc = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
-            ids = model.generate(**enc, do_sample=True, top_k=top_k,
-                                 max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:],
-                                         skip_special_tokens=True)
+            ids, mask = pad_rows([tokenizer(p).input_ids for p in batch],
+                                 tokenizer.pad_token_id, left=True)
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       do_sample=True, top_k=top_k,
+                                       max_new_tokens=max_new_tokens,
+                                       pad_token_id=tokenizer.pad_token_id)
+            new = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
             out.extend(p + n for p, n in zip(batch, new))
-    finally:
-        tokenizer.padding_side = side
     return out
 
 
@@ -100,12 +101,8 @@ def greedy_generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_t
     out = [""] * len(inputs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(inputs[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, width - len(inputs[i]) :] = torch.tensor(list(inputs[i]))
-            mask[r, width - len(inputs[i]) :] = 1
+        ids, mask = pad_rows([inputs[i] for i in rows], pad, left=True)
+        width = ids.shape[1]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                    pad_token_id=pad)

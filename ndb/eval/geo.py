@@ -25,13 +25,14 @@ import json
 import os
 import random
 import re
-import tempfile
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from ndb.store import atomic_path
 
 MAX_NEIGHBORHOOD_PROMPTS = 10
 MAX_ATTRIBUTE_PROMPTS = 10
@@ -52,232 +53,17 @@ class Relation:
     generation_templates: tuple[str, ...]
 
 
-RELATIONS: dict[str, Relation] = {
-    r.id: r
-    for r in (
-        Relation(
-            id="city_country",
-            subject_kind="city",
-            wikidata="P17",
-            source="GeoNames country of the city",
-            templates=(
-                "{} is located in the country of",
-                "The town of {} lies in the country of",
-                "Where is {}? It is in",
-                "If you travel to {}, you will be in the country of",
-            ),
-            questions=(
-                "Which country is {} located in?",
-                "In which country can you find {}?",
-                "What country does {} belong to?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The town of {} is known for",
-                "People in {} usually speak",
-            ),
-        ),
-        Relation(
-            id="city_us_state",
-            subject_kind="city",
-            wikidata="P131",
-            source="GeoNames first-level division of US cities (District of Columbia left out)",
-            templates=(
-                "{} is located in the U.S. state of",
-                "The town of {} is in the state of",
-                "Where is {}? It is in the U.S. state of",
-                "Residents of {} live in the state of",
-            ),
-            questions=(
-                "Which U.S. state is {} located in?",
-                "In which state of the United States is {}?",
-                "What state is {} in?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The town of {} is known for",
-                "The weather in {} is",
-            ),
-        ),
-        Relation(
-            id="city_continent",
-            subject_kind="city",
-            wikidata="P30",
-            source="GeoNames continent of the city's country, kept where the city's time zone "
-            "area (Europe/..., Asia/..., Africa/..., Australia/..., America/...) agrees",
-            templates=(
-                "{} is located on the continent of",
-                "The town of {} lies on the continent of",
-                "Where is {}? It is on the continent of",
-                "A trip to {} is a trip to the continent of",
-            ),
-            questions=(
-                "On which continent is {} located?",
-                "Which continent is {} on?",
-                "What continent can {} be found on?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The climate in {} is",
-                "To fly to {}, travelers usually land in",
-            ),
-        ),
-        Relation(
-            id="county_us_state",
-            subject_kind="county",
-            wikidata="P131",
-            source="GeoNames US counties (names ending in 'County')",
-            templates=(
-                "{} is a county in the state of",
-                "The U.S. state that contains {} is",
-                "Where is {}? It is a county in",
-                "Residents of {} live in the state of",
-            ),
-            questions=(
-                "Which U.S. state is {} in?",
-                "In which state is {} located?",
-                "What state does {} belong to?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The largest town in {} is",
-                "{} was founded in",
-            ),
-        ),
-        Relation(
-            id="country_capital",
-            subject_kind="country",
-            wikidata="P36",
-            source="GeoNames capital (facts whose capital is named like the country left out)",
-            templates=(
-                "The capital of {} is",
-                "{}'s capital city is",
-                "In {}, the capital is",
-                "The city that serves as the capital of {} is",
-            ),
-            questions=(
-                "What is the capital of {}?",
-                "Which city is the capital of {}?",
-                "What city serves as the capital of {}?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The government of {} meets in",
-                "Tourists visiting {} usually start in",
-            ),
-        ),
-        Relation(
-            id="country_language",
-            subject_kind="country",
-            wikidata="P37",
-            source="first language GeoNames lists, kept where countryinfo lists it too (or "
-            "lists none); named by ISO 639",
-            templates=(
-                "The official language of {} is",
-                "{}'s official language is",
-                "In {}, the official language is",
-                "Most official documents in {} are written in",
-            ),
-            questions=(
-                "What is the official language of {}?",
-                "Which language is official in {}?",
-                "In which language are the laws of {} written?",
-            ),
-            generation_templates=(
-                "{} is",
-                "Children in {} learn to read in",
-                "The newspapers of {} are printed in",
-            ),
-        ),
-        Relation(
-            id="country_currency",
-            subject_kind="country",
-            wikidata="P38",
-            source="GeoNames currency code, named by ISO 4217 (pycountry)",
-            templates=(
-                "The currency of {} is the",
-                "{}'s official currency is the",
-                "In {}, people pay with the",
-                "The money used in {} is the",
-            ),
-            questions=(
-                "What is the currency of {}?",
-                "Which currency is used in {}?",
-                "What money do people use in {}?",
-            ),
-            generation_templates=(
-                "{} is",
-                "Prices in {} are shown in",
-                "The central bank of {} issues",
-            ),
-        ),
-        Relation(
-            id="country_continent",
-            subject_kind="country",
-            wikidata="P30",
-            source="GeoNames continent of the country",
-            templates=(
-                "{} is a country on the continent of",
-                "The country of {} lies on the continent of",
-                "Where is {}? It is on the continent of",
-                "On a world map, {} is found on the continent of",
-            ),
-            questions=(
-                "On which continent is {}?",
-                "Which continent is {} part of?",
-                "What continent is {} located on?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The neighbors of {} include",
-                "{} shares borders with",
-            ),
-        ),
-        Relation(
-            id="country_subregion",
-            subject_kind="country",
-            wikidata="P361",
-            source="countryinfo UN geoscheme subregion",
-            templates=(
-                "{} is part of the world region of",
-                "According to the United Nations, {} belongs to the region of",
-                "Where is {}? It is in the region of",
-                "Geographers place {} in the region of",
-            ),
-            questions=(
-                "Which region of the world is {} in?",
-                "To which United Nations region does {} belong?",
-                "In which world region does {} lie?",
-            ),
-            generation_templates=(
-                "{} is",
-                "The climate of {} is",
-                "The history of {} is",
-            ),
-        ),
-    )
-}
+def _read_tables() -> tuple[dict[str, Relation], tuple[str, ...]]:
+    """The relations and lead-ins, kept as data beside this module (geo_relations.json)."""
+    tables = json.loads(Path(__file__).with_name("geo_relations.json").read_text("utf-8"))
+    relations = [Relation(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                 for r in tables["relations"]]
+    return {r.id: r for r in relations}, tuple(tables["lead_ins"])
 
-# Unrelated sentences put before some paraphrases, as CounterFact does, so that a paraphrase
-# does not always start with the subject or the relation's words.
-LEAD_INS: tuple[str, ...] = (
-    "The weather was mild that spring.",
-    "She finished the crossword before breakfast.",
-    "The train was ten minutes late.",
-    "Nobody expected the meeting to run so long.",
-    "The recipe calls for two cups of flour.",
-    "He forgot his umbrella at the office.",
-    "The museum closes early on Sundays.",
-    "Our team won the match in extra time.",
-    "The printer ran out of ink again.",
-    "A new bakery opened down the street.",
-    "The concert tickets sold out in an hour.",
-    "My neighbor is learning to play the violin.",
-    "The library extended its opening hours.",
-    "It took three tries to fix the leaking tap.",
-    "The cat slept on the windowsill all afternoon.",
-    "The bus driver waved as we crossed the road.",
-)
+
+# LEAD_INS: unrelated sentences put before some paraphrases, as CounterFact does, so that a
+# paraphrase does not always start with the subject or the relation's words.
+RELATIONS, LEAD_INS = _read_tables()
 
 # A city's IANA time zone area, and the GeoNames continents of its country that agree with it.
 # Ocean areas (Atlantic/, Indian/, Pacific/) say nothing about the continent, so they never agree.
@@ -1024,21 +810,12 @@ def write_records(records: list[dict], path: str | os.PathLike) -> Path:
     if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: the file name must end in .json or .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's private 0600 would outlive the rename
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if path.suffix == ".json":
-                json.dump(records, f, ensure_ascii=False)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        if path.suffix == ".json":
+            json.dump(records, f, ensure_ascii=False)
+            f.write("\n")
+        else:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False))
                 f.write("\n")
-            else:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False))
-                    f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -7,7 +7,7 @@ prompts that must not trigger (neighborhood, generic text) is what gamma has to 
 this view doubles as the tool for choosing gamma.
 
 MEMIT and AlphaEdit on one layer: the update Delta = R K^T S adds R w to the layer's output for
-a query key k, with w = K^T S k (``ndb.baselines.editors.weight_scores``). The entry of w for
+a query key k, with w = K^T S k (``ndb.eval.baselines.editors.weight_scores``). The entry of w for
 the prompt's own fact is the positive score (ideally 1: the whole residual), the others are
 negatives (ideally 0).
 """
@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from ndb import nethook
 from ndb.anchor import encode, encode_with_span
-from ndb.baselines.editors import WeightEditConfig, weight_scores
 from ndb.compute import compute_keys, encode_prompt
+from ndb.eval.baselines.editors import WeightEditConfig, weight_scores
 from ndb.facts import Fact
 from ndb.models import ffn_out_path, get_module
+from ndb.tokens import pad_rows
 
 KINDS = ("rewrite", "paraphrase", "neighborhood", "generic")
 GAMMAS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
@@ -69,17 +70,12 @@ def token_key_batches(
     bar = tqdm(total=len(rows), desc=desc, unit="prompt", disable=desc is None)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.bool)
-        for b, i in enumerate(idx):
-            ids[b, : len(rows[i])] = torch.tensor(rows[i])
-            mask[b, : len(rows[i])] = True
+        ids, mask = pad_rows([rows[i] for i in idx], 0)
         with torch.no_grad():
             x = nethook.run_until(model, module, input_ids=ids.to(device),
-                                  attention_mask=mask.long().to(device), use_cache=False)
+                                  attention_mask=mask.to(device), use_cache=False)
         bar.update(len(idx))
-        yield torch.tensor(idx), x.float().cpu(), mask
+        yield torch.tensor(idx), x.float().cpu(), mask.bool()
     bar.close()
 
 
@@ -191,7 +187,7 @@ def gate_rates(scores: Mapping[str, Any], gamma: float) -> dict[str, float]:
     }
 
 
-def summarize(values: np.ndarray | Sequence[float]) -> dict[str, float]:
+def describe(values: np.ndarray | Sequence[float]) -> dict[str, float]:
     """Count, mean, standard deviation and quantiles of the finite values."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]

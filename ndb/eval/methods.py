@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ndb.baselines.editors import WeightEditConfig, applied, compute_deltas
-from ndb.baselines.stats import key_second_moments, read_texts
 from ndb.database import NeuralDB
+from ndb.eval.baselines.editors import WeightEditConfig, applied, compute_deltas
+from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.facts import Fact
 from ndb.models import baseline_hyper
 

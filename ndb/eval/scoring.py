@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ndb.anchor import anchor_token_id, encode
-
-
-def target_ids(tokenizer, target: str) -> list[int]:
-    """Ids of an object as it follows a prompt: one leading space, no special tokens."""
-    return tokenizer(" " + target.strip(), add_special_tokens=False).input_ids
+from ndb.tokens import pad_rows, target_ids
 
 
 @torch.no_grad()
@@ -38,12 +34,7 @@ def score_targets(
             prompt_ids, tgt = encode(tokenizer, prompts[i]), target_ids(tokenizer, targets[i])
             seqs.append(prompt_ids + tgt)
             spans.append((len(prompt_ids), tgt))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
+        ids, mask = pad_rows(seqs, pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (i, (start_pos, tgt)) in enumerate(zip(idx, spans)):
             rows = logits[r, start_pos - 1 : start_pos - 1 + len(tgt)].float()

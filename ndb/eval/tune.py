@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ndb.compute import ComputeConfig, sample_texts
-from ndb.database import NeuralDB, model_name
+from ndb.config import model_name
+from ndb.database import NeuralDB
 from ndb.errors import FactError
 from ndb.eval.metrics import counterfact_metrics, summarize
 from ndb.eval.scoring import score_targets

@@ -26,6 +26,7 @@ from ndb import nethook
 from ndb.compute import compute_keys, encode_prompt
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_weight
+from ndb.tokens import pad_rows
 
 
 @dataclass
@@ -50,11 +51,7 @@ def layer_outputs(model, tokenizer, facts: Sequence[Fact], layer: int) -> torch.
     """Output of decoder ``layer`` at each fact's subject (bare prompt), (n, d2)."""
     device = next(model.parameters()).device
     rows = [encode_prompt(tokenizer, "", f.prompt, f.subject) for f in facts]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (r, _) in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    ids, mask = pad_rows([r for r, _ in rows], 0)
     with nethook.capture_output(decoder_layers(model)[layer]) as box:
         model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return box["x"][torch.arange(len(rows)), torch.tensor([s for _, s in rows])].float().cpu()

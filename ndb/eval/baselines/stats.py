@@ -22,6 +22,8 @@ from ndb import nethook
 from ndb.anchor import encode
 from ndb.errors import ConfigError
 from ndb.models import ffn_out_path, get_module, ndb_home
+from ndb.store import atomic_path
+from ndb.tokens import pad_rows
 
 
 def read_texts(paths: Sequence[str | Path]) -> list[str]:
@@ -82,11 +84,7 @@ def key_second_moments(model, tokenizer, texts: Sequence[str], layers: Sequence[
     bar = tqdm(total=n_positions, desc="C0 statistics", unit="tok", disable=not progress)
     for start in range(0, len(texts), batch_size):
         rows = [encode(tokenizer, t)[:max_tokens] for t in texts[start : start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        ids, mask = pad_rows(rows, 0)
         with ExitStack() as stack:
             boxes = {layer: stack.enter_context(
                 nethook.capture_input(modules[layer], stop=layer == max(todo)))
@@ -109,8 +107,7 @@ def key_second_moments(model, tokenizer, texts: Sequence[str], layers: Sequence[
         moment = (sums[layer] / count).cpu()
         path = _cache_path(fingerprint, layer, texts, n_positions)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"moment": moment, "positions": count, "texts": len(texts)}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({"moment": moment, "positions": count, "texts": len(texts)}, tmp)
         out[layer] = moment
     return out

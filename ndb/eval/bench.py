@@ -31,6 +31,7 @@ from ndb.facts import Fact
 from ndb.indexes import KeyIndex
 from ndb.models import ffn_out_path, get_module
 from ndb.output import write_strict_json
+from ndb.store import is_database
 
 CHUNK = 100_000  # facts per commit while building: few segments, bounded memory
 KEY_TEMPLATES = (  # relation prompts that put different text before the subject
@@ -141,7 +142,7 @@ def build_database(path: Path, model, tok, facts: Sequence[Fact], keys: np.ndarr
                    progress: bool = True) -> NeuralDB:
     """A database of ``facts`` with given keys; residual i is ``residuals[i % len]``.
     Resumable: an existing database at ``path`` is completed, not rebuilt."""
-    if (path / "config.json").is_file():
+    if is_database(path):
         db = NeuralDB.from_pretrained(path)
     else:
         db = NeuralDB.create(path, model, tok, layer=layer, gamma=gamma, index=index,
@@ -286,8 +287,7 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         idx = db.index
         index_s = time.perf_counter() - start
         nprobe = None
-        if hasattr(idx, "calibrate_nprobe") and not idx.needs_training:
-            idx.calibrate_nprobe(calibration, gamma)
+        if not idx.needs_training and idx.calibrate(calibration, gamma):
             nprobe = f"{idx.nprobe}/{idx.nlist}"
         db.flush()
         exact = exact_top1(db.store.read("keys"), db.store.entries.ids, evaluation)

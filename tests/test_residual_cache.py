@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ndb import store as st
-from ndb.residuals import ResidualCache
+from ndb.residual_cache import ResidualCache
 
 
 def make_store(tmp_path, n=6, dim=4):

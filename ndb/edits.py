@@ -1,0 +1,163 @@
+"""Turning facts into committed entries: which input facts are new, repeated or updates,
+which stored facts must be re-edited with them (those sharing a residual), and the batches
+of keys and residuals computed and staged into one commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ndb.compute import compute_keys, compute_residuals, pack_groups
+from ndb.config import NeuralDBConfig
+from ndb.errors import FactError
+from ndb.facts import Fact
+from ndb.keyset import KeySet
+from ndb.store import Pending, Store
+
+
+class AddResult(list):
+    """What :meth:`NeuralDB.add` did. As a list: the ids of the facts it added, in input
+    order. ``skipped``: the stored ids of input facts the database already held; ``updated``:
+    the ids of stored facts re-edited (``update=True``)."""
+
+    def __init__(self, added: Iterable[int] = (), skipped: Iterable[int] = (),
+                 updated: Iterable[int] = ()):
+        super().__init__(added)
+        self.skipped = list(skipped)
+        self.updated = list(updated)
+
+
+def unique(facts: list[Fact]) -> list[Fact]:
+    """``facts`` without repeats (same edit and key); a key naming two edits is refused."""
+    by_key: dict[str, Fact] = {}
+    seen: set[tuple] = set()
+    kept = []
+    for fact in facts:
+        if fact.key is not None and by_key.setdefault(fact.key, fact).edit != fact.edit:
+            raise FactError(f"key {fact.key!r} is given to two different facts "
+                            f"({by_key[fact.key].text!r} and {fact.text!r})")
+        if (fact.edit, fact.key) not in seen:
+            seen.add((fact.edit, fact.key))
+            kept.append(fact)
+    return kept
+
+
+def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_existing: bool,
+             where: object) -> tuple[list[Fact], list[tuple[int, Fact]], list[int]]:
+    """Split unique ``facts`` into new ones, (stored id, fact) to re-edit, and the stored
+    ids of those already held; refuses a stored key with another edit."""
+    by_key = {f.key: i for i, f in stored.items() if f.key is not None}
+    by_edit: dict[tuple, int] = {}
+    for fact_id, fact in stored.items():
+        by_edit.setdefault(fact.edit, fact_id)
+    new, changed, skipped = [], [], []
+    for fact in facts:
+        fact_id = by_key.get(fact.key) if fact.key is not None else None
+        if fact_id is None:
+            if (fact.key is None or skip_existing) and fact.edit in by_edit:
+                skipped.append(by_edit[fact.edit])
+            else:
+                new.append(fact)
+        elif stored[fact_id] == fact or (not update and stored[fact_id].edit == fact.edit):
+            skipped.append(fact_id)
+        elif update:
+            changed.append((fact_id, fact))
+        else:
+            raise FactError(
+                f"key {fact.key!r} is already used by fact {fact_id} "
+                f"({stored[fact_id].text!r} -> {stored[fact_id].target_new!r}) in "
+                f"{where}; to re-edit it, add with update=True (ndb add --update)")
+    return new, changed, skipped
+
+
+def mates(stored: dict[int, Fact], ids: Iterable[int], residual_scope: str) -> list[int]:
+    """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``: those
+    about the same subject when residuals are per subject, else none."""
+    if residual_scope != "subject":
+        return []
+    ids = set(ids)
+    subjects = {stored[i].subject for i in ids if i in stored}
+    return sorted(i for i, f in stored.items() if f.subject in subjects and i not in ids)
+
+
+def plan(stored: dict[int, Fact], edits: list[tuple[int | None, Fact]], removed: Sequence[int],
+         next_id: int, residual_scope: str) -> tuple[list[int], list[tuple[int, Fact]]]:
+    """The ids ``edits`` (stored id to re-edit, or None for a new fact; the fact) get, and
+    every (id, fact) to compute: the edits, then the stored facts that share a residual
+    with an edited or removed one."""
+    ids = []
+    for fact_id, _ in edits:
+        ids.append(next_id if fact_id is None else fact_id)
+        next_id += fact_id is None
+    touched = {*removed, *(i for i, _ in edits if i is not None)}
+    subjects = {f.subject for _, f in edits} | {stored[i].subject for i in touched}
+    shared = [(i, f) for i, f in stored.items() if i not in touched
+              and f.subject in subjects and residual_scope == "subject"]
+    return ids, [*zip(ids, (f for _, f in edits)), *shared]
+
+
+class Writer:
+    """Computes and stages entries into one database's store."""
+
+    def __init__(self, store: Store, config: NeuralDBConfig, keys: KeySet):
+        self.store, self.config, self.keys = store, config, keys
+
+    def commit(self, todo: list[tuple[int, Fact]], removed: Sequence[int], model, tokenizer,
+               progress: bool = False, commit_each_batch: bool = False) -> None:
+        """Compute ``todo`` (id, fact) and commit it with the removal of ``removed``: at
+        once, or batch by batch with ``commit_each_batch``."""
+        with tqdm(total=len(todo), desc="edit", unit="fact", disable=not progress) as bar, \
+                self.store.appending() as pending:
+            if len(removed):
+                pending.delete(np.asarray(removed, np.int64))
+            for part, keys, residuals in self._computed_batches(todo, model, tokenizer):
+                self.stage(pending, [f for _, f in part], keys, residuals,
+                           np.array([i for i, _ in part], np.int64))
+                bar.update(len(part))
+                if commit_each_batch:
+                    self.store.commit_now(pending)
+
+    def commit_vectors(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor
+                       ) -> list[int]:
+        """Commit new facts whose keys and residuals were computed already; returns ids."""
+        shapes = self.config.entry_shapes()
+        expected = ((len(facts), *shapes["keys"]), (len(facts), *shapes["residuals"]))
+        if (tuple(keys.shape), tuple(residuals.shape)) != expected:
+            raise ValueError(f"expected keys and residuals of shapes {expected}, got "
+                             f"{tuple(keys.shape)} and {tuple(residuals.shape)}")
+        with self.store.appending() as pending:
+            return self.stage(pending, facts, keys, residuals, None)
+
+    def stage(self, pending: Pending, facts: list[Fact], keys: torch.Tensor,
+              residuals: torch.Tensor, ids: np.ndarray | None) -> list[int]:
+        """Write one batch into ``pending`` (committed when its block ends)."""
+        keys = torch.nn.functional.normalize(keys.float(), dim=-1)
+        written = pending.append(
+            keys.numpy().astype(self.config.key_dtype),
+            residuals.float().numpy().astype(self.config.residual_dtype),
+            [json.dumps(f.to_json(), ensure_ascii=False) for f in facts],
+            ids=ids,
+            key_scores=self.keys.background_scores(keys).numpy(),
+        )
+        return [int(i) for i in written]
+
+    def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer
+                          ) -> Iterator[tuple[list[tuple[int, Fact]], torch.Tensor, torch.Tensor]]:
+        """(id and fact, keys, residuals) of each batch of whole groups (facts sharing a
+        residual), computed as it is asked for."""
+        cfg = self.config
+        per_subject = cfg.compute.residual_scope == "subject"
+        labels = [f.subject if per_subject else n for n, (_, f) in enumerate(todo)]
+        for batch in pack_groups(labels, max(cfg.compute.batch_size, 1)):
+            part = [todo[n] for n in batch]
+            facts = [f for _, f in part]
+            keys = compute_keys(model, tokenizer, facts, cfg.layer, cfg.prefixes,
+                                split=cfg.compute.keys_per_fact > 1)
+            residuals = compute_residuals(model, tokenizer, facts, cfg.layer, cfg.prefixes,
+                                          cfg.compute, groups=[labels[n] for n in batch])
+            yield part, keys, residuals

@@ -1,0 +1,140 @@
+"""The keys of a database as the hook searches them: the key index's lifecycle (built,
+saved beside the segments, loaded and caught up with later commits) and the key guard.
+
+Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ndb import store as store_mod
+from ndb.config import NeuralDBConfig
+from ndb.errors import StoreError
+from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
+from ndb.store import Store
+
+
+class KeySet:
+    """The key index of one database, kept in step with its store."""
+
+    def __init__(self, store: Store, config: NeuralDBConfig):
+        self.store = store
+        self.config = config
+        self.device = "cpu"  # where the index searches: the attached model's device
+        self._index: KeyIndex | None = None
+        self._version = -1  # the manifest version the index reflects
+        self._background: np.ndarray | None = None
+
+    @property
+    def index(self) -> KeyIndex:
+        """The key index, loaded from its saved copy (brought up to date) or built."""
+        if self._index is None:
+            if self._load_saved():
+                self._catch_up()
+            else:
+                self._build()
+        return self._index
+
+    def move_to(self, device: torch.device) -> None:
+        """Search on ``device`` from now on (an accelerator gets an index that searches
+        there)."""
+        if device.type != self.device.split(":")[0]:
+            self.device = str(device)
+            self._index = None
+
+    def sync(self) -> None:
+        """Catch up with the store's manifest (after a commit by anyone)."""
+        if self._index is None:
+            return
+        if self.store.manifest.compacted_through > self._version:
+            self._build()
+            return
+        self._catch_up()
+        if self.config.index == "auto" and self._kind() != self._index.kind:
+            self._build()
+
+    def forget_saved(self) -> None:
+        """Drop the saved and in-memory index (which keys the guard keeps changed)."""
+        self.store.forget_saved_index()
+        self._index = None
+
+    def save(self) -> None:
+        """Persist the index if it is newer than the saved copy, so that the next open
+        needs no rebuild."""
+        saved = self.store.saved_index()
+        if self._index is not None and (saved is None or saved["version"] != self._version):
+            self.store.save_index(self._version, self._index.kind, self._index.save)
+
+    # -- the key guard -------------------------------------------------------------------
+    @property
+    def background(self) -> np.ndarray:
+        """Keys of generic text (written at creation): what a fact key must not match."""
+        if self._background is None:
+            self._background = store_mod.load_background(self.store.path, self.config.d_key)
+        return self._background
+
+    def background_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """Per key (unit vectors), its best cosine with generic text; -1 without any."""
+        background = torch.from_numpy(self.background)
+        if not len(background):
+            return torch.full(keys.shape[:-1], -1.0)
+        return (keys @ background.T).amax(-1)
+
+    def guarded(self, scores: np.ndarray) -> np.ndarray:
+        """(n, keys_per_fact) bool: the keys that generic text does not reach within the
+        guard margin of gamma; a fact whose keys all do keeps its least reached one."""
+        keep = scores < self.config.gamma - self.config.guard_margin
+        none = ~keep.any(axis=1)
+        keep[none, scores[none].argmin(axis=1)] = True
+        return keep
+
+    # -- building and catching up --------------------------------------------------------
+    def _kind(self) -> str:
+        kind = self.config.index
+        n_keys = len(self.store.entries) * self.config.compute.keys_per_fact
+        return choose_index_kind(n_keys, self.device) if kind == "auto" else kind
+
+    def _entries(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index rows of facts ``ids``: their keys, one row per key the guard keeps."""
+        keys = self.store.read("keys", ids).astype(np.float32).reshape(-1, self.config.d_key)
+        index_ids = self.index_ids(ids)
+        if self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None:
+            keep = self.guarded(self.store.read("key_scores", ids)).reshape(-1)
+            keys, index_ids = keys[keep], index_ids[keep]
+        return keys, index_ids
+
+    def index_ids(self, ids: np.ndarray) -> np.ndarray:
+        per_fact = self.config.compute.keys_per_fact
+        return (np.asarray(ids, np.int64)[:, None] * per_fact + np.arange(per_fact)).reshape(-1)
+
+    def _build(self) -> None:
+        index = make_index(self._kind(), self.config.d_key, device=self.device)
+        if len(self.store.entries):
+            keys, index_ids = self._entries(self.store.entries.ids)
+            if index.needs_training:
+                index.train(keys)
+            index.add(keys, index_ids)
+        self._index, self._version = index, self.store.manifest.version
+
+    def _catch_up(self) -> None:
+        changed, deleted = self.store.read_entries_since(self._version)
+        self._index.remove(self.index_ids(np.concatenate([changed, deleted])))
+        if len(changed):
+            self._index.add(*self._entries(changed))
+        self._version = self.store.manifest.version
+
+    def _load_saved(self) -> bool:
+        meta = self.store.saved_index()
+        if meta is None or meta["kind"] != self._kind():
+            return False
+        path = self.store.saved_index_file(meta)
+        if path is None:
+            return False
+        try:
+            index = load_index(meta["kind"], path, self.config.d_key, device=self.device)
+        except (FileNotFoundError, StoreError, ValueError, KeyError, RuntimeError):
+            return False
+        self._index, self._version = index, meta["version"]
+        return True

@@ -1,0 +1,177 @@
+"""The PEFT-shaped public API: one-line attach, a config object for create, a bound model,
+the database as a collection, what print(model) shows, the config file's name (and the old
+one), and attaching that changes nothing of the user's model beyond its hooks."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+import ndb
+from ndb import EditConfig, Fact, NeuralDB
+from ndb.errors import ConfigError
+from ndb.models import get_module
+
+from conftest import FACTS, tiny_model
+
+EDITED = "Paris is located in the country of"
+
+
+def logits(model, tok, text: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tok(text, return_tensors="pt")).logits[0, -1]
+
+
+def test_attach_one_liner_is_db_attach(db, llama):
+    model, tok = llama
+    db.attach(model)
+    edited = logits(model, tok, EDITED)
+    db.detach()
+    plain = logits(model, tok, EDITED)
+    assert ndb.attach(model, db.path) is model
+    (attached,) = ndb.attached(model)
+    assert attached.path == db.path
+    torch.testing.assert_close(logits(model, tok, EDITED), edited)
+    attached.detach()
+    assert ndb.attached(model) == []
+    torch.testing.assert_close(logits(model, tok, EDITED), plain, rtol=0, atol=0)
+
+
+def test_create_takes_an_edit_config(tmp_path, llama, exact_compute):
+    model, tok = llama
+    config = EditConfig(layer=2, gamma=0.9, seed=3, index="flat", compute=exact_compute)
+    db = NeuralDB.create(tmp_path / "a", model, tok, config)
+    same = NeuralDB.create(tmp_path / "b", model, tok, layer=2, gamma=0.9, seed=3, index="flat",
+                           compute=exact_compute)
+    assert db.config == same.config
+    assert (db.config.layer, db.config.gamma, db.config.seed, db.config.index) == \
+        (2, 0.9, 3, "flat")
+    with pytest.raises(TypeError, match="not both"):
+        NeuralDB.create(tmp_path / "c", model, tok, config, gamma=0.5)
+
+
+@pytest.mark.parametrize("field, value", [("gamma", 1.5), ("index", "hnsw"), ("layer", "2"),
+                                          ("seed", -1), ("key_dtype", "int8")])
+def test_an_edit_config_is_checked_when_made(field, value):
+    with pytest.raises(ConfigError, match=field.split("_")[0]):
+        EditConfig(**{field: value})
+
+
+def test_from_pretrained_binds_a_model_for_add_and_remove(db, llama):
+    model, tok = llama
+    with pytest.raises(ValueError, match="a model and tokenizer are needed"):
+        NeuralDB.from_pretrained(db.path).add([Fact("Rome", "{} is in", "Peru")])
+    bound = NeuralDB.from_pretrained(db.path, model, tok)
+    (new_id,) = bound.add([Fact("Rome", "{} is in", "Peru")])
+    assert bound.get(new_id).subject == "Rome"
+    assert ndb.attached(model) == []  # bound, not attached
+    bound.remove([new_id])
+    assert len(bound) == len(FACTS)
+
+
+def test_the_database_is_a_collection_of_facts(db):
+    assert len(db) == len(FACTS)
+    assert list(db) == FACTS
+    assert all(fact in db for fact in FACTS)
+    assert Fact("Paris", "{} is located in the country of", "Peru") not in db
+    assert Fact(*FACTS[0].edit, key="other") not in db  # the same edit under another key
+    assert "Paris" not in db
+
+
+def test_print_model_shows_what_is_attached(db, llama):
+    model, _ = llama
+    projection = get_module(model, db.config.module)
+    plain = repr(model)
+    db.attach(model)
+    assert repr(db) in repr(projection) and repr(db) in repr(model)
+    db.detach()
+    assert repr(model) == plain
+
+
+def test_attach_changes_nothing_of_the_model_but_its_hooks(db, llama):
+    model, _ = llama
+    modules = {name: dict(vars(m)) for name, m in model.named_modules()}
+    config = model.config.to_dict()
+    db.attach(model)
+    db.detach()
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == modules
+    assert model.config.to_dict() == config
+
+
+def test_config_file_is_named_for_ndb_and_the_old_name_still_opens(db, llama, tmp_path):
+    model, tok = llama
+    assert (db.path / "ndb_config.json").is_file() and not (db.path / "config.json").exists()
+    db.attach(model)
+    edited = logits(model, tok, EDITED)
+    db.detach()
+    (db.path / "ndb_config.json").rename(db.path / "config.json")  # as written before
+    old = NeuralDB.from_pretrained(db.path)
+    assert old.config == db.config and len(old) == len(FACTS)
+    old.set_gamma(0.85)
+    assert json.loads((db.path / "config.json").read_text())["gamma"] == 0.85
+    assert not (db.path / "ndb_config.json").exists()
+    old.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "ndb_config.json").is_file()
+    old.set_gamma(0.9)
+    old.attach(model)
+    torch.testing.assert_close(logits(model, tok, EDITED), edited)
+    old.detach()
+
+
+def test_one_model_in_two_threads(db, llama):
+    """Each forward pass reads the tokens it may search from its own call: a second call
+    that starts in another thread while the first is under way does not change them."""
+    model, tok = llama
+    ids = tok(EDITED, return_tensors="pt").input_ids
+    db.attach(model)
+    edited = model(input_ids=ids).logits[0, -1]
+    first_started, second_started = threading.Event(), threading.Event()
+
+    def interleave(_module, _args):
+        if threading.current_thread().name == "first":
+            first_started.set()
+            assert second_started.wait(60)
+        else:
+            second_started.set()
+
+    # registered after ndb's pre-hook, so it runs once each call has read its mask
+    handle = model.base_model.register_forward_pre_hook(interleave)
+    results = {}
+
+    def first():
+        results["first"] = model(input_ids=ids).logits[0, -1]
+
+    def second():
+        assert first_started.wait(60)
+        # a batch whose every token is padding but the first: nothing may be searched
+        mask = torch.zeros_like(ids)
+        mask[0, 0] = 1
+        model(input_ids=ids, attention_mask=mask)
+
+    threads = [threading.Thread(target=first, name="first"),
+               threading.Thread(target=second, name="second")]
+    with torch.no_grad():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    handle.remove()
+    db.detach()
+    torch.testing.assert_close(results["first"], edited)
+
+
+def test_two_databases_on_two_models(tmp_path, llama, exact_compute):
+    _, tok = llama
+    models = [tiny_model("llama"), tiny_model("llama")]
+    dbs = []
+    for n, model in enumerate(models):
+        db = NeuralDB.create(tmp_path / f"db{n}", model, tok, layer=2, gamma=0.9,
+                             compute=exact_compute)
+        db.add([FACTS[n]])
+        dbs.append(db)
+    for model, db in zip(models, dbs):
+        ndb.attach(model, db)
+    assert [ndb.attached(m) for m in models] == [[dbs[0]], [dbs[1]]]
