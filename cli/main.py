@@ -223,6 +223,8 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
             precision=precision)
         if batch_size:
             compute.batch_size = batch_size
+        click.echo(f"creating {path}: sampling context prefixes and background text from the "
+                   "model (once per database)", err=True)
         db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
                              compute=compute, index=index_kind)
         if defaults is not None:  # said once the settings are known to be valid

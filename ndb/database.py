@@ -30,7 +30,7 @@ from ndb import store as store_mod
 from ndb.anchor import fixed_first_ids
 from ndb.compute import background_keys, check_encodable
 from ndb.config import EditConfig, NeuralDBConfig, check_gamma
-from ndb.edits import AddResult
+from ndb.edits import AddResult, ProgressCallback
 from ndb.errors import FactError, FactNotFoundError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
@@ -197,8 +197,9 @@ class NeuralDB:
 
     # -- mutation ------------------------------------------------------------------------
     def add(self, facts: Iterable[Fact | dict], model: nn.Module | None = None, tokenizer=None,
-            *, update: bool = False, skip_existing: bool = False, progress: bool = False,
-            commit_each_batch: bool = False) -> AddResult:
+            *, update: bool = False, skip_existing: bool = False,
+            progress: bool | ProgressCallback = False, commit_each_batch: bool = False
+            ) -> AddResult:
         """Compute keys and residuals of ``facts`` and commit them; returns an
         :class:`AddResult`: the new ids (a list, in input order), and the ids of the facts
         skipped or updated.
@@ -215,7 +216,8 @@ class NeuralDB:
         facts) is committed as soon as it is computed, so an interrupted add keeps what was
         done and, with ``skip_existing``, re-running it resumes it (``ndb build --resume``).
         Stored facts about the subjects of ``facts`` are re-edited along with them when
-        residuals are per subject (``ComputeConfig.residual_scope``).
+        residuals are per subject (``ComputeConfig.residual_scope``). ``progress``: True shows
+        a bar; a callable gets ``(facts done, facts to do)`` after every optimization step.
         """
         facts = edits.unique(as_facts(facts))
         model, tokenizer = self._require_model(model, tokenizer)
@@ -246,7 +248,7 @@ class NeuralDB:
         return fact_id
 
     def update_by_key(self, facts: Iterable[Fact | dict], model: nn.Module | None = None,
-                      tokenizer=None, *, progress: bool = False) -> AddResult:
+                      tokenizer=None, *, progress: bool | ProgressCallback = False) -> AddResult:
         """Re-edit stored facts from ``facts``, each of which carries the key of a stored
         fact (checked for all before anything changes); identical ones are skipped."""
         facts = edits.unique(as_facts(facts))
@@ -264,7 +266,7 @@ class NeuralDB:
         return edits.mates(self.facts(), ids, self.config.compute.residual_scope)
 
     def remove(self, ids: Iterable[int], model: nn.Module | None = None, tokenizer=None,
-               *, progress: bool = False) -> None:
+               *, progress: bool | ProgressCallback = False) -> None:
         """Remove the facts with these database ids (all of them, or none if one is absent).
         Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
         without it in the same commit; that needs the model (given, bound or attached)."""
@@ -317,7 +319,8 @@ class NeuralDB:
         return written
 
     def _write(self, changes: list[tuple[int | None, Fact]], removed: list[int], model,
-               tokenizer, progress: bool = False, commit_each_batch: bool = False) -> list[int]:
+               tokenizer, progress: bool | ProgressCallback = False,
+               commit_each_batch: bool = False) -> list[int]:
         """Commit ``changes`` (stored id to re-edit, or None for a new fact; the fact) and
         the removal of ``removed``, with the stored facts that share their residuals;
         returns the ids of ``changes`` in order. Called under the writer lock."""

@@ -6,13 +6,13 @@ of keys and residuals computed and staged into one commit.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ndb.compute import compute_keys, compute_residuals, pack_groups
+from ndb.compute import FRACTIONAL_BAR, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
 from ndb.errors import FactError
 from ndb.facts import Fact
@@ -101,6 +101,11 @@ def plan(stored: dict[int, Fact], edits: list[tuple[int | None, Fact]], removed:
     return ids, [*zip(ids, (f for _, f in edits)), *shared]
 
 
+# what `NeuralDB.add` and its kin report progress to: (facts computed so far, fractions
+# within a batch included; facts to compute)
+ProgressCallback = Callable[[float, int], object]
+
+
 class Writer:
     """Computes and stages entries into one database's store."""
 
@@ -108,17 +113,28 @@ class Writer:
         self.store, self.config, self.keys = store, config, keys
 
     def commit(self, todo: list[tuple[int, Fact]], removed: Sequence[int], model, tokenizer,
-               progress: bool = False, commit_each_batch: bool = False) -> None:
+               progress: bool | ProgressCallback = False, commit_each_batch: bool = False
+               ) -> None:
         """Compute ``todo`` (id, fact) and commit it with the removal of ``removed``: at
-        once, or batch by batch with ``commit_each_batch``."""
-        with tqdm(total=len(todo), desc="edit", unit="fact", disable=not progress) as bar, \
-                self.store.appending() as pending:
+        once, or batch by batch with ``commit_each_batch``. ``progress``: True shows a bar
+        that moves with every optimization step; a callable is told (done, total) then."""
+        done = 0.0
+
+        def advance(facts: float) -> None:
+            nonlocal done
+            done += facts
+            bar.update(facts)
+            if callable(progress):
+                progress(done, len(todo))
+
+        with tqdm(total=len(todo), desc="edit", unit="fact", disable=progress is not True,
+                  bar_format=FRACTIONAL_BAR) as bar, self.store.appending() as pending:
             if len(removed):
                 pending.delete(np.asarray(removed, np.int64))
-            for part, keys, residuals in self._computed_batches(todo, model, tokenizer):
+            for part, keys, residuals in self._computed_batches(todo, model, tokenizer,
+                                                                advance):
                 self.stage(pending, [f for _, f in part], keys, residuals,
                            np.array([i for i, _ in part], np.int64))
-                bar.update(len(part))
                 if commit_each_batch:
                     self.store.commit_now(pending)
 
@@ -146,7 +162,8 @@ class Writer:
         )
         return [int(i) for i in written]
 
-    def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer
+    def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer,
+                          advance: Callable[[float], object]
                           ) -> Iterator[tuple[list[tuple[int, Fact]], torch.Tensor, torch.Tensor]]:
         """(id and fact, keys, residuals) of each batch of whole groups (facts sharing a
         residual), computed as it is asked for."""
@@ -159,5 +176,6 @@ class Writer:
             keys = compute_keys(model, tokenizer, facts, cfg.layer, cfg.prefixes,
                                 split=cfg.compute.keys_per_fact > 1)
             residuals = compute_residuals(model, tokenizer, facts, cfg.layer, cfg.prefixes,
-                                          cfg.compute, groups=[labels[n] for n in batch])
+                                          cfg.compute, progress=advance,
+                                          groups=[labels[n] for n in batch])
             yield part, keys, residuals

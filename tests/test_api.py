@@ -12,10 +12,11 @@ import torch
 
 import ndb
 from ndb import EditConfig, Fact, NeuralDB
+from ndb.compute import ComputeConfig
 from ndb.errors import ConfigError
 from ndb.models import get_module
 
-from conftest import FACTS, tiny_model
+from conftest import FACTS, FAST_COMPUTE, tiny_model
 
 EDITED = "Paris is located in the country of"
 
@@ -175,3 +176,16 @@ def test_two_databases_on_two_models(tmp_path, llama, exact_compute):
     for model, db in zip(models, dbs):
         ndb.attach(model, db)
     assert [ndb.attached(m) for m in models] == [[dbs[0]], [dbs[1]]]
+
+
+def test_add_reports_progress_to_a_callback(tmp_path, llama):
+    """The library tells a callback (done, total) within each batch, ending at the total,
+    so that the CLI and a server can show one bar."""
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
+                         compute=ComputeConfig(**{**FAST_COMPUTE, "batch_size": 2}))
+    heard: list[tuple[float, int]] = []
+    db.add(FACTS[:3], model, tok, progress=lambda done, total: heard.append((done, total)))
+    assert {total for _, total in heard} == {3}
+    assert len(heard) > 2 and heard[-1][0] == pytest.approx(3)
+    assert all(a[0] < b[0] for a, b in zip(heard, heard[1:]))  # it only moves forward
