@@ -198,7 +198,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
     from ndb.compute import ComputeConfig
     from ndb.config import check_index_kind
     from ndb.database import NeuralDB, check_creatable
-    from ndb.models import edit_defaults
+    from ndb.models import edit_defaults, ffn_out_path
     from ndb.store import is_database
 
     records = read_facts(facts)
@@ -223,6 +223,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
             precision=precision)
         if batch_size:
             compute.batch_size = batch_size
+        ffn_out_path(model, layer)  # refuses a layer the model lacks before anything is said
         click.echo(f"creating {path}: sampling context prefixes and background text from the "
                    "model (once per database)", err=True)
         db = NeuralDB.create(path, model, tokenizer, layer=layer, gamma=gamma, seed=seed,
