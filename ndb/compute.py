@@ -32,6 +32,9 @@ from ndb.models import decoder_layers, ffn_out_path, get_module
 from ndb.tokens import pad_rows, target_ids
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+# the user turn of ComputeConfig.chat_context: it names the subject and asks nothing else, so
+# that no evaluation question is trained on
+CHAT_TURN = "Tell me about {}."
 # a bar whose count moves in fractions of a fact but shows whole ones
 FRACTIONAL_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
@@ -75,6 +78,11 @@ class ComputeConfig:
         "{}. The name above is",
         "Tell me about {}. Sure! Here is what I know about",
     )
+    # ndb, not the paper: one more context for every prompt, the model's chat template: a
+    # user turn naming the subject (CHAT_TURN) answered by the assistant with the prompt, the
+    # delta at both mentions as the gate applies it, so that an edit holds inside a chat.
+    # Only for tokenizers with a chat template
+    chat_context: bool = False
 
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
@@ -221,13 +229,29 @@ class _Row:
     ids: list[int]  # anchored prompt ids (+ object ids but the last, for rewrite rows)
     subject: int  # index of the subject's last token
     targets: list[int] | None  # object ids for rewrite rows; None for the KL row
+    also: tuple[int, ...] = ()  # later mentions of the subject (last tokens), edited too
+
+
+def encode_chat(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[int]]:
+    """Ids of a chat in the model's template, a user turn naming ``subject`` answered by
+    ``prompt`` (filled), and the last token of every mention of the subject."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_TURN.format(subject)}],
+                                         tokenize=False, add_generation_prompt=True)
+    text = head + prompt.format(subject)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = [m.end() for m in re.finditer(re.escape(subject), text)]
+    mentions = sorted({max(i for i, (a, _) in enumerate(enc.offset_mapping) if a < end)
+                       for end in ends})
+    return enc.input_ids, mentions
 
 
 def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Sequence[str],
-          kl_prompts: Sequence[str]) -> tuple[list[_Row], list[int]]:
+          kl_prompts: Sequence[str], chat: bool = False) -> tuple[list[_Row], list[int]]:
     """Rows of a batch, ``_Row.fact`` being the fact's group (the delta it is optimized by):
-    each fact's prompt in every context, then each group's KL prompts. Also returns, per
-    group, its first bare-prompt row (where the residual stream's norm is read)."""
+    each fact's prompt in every context (and in a chat, with ``chat``), then each group's KL
+    prompts. Also returns, per group, its first bare-prompt row (where the residual stream's
+    norm is read)."""
+    chat = chat and bool(getattr(tokenizer, "chat_template", None))
     rows, bare, subject = [], {}, {}
     for fact, group in zip(facts, groups):
         target = target_ids(tokenizer, fact.target_new)
@@ -236,6 +260,9 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
         for prefix in prefixes:
             ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
             rows.append(_Row(group, ids + target[:-1], s, target))
+        if chat:
+            ids, mentions = encode_chat(tokenizer, fact.prompt, fact.subject)
+            rows.append(_Row(group, ids + target[:-1], mentions[0], target, tuple(mentions[1:])))
     for group, name in subject.items():
         for prompt in kl_prompts:
             ids, s = encode_prompt(tokenizer, "", prompt, name)
@@ -243,15 +270,16 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
     return rows, [bare[g] for g in sorted(bare)]
 
 
-def check_encodable(facts: Sequence[Fact], model, tokenizer,
-                    prefixes: Sequence[str], kl_prompts: Sequence[str]) -> None:
+def check_encodable(facts: Sequence[Fact], model, tokenizer, prefixes: Sequence[str],
+                    config: ComputeConfig) -> None:
     """Refuse, before any computation, a fact whose residual could not be computed: a
     subject that yields no token in its prompt, or a text longer than the model's context."""
     context = (getattr(model.config, "max_position_embeddings", None)
                or getattr(model.config, "n_positions", None))
     for i, fact in enumerate(facts):
         try:
-            rows, _ = _rows(tokenizer, [fact], [0], prefixes, kl_prompts)
+            rows, _ = _rows(tokenizer, [fact], [0], prefixes, config.kl_prompts,
+                            config.chat_context)
         except ValueError:  # no token ends inside the subject's span
             raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): the subject "
                             f"{fact.subject!r} yields no token in its prompt") from None
@@ -276,11 +304,17 @@ class _Batch:
         self.ids = torch.full((n, self.p + t), pad, dtype=torch.long)
         self.mask = torch.zeros((n, self.p + t), dtype=torch.long)
         self.fact = torch.tensor([r.fact for r in rows])
+        # where each row's delta is added, in suffix coordinates: the subject, and its later
+        # mentions
+        self.delta_at = torch.zeros((n, t))
+        self.delta_at[:, 0] = 1
         loss_rows, loss_cols, loss_ids, kl_cols = [], [], [], []
         for i, r in enumerate(rows):
             shift = self.p - r.subject
             self.ids[i, shift : shift + len(r.ids)] = torch.tensor(r.ids)
             self.mask[i, shift : shift + len(r.ids)] = 1
+            for later in r.also:
+                self.delta_at[i, later - r.subject] = 1
             if r.targets is None:
                 kl_cols.append(len(r.ids) - 1 - r.subject)
             else:
@@ -300,8 +334,8 @@ class _Batch:
         self.kl_init: torch.Tensor | None = None  # log-probs at the KL rows before editing
 
     def to(self, device):
-        for name in ("ids", "mask", "fact", "position_ids", "loss_rows", "loss_cols",
-                     "loss_ids", "kl_rows", "kl_cols", "n_rewrite", "n_kl"):
+        for name in ("ids", "mask", "fact", "position_ids", "delta_at", "loss_rows",
+                     "loss_cols", "loss_ids", "kl_rows", "kl_cols", "n_rewrite", "n_kl"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -319,6 +353,7 @@ class _Batch:
         self.kl_init = self.kl_init[kl_keep]
         self.ids, self.mask = self.ids[keep], self.mask[keep]
         self.position_ids, self.fact = self.position_ids[keep], self.fact[keep]
+        self.delta_at = self.delta_at[keep]
         return keep.nonzero().squeeze(1)
 
 
@@ -491,14 +526,16 @@ class _SuffixRunner:
 
     def __call__(self, row_deltas: torch.Tensor) -> torch.Tensor:
         """Final hidden states (rows, suffix, d2) with ``row_deltas`` (rows, d2) added to the
-        edited projection's output at each row's subject token (zeros past a row's end)."""
+        edited projection's output at each row's subject token and later mentions (zeros
+        past a row's end)."""
         b, p = self.batch, self.batch.p
         hidden = []
         for chunk in self.chunks:
-            deltas = row_deltas[chunk.rows].unsqueeze(1)
+            deltas = row_deltas[chunk.rows].unsqueeze(1) * b.delta_at[chunk.rows, :chunk.width,
+                                                                      None]
 
             def add_delta(output: torch.Tensor, deltas=deltas) -> torch.Tensor:
-                return torch.cat([output[:, :1] + deltas.to(output.dtype), output[:, 1:]], dim=1)
+                return output + deltas.to(output.dtype)
 
             end = p + chunk.width
             with nethook.truncated(self.layers, self.layer), \
@@ -532,7 +569,8 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
     """One delta per group (``groups``: dense labels 0..G-1, one per fact), (G, d2);
     ``advance`` gets the facts each step completed, in fractions (summing to len(facts))."""
     device = _device(model)
-    rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts)
+    rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts,
+                            config.chat_context)
     batch = _Batch(rows, anchor_token_id(tokenizer)).to(device)
     runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
     n_groups = len(bare_rows)

@@ -335,8 +335,7 @@ class NeuralDB:
         return ids
 
     def _check_encodable(self, facts: list[Fact], model, tokenizer) -> None:
-        check_encodable(facts, model, tokenizer, self.config.prefixes,
-                        self.config.compute.kl_prompts)
+        check_encodable(facts, model, tokenizer, self.config.prefixes, self.config.compute)
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:

@@ -178,3 +178,44 @@ def test_residual_progress_moves_within_a_batch(llama):
     compute_residuals(model, tok, FACTS[:3], 1, PREFIXES, config, progress=calls.append)
     assert len(calls) == 2 * 4  # two batches, four steps each
     assert max(calls) <= 2 and sum(calls) == pytest.approx(3)
+
+
+def test_chat_rows_add_the_delta_at_every_mention(tokenizer):
+    """With chat_context, each fact gets a row in the chat template whose user turn and
+    answer both name the subject; the runner adds the delta at both, as the gate would."""
+    model = tiny_model("llama")
+    rows, bare = _rows(tokenizer, FACTS[:2], range(2), PREFIXES, ("{} is a",), chat=True)
+    chat = [r for r in rows if r.also]
+    assert len(chat) == 2  # one per fact, each with a second mention
+    for row, fact in zip(chat, FACTS[:2]):
+        text = tokenizer.decode(row.ids)
+        assert text.startswith("<|im_start|>") and text.count(fact.subject) == 2
+        assert fact.subject.endswith(tokenizer.decode(row.ids[row.also[0]]).strip())
+    batch = _Batch(rows, anchor_token_id(tokenizer))
+    runner = _SuffixRunner(model, batch, 1, torch.tensor(bare))
+    deltas = torch.randn(len(rows), 64)
+    fast = runner(deltas)
+
+    def add_at_mentions(out):
+        out = out.clone()
+        out[:, batch.p] += deltas
+        for i, r in enumerate(rows):
+            for later in r.also:
+                out[i, batch.p + later - r.subject] += deltas[i]
+        return out
+
+    with nethook.edit_output(get_module(model, ffn_out_path(model, 1)), add_at_mentions):
+        full = model.base_model(input_ids=batch.ids, attention_mask=batch.mask,
+                                position_ids=batch.position_ids).last_hidden_state
+    real = batch.mask[:, batch.p:].bool()
+    torch.testing.assert_close(fast[real], full[:, batch.p:][real], atol=2e-4, rtol=1e-4)
+
+
+def test_chat_context_changes_residuals_only_when_asked(llama):
+    model, tok = llama
+    plain = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
+    again = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
+    chat = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES,
+                             ComputeConfig(**FAST_COMPUTE, chat_context=True))
+    torch.testing.assert_close(plain, again)
+    assert not torch.allclose(plain, chat)
