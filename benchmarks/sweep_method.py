@@ -31,6 +31,7 @@ PAPER = ComputeConfig.paper().to_dict()
 SETTINGS: dict[str, dict] = {
     "ndb (default)": {},
     "paper": {k: PAPER[k] for k in ("residual_scope", "kl_prompts", "kl_weight")},
+    "ndb + chat context": {"chat_context": True},
     "ndb, kl_weight 4": {"kl_weight": 4.0},
     "ndb, kl_weight 0.25": {"kl_weight": 0.25},
     "subject scope, paper's KL": {"kl_prompts": PAPER["kl_prompts"],
