@@ -12,6 +12,7 @@ average before and after is recorded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -47,7 +48,8 @@ def compute_at(revision: str, workdir: Path):
 
 
 def timed_build(module, model, tok, facts, layer, prefixes, config):
-    config = module.ComputeConfig(**config.to_dict())
+    known = {f.name for f in dataclasses.fields(module.ComputeConfig)}  # an older one's
+    config = module.ComputeConfig(**{k: v for k, v in config.to_dict().items() if k in known})
     start = time.perf_counter()
     keys = module.compute_keys(model, tok, facts, layer, prefixes,
                                split=config.keys_per_fact > 1)

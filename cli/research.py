@@ -111,6 +111,9 @@ def _eval_legend() -> str:
 @click.option("--consistency-dir", default=None,
               help="Directory with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json.")
 @click.option("--json", "json_out", default=None, help="Write all results to this JSON file.")
+@click.option("--no-cache", is_flag=True,
+              help="Measure the unedited model again, not read from $NDB_HOME/eval-cache (kept "
+                   "by the hash of the weights, facts, settings and metric code).")
 @click.option("--model", "model_name", default=None)
 @click.option("--device", type=DEVICE, default=None)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -118,7 +121,7 @@ def _eval_legend() -> str:
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
              alphaedit_threshold, general_dir, general_tasks, general_limit, mmlu_limit,
              fluency_cases, no_generation, no_chat, gen_neighbors, consistency_dir, json_out,
-             model_name, device, batch_size):
+             no_cache, model_name, device, batch_size):
     """Edit the facts in FACTS (CounterFact or ZsRE schema) and report the paper's metrics."""
     import tempfile
     import time
@@ -127,6 +130,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     from ndb.database import NeuralDB, check_creatable
     from ndb.eval.methods import METHODS, make_methods
     from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of
+    from ndb.models import ndb_home
     from ndb.store import is_database
 
     records = read_facts(facts)[:limit]
@@ -174,7 +178,8 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
                                ("null_threshold", alphaedit_threshold)) if v is not None}
     contexts = make_methods(chosen, model, tokenizer, records, db, stats_text, stats_positions,
                             say, hyper, paper_db=dbs.get("neuraldb-paper"))
-    rows = evaluate(model, tokenizer, records, contexts, settings, say)
+    rows = evaluate(model, tokenizer, records, contexts, settings, say,
+                    cache=None if no_cache else ndb_home() / "eval-cache")
     click.echo(f"{len(records)} facts ({schema_of(records)} schema); NeuralDB layer "
                f"{db.config.layer}, gamma {db.config.gamma}; {added} edits computed in "
                f"{build_s:.0f} s\n")

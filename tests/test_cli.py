@@ -110,7 +110,9 @@ def test_build_resume_skips_what_is_there(built, tmp_path, tiny_model_dir):
     assert "(1 added)" in result.output and len(NeuralDB(built)) == 4
 
 
-def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model_dir):
+def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model_dir,
+                                                            monkeypatch):
+    monkeypatch.setenv("NDB_HOME", str(tmp_path / "home"))  # the unedited row's cache
     records = [{"case_id": i, "requested_rewrite": {
         "prompt": prompt, "subject": subject, "relation_id": "P0",
         "target_new": {"str": new}, "target_true": {"str": true}},
@@ -144,6 +146,17 @@ def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model
     assert "memit-1: C0 statistics" in result.output and "lambda 500" in result.output
     assert run("eval", str(facts), "--model", str(tiny_model_dir), "--methods",
                "rome").exit_code != 0
+    # the unedited row is read back, not measured again, for the same model, facts, settings
+    again = run("eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+                "--fluency-cases", "0", "--json", str(out))
+    assert "read from the cache" in again.output
+    assert json.loads(out.read_text())["rows"]["pre-edited"] == rows["pre-edited"]
+    fresh = run("eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+                "--fluency-cases", "0", "--json", str(out), "--no-cache")
+    assert "read from the cache" not in fresh.output and "teacher-forced" in fresh.output
+    other = run("eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+                "--fluency-cases", "0", "--no-chat")
+    assert "read from the cache" not in other.output  # other settings: measured
 
 
 def listed(db):
@@ -235,7 +248,8 @@ def test_list_json_feeds_build_and_add_losslessly(built, tmp_path, tiny_model_di
     assert listed(part) == original
 
 
-def test_eval_reports_generative_metrics(tmp_path, tiny_model_dir):
+def test_eval_reports_generative_metrics(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("NDB_HOME", str(tmp_path / "home"))  # measured here, not cached
     records = [{"case_id": i, "requested_rewrite": {
         "prompt": prompt, "subject": subject, "relation_id": relation,
         "target_new": {"str": new}, "target_true": {"str": true}},

@@ -9,10 +9,13 @@ facts the model knows in chat, for every method's ``chat_known``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +27,8 @@ from ndb.eval.generation import (
 )
 from ndb.eval.metrics import counterfact_metrics, generative_metrics, summarize, zsre_metrics
 from ndb.facts import Fact
+from ndb.models import params_fingerprint
+from ndb.store import atomic_write_json
 
 
 @dataclass
@@ -140,16 +145,61 @@ def _general(model, tok, settings: EvalSettings) -> dict[str, dict]:
 Method = Callable[[], AbstractContextManager]
 
 
+def unedited_key(model, tok, facts: Sequence[Fact], settings: EvalSettings) -> str | None:
+    """What the unedited row depends on, hashed: every weight and its dtype, the tokenizer,
+    the facts, the settings, the general-ability data files and this package's code. None
+    when it cannot be told (a consistency reference)."""
+    if settings.consistency is not None:
+        return None
+    here = Path(__file__).parent
+    general = sorted((str(f.relative_to(settings.general_dir)), f.stat().st_size,
+                      f.stat().st_mtime_ns) for f in Path(settings.general_dir).rglob("*")
+                     if f.is_file()) if settings.general_dir else []
+    described = {
+        "weights": params_fingerprint(model.named_parameters()),
+        "dtype": str(next(model.parameters()).dtype),
+        "tokenizer": [len(tok), getattr(tok, "chat_template", None)],
+        "facts": [f.to_json() for f in facts],
+        "settings": {f.name: getattr(settings, f.name) for f in fields(settings)
+                     if f.name not in ("timings", "consistency")},
+        "general": general,
+        "code": [hashlib.sha256(f.read_bytes()).hexdigest()
+                 for f in sorted([*here.rglob("*.py"), *here.glob("*.json")])],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:24]
+
+
+def measure_unedited(model, tok, facts: Sequence[Fact], settings: EvalSettings,
+                     cache: Path | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+    """The unedited row and which facts it answers truly in chat, read from ``cache`` when
+    the same model, facts, settings and code were measured before (then written there)."""
+    key = unedited_key(model, tok, facts, settings) if cache is not None else None
+    path = cache / f"unedited-{key}.json" if key else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        settings.timings["pre-edited"] = 0.0
+        known = saved["chat_true"]
+        return saved["row"], None if known is None else np.array(known, dtype=bool)
+    row, per_case = measure_cases(model, tok, facts, settings, "pre-edited")
+    known = per_case["chat_true"] == 1 if "chat_true" in per_case else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"row": row, "chat_true": None if known is None
+                                 else known.tolist()})
+    return row, known
+
+
 def evaluate(model, tok, facts: Sequence[Fact], methods: dict[str, Method],
-             settings: EvalSettings, say: Callable[[str], None] = lambda _: None
-             ) -> dict[str, dict[str, float]]:
+             settings: EvalSettings, say: Callable[[str], None] = lambda _: None,
+             cache: Path | None = None) -> dict[str, dict[str, float]]:
     """Rows for the unedited model and for each method (a context manager that applies the
-    edit to ``model`` on entry and takes it back on exit)."""
+    edit to ``model`` on entry and takes it back on exit). The unedited row is kept in
+    ``cache`` (see :func:`measure_unedited`)."""
     say("measuring the unedited model")
     rows = {}
-    rows["pre-edited"], unedited = measure_cases(model, tok, facts, settings, "pre-edited")
+    rows["pre-edited"], known = measure_unedited(model, tok, facts, settings, cache)
     say(_stage_line(settings.timings, "pre-edited"))
-    known = unedited["chat_true"] == 1 if "chat_true" in unedited else None
     for name, apply in methods.items():
         say(f"measuring {name}")
         with apply():
@@ -161,7 +211,7 @@ def evaluate(model, tok, facts: Sequence[Fact], methods: dict[str, Method],
 def _stage_line(timings: dict[str, float], label: str) -> str:
     stages = ", ".join(f"{k.removeprefix(label + '/')} {v:.1f} s" for k, v in timings.items()
                        if k.startswith(f"{label}/"))
-    return f"{label}: {timings[label]:.1f} s ({stages})"
+    return f"{label}: {timings[label]:.1f} s ({stages or 'measured before, read from the cache'})"
 
 
 COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."),
