@@ -35,8 +35,6 @@ PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 # the user turn of ComputeConfig.chat_context: it names the subject and asks nothing else, so
 # that no evaluation question is trained on
 CHAT_TURN = "Tell me about {}."
-# a bar whose count moves in fractions of a fact but shows whole ones
-FRACTIONAL_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 @dataclass
@@ -105,6 +103,19 @@ class ComputeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class FactBar(tqdm):
+    """A bar of facts that moves in fractions of a fact (per optimization step), shows
+    whole ones, and never runs past its total (fractions do not add up exactly)."""
+
+    def __init__(self, total: int, desc: str, disable: bool = False):
+        super().__init__(total=total, desc=desc, unit="fact", disable=disable,
+                         bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} "
+                                    "[{elapsed}<{remaining}, {rate_fmt}]")
+
+    def update(self, n: float = 1) -> bool | None:
+        return super().update(min(n, self.total - self.n))
 
 
 def _device(model) -> torch.device:
@@ -406,8 +417,7 @@ def compute_residuals(
                               enabled=config.precision == "bfloat16")
     labels = list(range(len(facts))) if groups is None else list(groups)
     out = torch.empty(len(facts), 0)
-    bar = tqdm(total=len(facts), desc="residuals", unit="fact", disable=progress is not True,
-               bar_format=FRACTIONAL_BAR)
+    bar = FactBar(len(facts), "residuals", disable=progress is not True)
     advance = progress if callable(progress) else bar.update
     for batch in pack_groups(labels, config.batch_size):
         dense = {label: g for g, label in enumerate(dict.fromkeys(labels[i] for i in batch))}

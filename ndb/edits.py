@@ -10,9 +10,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ndb.compute import FRACTIONAL_BAR, compute_keys, compute_residuals, pack_groups
+from ndb.compute import FactBar, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
 from ndb.errors import FactError
 from ndb.facts import Fact
@@ -122,13 +121,13 @@ class Writer:
 
         def advance(facts: float) -> None:
             nonlocal done
-            done += facts
+            done = min(done + facts, len(todo))
             bar.update(facts)
             if callable(progress):
                 progress(done, len(todo))
 
-        with tqdm(total=len(todo), desc="edit", unit="fact", disable=progress is not True,
-                  bar_format=FRACTIONAL_BAR) as bar, self.store.appending() as pending:
+        with FactBar(len(todo), "edit", disable=progress is not True) as bar, \
+                self.store.appending() as pending:
             if len(removed):
                 pending.delete(np.asarray(removed, np.int64))
             for part, keys, residuals in self._computed_batches(todo, model, tokenizer,

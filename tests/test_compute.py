@@ -5,6 +5,7 @@ from ndb import nethook
 from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.compute import (
     ComputeConfig,
+    FactBar,
     _Batch,
     _rows,
     _SuffixRunner,
@@ -219,3 +220,12 @@ def test_chat_context_changes_residuals_only_when_asked(llama):
                              ComputeConfig(**FAST_COMPUTE, chat_context=True))
     torch.testing.assert_close(plain, again)
     assert not torch.allclose(plain, chat)
+
+
+def test_fact_bar_never_runs_past_its_total():
+    bar = FactBar(3, "facts")
+    for _ in range(75):  # 25 steps of three facts: fractions that do not add up exactly
+        bar.update(3 / 25 / 3 * 3)
+    bar.update(0.5)
+    assert bar.n == pytest.approx(3) and bar.n <= 3
+    bar.close()
