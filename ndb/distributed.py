@@ -43,6 +43,7 @@ from ndb.store import Pending
 MAX_WORKERS = 10_000  # each rank writes segment number RANK, of four digits
 # the slowest rank's shard is waited for in one collective: a long build must not time out
 TIMEOUT = timedelta(days=7)
+FAILURE_GRACE_S = 10.0  # how long the other ranks may take to stop once one has failed
 
 
 def world() -> tuple[int, int]:
@@ -195,12 +196,16 @@ def launch(args: list[str], workers: int) -> int:
                               stdin=None if rank == 0 else subprocess.DEVNULL)
              for rank in range(workers)]
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                return failed[0] if failed else 0
+        while not any(p.poll() for p in procs):  # a non-zero status: a rank failed
+            if all(p.poll() == 0 for p in procs):
+                return 0
             time.sleep(0.1)
+        # the others learn of a failure through the process group and say so: let them,
+        # before ending those that wait on a rank that is gone
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        return next(p.returncode for p in procs if p.returncode)
     finally:
         for p in procs:
             if p.poll() is None:
