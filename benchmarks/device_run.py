@@ -80,7 +80,7 @@ def markdown(meta: dict, stages: dict) -> str:
     for name in ("build_small", "build_big"):
         s = stages.get(name, {})
         if "n" in s:
-            lines += [f"Build of {s['n']} edits: {s['seconds']:.0f} s, "
+            lines += [f"Build to {s['n']} edits ({s['added']} computed): {s['seconds']:.0f} s, "
                       f"{s['edits_per_s']:.1f} edits/s (batch size {s['batch_size']}).", ""]
     if stages.get("eval_small", {}).get("markdown"):
         lines += ["## Edits, evaluated", "", stages["eval_small"]["markdown"], ""]
@@ -120,11 +120,12 @@ def timed_build(path: Path, model, tok, facts: list, batch_size: int,
     db.config.compute.batch_size = batch_size
     _sync(model)
     start = time.perf_counter()
-    db.add(facts, model, tok, skip_existing=True, commit_each_batch=commit_each_batch)
+    added = len(db.add(facts, model, tok, skip_existing=True,
+                       commit_each_batch=commit_each_batch))
     _sync(model)
     seconds = time.perf_counter() - start
-    return {"n": len(facts), "batch_size": batch_size, "seconds": seconds,
-            "edits_per_s": len(facts) / seconds}
+    return {"n": len(db), "added": added, "batch_size": batch_size, "seconds": seconds,
+            "edits_per_s": added / seconds}
 
 
 def _sync(model) -> None:
@@ -183,10 +184,8 @@ def build_big(args, model, tok, facts, small_db: Path, rate: float, clock: Clock
         return {"skipped": f"{room:.0f} s left for building: at {rate:.1f} edits/s, no "
                            f"more than the {have} facts built already"}
     db = NeuralDB.from_pretrained(small_db)
-    result = timed_build(small_db, model, tok, facts[:n], args.batch_size, True, db)
-    result["edits_per_s"] = (n - have) / result["seconds"]
-    result["wanted"] = args.big
-    return result
+    return {**timed_build(small_db, model, tok, facts[:n], args.batch_size, True, db),
+            "wanted": args.big}
 
 
 def evaluate_big(args, model, tok, facts, db_path: Path, clock: Clock) -> dict:
