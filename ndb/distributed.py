@@ -181,12 +181,13 @@ def _gather(obj: object) -> list:
 
 @contextmanager
 def _peers_needed() -> Iterator[None]:
-    """A collective whose peer is gone (killed, or ended by the launcher) is no bug here."""
+    """A collective whose peer is gone (killed, or ended by the launcher) is no bug here;
+    gloo says so with a RuntimeError."""
     try:
         yield
-    except dist.DistBackendError as err:
-        raise DistributedError(f"rank {dist.get_rank()}: another rank stopped ({err}); "
-                               "nothing was committed") from None
+    except RuntimeError:
+        raise DistributedError(f"rank {dist.get_rank()}: another rank stopped (its own "
+                               "message says why); nothing was committed") from None
 
 
 def free_port() -> int:

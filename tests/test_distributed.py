@@ -88,6 +88,8 @@ def test_a_failing_rank_leaves_the_old_state(tmp_path, tiny_model_dir, failure):
     assert result.returncode != 0
     if failure == "raise":  # rank 0 learns of it, and says so in one line
         assert "Error: rank 1 failed (injected failure); nothing was committed" in result.stderr
+    else:  # rank 0 finds its peer gone: no bug, no traceback
+        assert "Traceback" not in result.stderr
     assert (db_path / st.MANIFEST).read_bytes() == manifest
     after = contents(db_path)
     assert after[0].tolist() == before[0].tolist() and after[1] == before[1]
@@ -100,3 +102,12 @@ def test_a_failing_rank_leaves_the_old_state(tmp_path, tiny_model_dir, failure):
     assert len(NeuralDB(db_path)) == len(FACTS)
     manifest = st.Manifest.read(db_path)
     assert sorted(os.listdir(db_path / st.SEGMENTS)) == sorted(manifest.segments)
+
+
+def test_workers_refuse_in_one_line_what_one_process_refuses(tmp_path, tiny_model_dir):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("")
+    result = ndb_build(write_jsonl(tmp_path / "f.jsonl", FACTS), tmp_path / "taken",
+                       tiny_model_dir, "--workers", "2")
+    assert result.returncode == 1
+    assert "taken already exists" in result.stderr and "Traceback" not in result.stderr
