@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ndb import NeuralDB, load_model, read_facts
+from ndb import ComputeConfig, NeuralDB, load_model, read_facts
 from ndb.output import write_strict_json
 
 HERE = Path(__file__).resolve().parent
@@ -73,8 +73,9 @@ def markdown(meta: dict, stages: dict) -> str:
     speed = stages.get("build_speed", {})
     if speed.get("rows"):
         lines += ["## Build speed against batch size", "",
-                  "| batch size | facts | seconds | edits/s |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['batch_size']} | {r['n']} | {r['seconds']:.1f} | "
+                  "| batch size | precision | facts | seconds | edits/s |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch_size']} | {r['precision']} | {r['n']} | {r['seconds']:.1f} | "
                   f"{r['edits_per_s']:.1f} |" for r in speed["rows"]]
         lines.append("")
     for name in ("build_small", "build_big"):
@@ -112,11 +113,11 @@ def machine(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}"
 
 
-def timed_build(path: Path, model, tok, facts: list, batch_size: int,
+def timed_build(path: Path, model, tok, facts: list, batch_size: int, precision: str,
                 commit_each_batch: bool = False, db: NeuralDB | None = None) -> dict:
     """Add ``facts`` to a new database at ``path`` (or to ``db``); the seconds of the add
     alone (creating a database samples its prefixes once, whatever its size)."""
-    db = db or NeuralDB.create(path, model, tok)
+    db = db or NeuralDB.create(path, model, tok, compute=ComputeConfig(precision=precision))
     db.config.compute.batch_size = batch_size
     _sync(model)
     start = time.perf_counter()
@@ -124,7 +125,8 @@ def timed_build(path: Path, model, tok, facts: list, batch_size: int,
                        commit_each_batch=commit_each_batch))
     _sync(model)
     seconds = time.perf_counter() - start
-    return {"n": len(db), "added": added, "batch_size": batch_size, "seconds": seconds,
+    return {"n": len(db), "added": added, "batch_size": batch_size,
+            "precision": db.config.compute.precision, "seconds": seconds,
             "edits_per_s": added / seconds}
 
 
@@ -134,15 +136,29 @@ def _sync(model) -> None:
 
 
 def build_speed(args, model, tok, facts, work: Path, clock: Clock) -> dict:
-    rows = []
-    for size in args.batch_sizes:
-        if rows and clock.left() < args.reserve_s + 2 * rows[-1]["seconds"]:
+    """Edits/s at each batch size in --precision, then the best size in the other precision
+    (for the record: the builds use --precision), while --speed-s lasts."""
+    start = time.monotonic()
+    other = "bfloat16" if args.precision == "float32" else "float32"
+    points = [(size, args.precision) for size in args.batch_sizes] + [(None, other)]
+    rows: list[dict] = []
+    for size, precision in points:
+        if rows and time.monotonic() - start + rows[-1]["seconds"] > args.speed_s:
             break
-        rows.append(timed_build(work / f"speed-{size}.ndb", model, tok, facts[: args.speed_n],
-                                size))
-    best = max(rows, key=lambda r: r["edits_per_s"])
+        size = size or max((r for r in rows if r["precision"] == args.precision),
+                           key=lambda r: r["edits_per_s"])["batch_size"]
+        rows.append(timed_build(work / f"speed-{size}-{precision}.ndb", model, tok,
+                                facts[: args.speed_n], size, precision))
+    best = max((r for r in rows if r["precision"] == args.precision),
+               key=lambda r: r["edits_per_s"])
     return {"rows": rows, "best_batch_size": best["batch_size"],
             "best_edits_per_s": best["edits_per_s"]}
+
+
+def fitting(wanted: int, have: int, rate: float, seconds: float, step: int) -> int:
+    """The most facts, up to ``wanted``, that ``have`` grows to in ``seconds`` at ``rate``
+    (with a margin), in multiples of ``step``."""
+    return min(wanted, have + int(rate * seconds * 0.8) // step * step)
 
 
 def evaluate_small(args, facts_file: Path, db_path: Path, n: int, clock: Clock,
@@ -178,14 +194,13 @@ def build_big(args, model, tok, facts, small_db: Path, rate: float, clock: Clock
     at the measured rate, keeping --big-eval-s for its evaluation."""
     have = len(NeuralDB(small_db))
     room = clock.left() - args.reserve_s - args.big_eval_s - args.overhead_s
-    step = max(args.small // 10, 1)
-    n = min(args.big, len(facts), have + int(rate * room * 0.8) // step * step)
+    n = fitting(min(args.big, len(facts)), have, rate, room, max(args.small // 10, 1))
     if n <= have:
         return {"skipped": f"{room:.0f} s left for building: at {rate:.1f} edits/s, no "
                            f"more than the {have} facts built already"}
     db = NeuralDB.from_pretrained(small_db)
-    return {**timed_build(small_db, model, tok, facts[:n], args.batch_size, True, db),
-            "wanted": args.big}
+    return {**timed_build(small_db, model, tok, facts[:n], args.batch_size, args.precision,
+                          True, db), "wanted": args.big}
 
 
 def evaluate_big(args, model, tok, facts, db_path: Path, clock: Clock) -> dict:
@@ -212,18 +227,23 @@ def overhead(args, model, tok, residual_db: Path, work: Path, clock: Clock) -> d
     from ndb.eval.bench import report, run, write_scale_keys
 
     layer = NeuralDB(residual_db).config.layer
-    sizes = args.overhead_sizes
-    keys_dir = work / "bench-keys"
-    write_scale_keys(model, tok, keys_dir, max(sizes) + 1000, layer)
     passages = read_texts([args.texts])[:40]
     rows: list[dict] = []
     skipped = []
-    for m in sizes:
-        if rows and clock.left() < args.reserve_s + 4 * rows[-1]["build_s"] + 20:
+    for m in args.overhead_sizes:
+        # each size costs about ten times the last (keys, database, index): stop in time
+        last = rows[-1]["build_s"] + rows[-1]["keys_s"] if rows else 0.0
+        if clock.left() < args.reserve_s + 12 * last + 10:
             skipped.append(m)
             continue
-        rows += run(model, tok, keys_dir, residual_db, [m], work / "bench", passages,
-                    [p[:200] for p in passages[:4]], args.index, say=print)
+        start = time.perf_counter()
+        # a directory per size: a partly filled chunk of a smaller set would not grow
+        keys_dir = work / f"bench-keys-{m}"
+        write_scale_keys(model, tok, keys_dir, m + 1000, layer)
+        keys_s = time.perf_counter() - start
+        rows += [{**row, "keys_s": keys_s} for row in run(
+            model, tok, keys_dir, residual_db, [m], work / "bench", passages,
+            [p[:200] for p in passages[:4]], args.index, say=print)]
         report(rows, work / "bench_inference", "benchmarks/device_run.py")
     png = work / "bench_inference.png"
     if png.is_file():
@@ -280,8 +300,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None)
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--reserve-s", type=float, default=20.0, help="kept for writing results")
-    ap.add_argument("--batch-sizes", default="64,128,256,512")
-    ap.add_argument("--speed-n", type=int, default=1024, help="facts per build-speed point")
+    ap.add_argument("--batch-sizes", default="128,512")
+    ap.add_argument("--speed-n", type=int, default=512, help="facts per build-speed point")
+    ap.add_argument("--speed-s", type=float, default=100.0, help="for the build-speed points")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                    help="of the builds' residual optimization")
+    ap.add_argument("--eval-small-s", type=float, default=150.0)
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--big", type=int, default=100_000)
     ap.add_argument("--sample", type=int, default=2000, help="facts evaluated at --big")
@@ -304,6 +328,7 @@ def parse_args() -> argparse.Namespace:
         args.batch_sizes, args.speed_n, args.small, args.big = "4,8", 8, 20, 40
         args.sample, args.overhead_sizes, args.general_limit, args.mmlu_limit = 10, "100,1000", 2, 1
         args.fluency_cases, args.big_eval_s, args.overhead_s = 2, 20.0, 20.0
+        args.eval_small_s, args.speed_s = 60.0, 30.0
     args.batch_sizes = [int(x) for x in str(args.batch_sizes).split(",")]
     args.overhead_sizes = [int(x) for x in str(args.overhead_sizes).split(",")]
     args.texts = args.texts or (str(Path(args.general) / "lambada_test.jsonl")
@@ -326,14 +351,17 @@ def main() -> None:
         args, model, tok, facts, args.work, clock))
     args.batch_size = speed["best_batch_size"] if speed else args.batch_sizes[0]
     rate = speed["best_edits_per_s"] if speed else 1.0
-    small_db = args.work / f"geo{args.small}.ndb"
-    small_needs = args.small / rate
-    built = run_stage(report, "build_small", clock, small_needs + args.reserve_s, lambda:
-                      timed_build(small_db, model, tok, facts[: args.small], args.batch_size,
-                                  True))
+    # at today's speed 10k edits do not fit: then the most that leave time for the rest
+    room = clock.left() - args.reserve_s - args.eval_small_s - args.big_eval_s - args.overhead_s
+    small = fitting(args.small, 0, rate, room, max(args.small // 100, 1))
+    small_db = args.work / "geo-small.ndb"
+    built = run_stage(report, "build_small", clock, args.reserve_s if small > 0 else 1e9,
+                      lambda: {**timed_build(small_db, model, tok, facts[:small],
+                                             args.batch_size, args.precision, True),
+                               "wanted": args.small})
     if built:
         run_stage(report, "eval_small", clock, 60, lambda: evaluate_small(
-            args, args.facts, small_db, args.small, clock, args.work))
+            args, args.facts, small_db, small, clock, args.work))
         grown = run_stage(report, "build_big", clock, args.big_eval_s, lambda: build_big(
             args, model, tok, facts, small_db, built["edits_per_s"], clock))
         if grown and "skipped" not in grown:

@@ -24,6 +24,7 @@ fi
 
 if [ "${1:-}" = "--dry-run" ]; then
     if [ -d "$WORK/wheels" ]; then  # that the wheels resolve for the device's Python
+        rm -rf "$WORK/site-check"
         python3 -m pip install -q --no-index --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux_2_28_x86_64 \
             --platform manylinux_2_17_x86_64 --platform any --target "$WORK/site-check" \
