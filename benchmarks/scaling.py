@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the Markdown table and plot from the JSON, computing nothing")
     ap.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    ap.add_argument("--model", default=None, help="default: the embedded default model")
     args = ap.parse_args()
     out_json = args.out.with_suffix(".json")
     if args.report_only:
@@ -111,7 +112,7 @@ def main() -> None:
 
     sizes = sorted(int(x) for x in args.sizes.split(","))
     methods = args.methods.split(",")
-    model, tok = load_model(device=args.device)
+    model, tok = load_model(args.model, device=args.device)
     facts = read_facts(args.facts)[: sizes[-1]]
     if len(facts) < sizes[-1]:
         raise SystemExit(f"{args.facts} holds {len(facts)} facts, fewer than {sizes[-1]}")
@@ -151,7 +152,8 @@ def main() -> None:
                f"--alphaedit-threshold {hyper['null_threshold']:g}" +
                (f" --general {args.general} --general-limit {args.general_limit}"
                 f" --mmlu-limit {args.mmlu_limit}" if args.general else "") +
-               (f" --device {args.device}" if args.device else ""))
+               (f" --device {args.device}" if args.device else "") +
+               (f" --model {args.model}" if args.model else ""))
     meta = {"facts": args.facts, "sizes": sizes, "layer": layer, "gamma": gamma,
             "keys_per_fact": compute.keys_per_fact,
             "general_limit": args.general_limit, "mmlu_limit": args.mmlu_limit,

@@ -191,10 +191,33 @@ def cli() -> None:
                    "subject's identity) or the paper's (one per fact), for comparison.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted build: keep the database, skip facts it holds.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Processes that compute the build together on this machine (with --device "
+                   "cuda, one per GPU), committed at once; torchrun starts them across nodes.")
 @user_errors
 def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
-          precision, method, resume):
+          precision, method, resume, workers):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
+    from ndb import distributed
+
+    rank, size = distributed.world()
+    if size == 1 and workers > 1:
+        sys.exit(distributed.launch(sys.argv[1:], workers))
+    if size == 1:
+        return _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed,
+                      index_kind, precision, method, resume, distributed=False)
+    device = distributed.rank_device(device)
+    with distributed.process_group():
+        if rank > 0:
+            return distributed.follow(lambda name: _load(model_name or name, device))
+        return _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed,
+                      index_kind, precision, method, resume, distributed=True)
+
+
+def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
+           precision, method, resume, distributed: bool) -> None:
+    """One process's build, or rank 0's part of a distributed one (committed at once)."""
+    from ndb import distributed as dist_build
     from ndb.compute import ComputeConfig
     from ndb.config import check_index_kind
     from ndb.database import NeuralDB, check_creatable
@@ -234,9 +257,13 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
     if batch_size:
         db.config.compute.batch_size = batch_size
     before = len(db)
-    try:  # batch by batch, so that --resume can finish an interrupted build
-        ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True,
-                     commit_each_batch=True)
+    try:  # one process: batch by batch, so that --resume can finish an interrupted build
+        if distributed:
+            ids = dist_build.lead(db, records, model, tokenizer, skip_existing=resume,
+                                  progress=True)
+        else:
+            ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True,
+                         commit_each_batch=True)
     except BaseException:
         db.refresh()
         click.echo(f"ndb: {len(db) - before} facts were committed to {path} before the "

@@ -161,20 +161,33 @@ class Writer:
         )
         return [int(i) for i in written]
 
+    def batches(self, todo: list[tuple[int, Fact]]) -> list[list[tuple[int, Fact]]]:
+        """``todo`` in batches of whole groups (facts sharing a residual): the unit of
+        computation, also of the shards of a distributed build."""
+        labels = self._group_labels(todo)
+        return [[todo[n] for n in batch]
+                for batch in pack_groups(labels, max(self.config.compute.batch_size, 1))]
+
+    def compute(self, part: list[tuple[int, Fact]], model, tokenizer,
+                advance: Callable[[float], object] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and residuals of one batch (see :meth:`batches`)."""
+        cfg = self.config
+        facts = [f for _, f in part]
+        keys = compute_keys(model, tokenizer, facts, cfg.layer, cfg.prefixes,
+                            split=cfg.compute.keys_per_fact > 1)
+        residuals = compute_residuals(model, tokenizer, facts, cfg.layer, cfg.prefixes,
+                                      cfg.compute, progress=advance,
+                                      groups=self._group_labels(part))
+        return keys, residuals
+
+    def _group_labels(self, todo: list[tuple[int, Fact]]) -> list:
+        per_subject = self.config.compute.residual_scope == "subject"
+        return [f.subject if per_subject else i for i, f in todo]
+
     def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer,
                           advance: Callable[[float], object]
                           ) -> Iterator[tuple[list[tuple[int, Fact]], torch.Tensor, torch.Tensor]]:
-        """(id and fact, keys, residuals) of each batch of whole groups (facts sharing a
-        residual), computed as it is asked for."""
-        cfg = self.config
-        per_subject = cfg.compute.residual_scope == "subject"
-        labels = [f.subject if per_subject else n for n, (_, f) in enumerate(todo)]
-        for batch in pack_groups(labels, max(cfg.compute.batch_size, 1)):
-            part = [todo[n] for n in batch]
-            facts = [f for _, f in part]
-            keys = compute_keys(model, tokenizer, facts, cfg.layer, cfg.prefixes,
-                                split=cfg.compute.keys_per_fact > 1)
-            residuals = compute_residuals(model, tokenizer, facts, cfg.layer, cfg.prefixes,
-                                          cfg.compute, progress=advance,
-                                          groups=[labels[n] for n in batch])
-            yield part, keys, residuals
+        """(id and fact, keys, residuals) of each batch, computed as it is asked for."""
+        for part in self.batches(todo):
+            yield (part, *self.compute(part, model, tokenizer, advance))

@@ -42,6 +42,10 @@ class DiskFullError(StoreError):
     """The disk (or quota) ran out while writing; the write was not committed."""
 
 
+class DistributedError(StoreError):
+    """A process of a distributed build failed (it says why); nothing was committed."""
+
+
 class FactNotFoundError(NdbError, KeyError):
     """No fact with that id or subject."""
 

@@ -690,10 +690,13 @@ class Pending:
     and the manifest swap that adopts them all happens at the end (Store.appending), so a
     failure or a kill part-way leaves the old state and, at worst, orphans."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, first_segment: int = 0):
         self.store = store
         self.version = store.manifest.version + 1  # also the entries' sequence number
         self.next_id = store.manifest.next_id
+        # segments are numbered from here: the processes of a distributed build write the
+        # segments of one commit side by side, each from its own number
+        self.first_segment = first_segment
         self.written: dict[str, dict] = {}  # segment name -> checksum record
 
     def append(self, keys: np.ndarray, residuals: np.ndarray, facts: list[str],
@@ -726,8 +729,20 @@ class Pending:
         self.add_segment({"ids": ids, "seq": np.full(len(ids), self.version, np.int64)})
 
     def add_segment(self, datasets: dict[str, np.ndarray]) -> None:
-        name = f"seg-{self.version:08d}-{len(self.written):04d}.h5"
+        name = f"seg-{self.version:08d}-{self.first_segment + len(self.written):04d}.h5"
         self.written[name] = self.store.write_segment(name, datasets, self.version)
+
+    def summary(self) -> dict:
+        """What another process needs to :meth:`adopt` these segments (plain data)."""
+        return {"version": self.version, "next_id": self.next_id, "written": self.written}
+
+    def adopt(self, summary: dict) -> None:
+        """Commit, along with this one's, the segments another process wrote for this same
+        commit under other segment numbers (``summary``: its Pending's :meth:`summary`)."""
+        if summary["version"] != self.version or set(summary["written"]) & set(self.written):
+            raise StoreError("internal error: adopting the segments of another commit")
+        self.written.update(summary["written"])
+        self.next_id = max(self.next_id, summary["next_id"])
 
     def discard(self) -> None:
         for name in self.written:

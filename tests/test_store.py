@@ -107,3 +107,26 @@ def test_second_writer_is_refused(tmp_path):
         holder.wait()
     store.append(*rows(1))  # the lock dies with its holder
     assert len(store.entries) == 1
+
+
+def test_one_commit_adopts_the_segments_another_process_wrote(tmp_path):
+    """A distributed build: each rank writes its segment (numbered from its rank) under the
+    same version, unlocked; the lock holder commits them all in one manifest swap."""
+    path, store = make(tmp_path)
+    store.append(*rows(1))
+    other = st.Store(path)  # another process's view: no lock
+    with store.appending() as pending:
+        theirs = st.Pending(other, first_segment=1)
+        theirs.append(*rows(2, seed=1), ids=np.array([3, 4]))
+        pending.append(*rows(2, seed=2), ids=np.array([1, 2]))
+        assert st.Store(path).entries.ids.tolist() == [0]  # nothing adopted yet
+        with pytest.raises(st.StoreError, match="another commit"):
+            pending.adopt({**theirs.summary(), "version": theirs.version + 1})
+        pending.adopt(theirs.summary())
+    reopened = st.Store(path)
+    assert reopened.entries.ids.tolist() == [0, 1, 2, 3, 4]
+    assert reopened.manifest.next_id == 5 and reopened.manifest.version == 2
+    assert sorted(reopened.manifest.segments)[-2:] == ["seg-00000002-0000.h5",
+                                                        "seg-00000002-0001.h5"]
+    np.testing.assert_array_equal(reopened.read("residuals", np.array([3, 4])),
+                                  rows(2, seed=1)[1])
