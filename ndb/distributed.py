@@ -32,10 +32,9 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ndb import edits
-from ndb.compute import FRACTIONAL_BAR, ComputeConfig, check_encodable
+from ndb.compute import ComputeConfig, FactBar, check_encodable
 from ndb.errors import ConfigError, DistributedError
 from ndb.facts import Fact, as_facts
 from ndb.store import Pending
@@ -93,7 +92,7 @@ def lead(db, facts: Iterable[Fact | dict], model, tokenizer, *, skip_existing: b
     commit; the facts it holds already are skipped (all of them with ``skip_existing``,
     as ``NeuralDB.add`` does). Every other rank runs :func:`follow` meanwhile."""
     facts = edits.unique(as_facts(facts))
-    check_encodable(facts, model, tokenizer, db.config.prefixes, db.config.compute.kl_prompts)
+    check_encodable(facts, model, tokenizer, db.config.prefixes, db.config.compute)
     with db.store.writing():
         db.refresh()
         new, _, skipped = edits.sort_out(db.facts(), facts, False, skip_existing, db.path)
@@ -152,8 +151,7 @@ def _compute_shard(db, plan: Plan, model, tokenizer, progress: bool) -> Pending:
         raise DistributedError("internal error: the shard's version is not the plan's")
     total = sum(len(part) for part in mine)
     parts, keys, residuals = [], [], []
-    with tqdm(total=total, desc=f"edit (rank 0 of {size})", unit="fact", disable=not progress,
-              bar_format=FRACTIONAL_BAR) as bar:
+    with FactBar(total, f"edit (rank 0 of {size})", disable=not progress) as bar:
         for part in mine:
             k, r = writer.compute(part, model, tokenizer, bar.update)
             parts += part
