@@ -80,12 +80,12 @@ def main() -> None:
     settings = EvalSettings(fluency_cases=0)
     if "pre-edited" not in rows:
         rows["pre-edited"], _ = measure_cases(model, tok, facts, settings, "pre-edited")
-    _, unedited = measure_cases(model, tok, facts, EvalSettings(fluency_cases=0,
-                                                               generation=False), "known")
-    known = unedited["chat_true"] == 1
-    for name in args.settings.split(","):
-        if name in rows:
-            continue
+    todo = [name for name in args.settings.split(",") if name not in rows]
+    if todo:  # which facts the unedited model answers truly in chat
+        _, unedited = measure_cases(model, tok, facts, EvalSettings(fluency_cases=0,
+                                                                   generation=False), "known")
+        known = unedited["chat_true"] == 1
+    for name in todo:
         print(f"== {name}: {SETTINGS[name] or 'defaults'}", flush=True)
         slug = "".join(c if c.isalnum() else "-" for c in name)
         db, seconds = built(args.cache / slug, facts, model, tok, SETTINGS[name])
@@ -99,7 +99,7 @@ def main() -> None:
         saved.write_text(json.dumps(rows, indent=1))
         print(markdown_table({name: rows[name]}), flush=True)
 
-    swept = {k: v for k, v in rows.items() if k in SETTINGS}
+    swept = {k: v for k, v in rows.items() if k in args.settings.split(",")}
     default = next(iter(SETTINGS))
     best = max(swept, key=lambda k: (round(swept[k]["score"], 2), k == default))
     write_strict_json(args.out.with_suffix(".json"),
