@@ -27,14 +27,14 @@ from ndb.output import write_strict_json
 HERE = Path(__file__).resolve().parent
 
 PAPER = ComputeConfig.paper().to_dict()
-# name: ComputeConfig overrides; the first is today's default
+# name (no commas: --settings lists names): ComputeConfig overrides; the first is the default
 SETTINGS: dict[str, dict] = {
     "ndb (default)": {},
     "paper": {k: PAPER[k] for k in ("residual_scope", "kl_prompts", "kl_weight")},
     "ndb + chat context": {"chat_context": True},
-    "ndb, kl_weight 4": {"kl_weight": 4.0},
-    "ndb, kl_weight 0.25": {"kl_weight": 0.25},
-    "subject scope, paper's KL": {"kl_prompts": PAPER["kl_prompts"],
+    "ndb with kl_weight 4": {"kl_weight": 4.0},
+    "ndb with kl_weight 0.25": {"kl_weight": 0.25},
+    "subject scope and the paper's KL": {"kl_prompts": PAPER["kl_prompts"],
                                   "kl_weight": PAPER["kl_weight"]},
 }
 SCORED = ("efficacy", "generalization", "specificity", "gen_efficacy", "chat_known",
@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep_method")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep_method")
     args = ap.parse_args()
+    unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
 
     model, tok = load_model()
     facts = read_facts(args.facts)
