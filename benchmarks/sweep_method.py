@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -53,7 +54,6 @@ def built(path: Path, facts, model, tok, overrides: dict) -> tuple[NeuralDB, flo
     if (path / "done").is_file():
         return NeuralDB.from_pretrained(path), None
     if path.exists():
-        import shutil
         shutil.rmtree(path)  # an interrupted build: start it again
     db = NeuralDB.create(path, model, tok, compute=ComputeConfig(**overrides))
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ndb import nethook
-from ndb.anchor import anchor_token_id, encode_with_span
+from ndb.anchor import anchor_token_id, encode_with_span, last_token_before
 from ndb.errors import FactError
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
@@ -251,8 +251,7 @@ def encode_chat(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[i
     text = head + prompt.format(subject)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ends = [m.end() for m in re.finditer(re.escape(subject), text)]
-    mentions = sorted({max(i for i, (a, _) in enumerate(enc.offset_mapping) if a < end)
-                       for end in ends})
+    mentions = sorted({last_token_before(enc.offset_mapping, end) for end in ends})
     return enc.input_ids, mentions
 
 
