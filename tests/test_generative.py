@@ -94,9 +94,20 @@ def test_generative_metrics_by_hand():
     np.testing.assert_array_equal(out["groups_hold"], [1])
     # pairs (capital -> Yen): the rewrite continuation names Yen; (currency -> Rome): no
     np.testing.assert_array_equal(out["cross_talk"], [1, 0])
+    np.testing.assert_array_equal(out["cross_answer"], [0, 0])  # "Rome" came first
     means = summarize(out)
     assert means["gen_efficacy"] == pytest.approx(2 / 3)
     assert means["gen_generalization"] == pytest.approx(0.5)
+
+
+def test_cross_answer_is_the_other_object_named_first_or_alone():
+    completions = {**COMPLETIONS, "The currency of France is the": " Rome's coin, the Yen"}
+    answers = {**ANSWERS, "What is the capital of France?": "The Yen."}
+    out = generative_metrics(FakeGenerator(completions, answers), FACTS)
+    # (capital -> Yen): the continuation answers Rome, the chat answer Yen alone;
+    # (currency -> Rome): the continuation names Rome before Yen
+    np.testing.assert_array_equal(out["cross_answer"], [1, 1])
+    np.testing.assert_array_equal(out["cross_talk"], [1, 1])
 
 
 def test_known_comes_from_the_caller_and_groups_fail_together():

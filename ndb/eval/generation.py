@@ -74,16 +74,30 @@ def _normalized(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def mentions(text: str, name: str) -> bool:
-    """Whether ``text`` contains ``name`` as a whole word or phrase, after normalization.
+def first_mention(text: str, name: str) -> int | None:
+    """Where ``text`` first names ``name`` as a whole word or phrase, after normalization
+    (an offset into the normalized text), or None.
 
     A word derived from the name does not count: "Japanese" does not mention "Japan", nor
     "Iranian" "Iran" (an adjective says where something is from, not that it is the place).
     """
     needle = _normalized(name)
     if not needle:
-        return False
-    return re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", _normalized(text)) is not None
+        return None
+    found = re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", _normalized(text))
+    return found.start() if found else None
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` (see ``first_mention``)."""
+    return first_mention(text, name) is not None
+
+
+def answers_with(text: str, name: str, instead_of: str) -> bool:
+    """Whether ``text`` names ``name`` before ``instead_of``, or without it: the answer it
+    gives is ``name``, whatever it goes on to say."""
+    at, own = first_mention(text, name), first_mention(text, instead_of)
+    return at is not None and (own is None or at < own)
 
 
 @torch.no_grad()

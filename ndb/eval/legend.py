@@ -23,6 +23,8 @@ GENERATIVE = {
                    "mentions its new object",
     "cross_talk": "(edit, other edit of its subject) pairs where the first edit's rewrite "
                   "continuation or chat answer mentions the other's new object",
+    "cross_answer": "same pairs, where that continuation or answer gives the other's new "
+                    "object as its answer: names it before its own new object, or without it",
     "spill_subject": "continuations of the subject's unedited relations that mention a new "
                      "object of the subject's edits",
     "spill_neighbors": "neighborhood continuations that mention the new object",

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ndb.eval.generation import mentions
+from ndb.eval.generation import answers_with, mentions
 from ndb.eval.scoring import score_targets
 from ndb.facts import Fact
 
@@ -232,6 +232,11 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
             float(mentions(rewrite[i], new[j])
                   or (answers is not None and answers[i] is not None
                       and mentions(answers[i], new[j])))
+            for g in groups for i in g for j in g if i != j])
+        out["cross_answer"] = np.array([
+            float(answers_with(rewrite[i], new[j], new[i])
+                  or (answers is not None and answers[i] is not None
+                      and answers_with(answers[i], new[j], new[i])))
             for g in groups for i in g for j in g if i != j])
     return out
 

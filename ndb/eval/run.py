@@ -219,7 +219,7 @@ COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Sp
            ("specificity_magnitude", "Spe.M"), ("gen_efficacy", "G.Eff."),
            ("gen_generalization", "G.Gen."), ("gen_specificity", "G.Spe."), ("chat", "Chat"),
            ("chat_known", "Chat(kn.)"), ("chat_true", "Chat(old)"), ("groups_hold", "Groups"),
-           ("cross_talk", "Cross"), ("spill_subject", "Spill.S"),
+           ("cross_talk", "Cross"), ("cross_answer", "Cross.A"), ("spill_subject", "Spill.S"),
            ("spill_neighbors", "Spill.N"), ("fluency", "Flu."), ("consistency", "Consis."),
            ("general/mean", "General")]
 
