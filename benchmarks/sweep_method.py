@@ -35,6 +35,7 @@ SETTINGS: dict[str, dict] = {
     "ndb + chat context": {"chat_context": True},
     "ndb with kl_weight 4": {"kl_weight": 4.0},
     "ndb with kl_weight 0.25": {"kl_weight": 0.25},
+    "ndb + contrast": {"contrast_weight": 1.0},
     "subject scope and the paper's KL": {"kl_prompts": PAPER["kl_prompts"],
                                   "kl_weight": PAPER["kl_weight"]},
 }

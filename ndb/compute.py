@@ -81,6 +81,11 @@ class ComputeConfig:
     # delta at both mentions as the gate applies it, so that an edit holds inside a chat.
     # Only for tokenizers with a chat template
     chat_context: bool = False
+    # ndb, not the paper: on each fact's prompts, push down the first token of the new object
+    # of every other edit of its subject (unlikelihood, -log(1 - p)), at this weight. One
+    # residual carries all of a subject's edits; without this term a relation's prompt may
+    # be answered with another relation's new object (cross-talk). 0: off
+    contrast_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
@@ -241,6 +246,7 @@ class _Row:
     subject: int  # index of the subject's last token
     targets: list[int] | None  # object ids for rewrite rows; None for the KL row
     also: tuple[int, ...] = ()  # later mentions of the subject (last tokens), edited too
+    avoid: tuple[int, ...] = ()  # first tokens of the group's other new objects
 
 
 def encode_chat(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[int]]:
@@ -263,16 +269,21 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
     norm is read)."""
     chat = chat and bool(getattr(tokenizer, "chat_template", None))
     rows, bare, subject = [], {}, {}
-    for fact, group in zip(facts, groups):
-        target = target_ids(tokenizer, fact.target_new)
+    targets = [target_ids(tokenizer, fact.target_new) for fact in facts]
+    firsts: dict[int, set[int]] = {}
+    for target, group in zip(targets, groups):
+        firsts.setdefault(group, set()).add(target[0])
+    for fact, group, target in zip(facts, groups, targets):
+        avoid = tuple(sorted(firsts[group] - {target[0]}))
         bare.setdefault(group, len(rows))
         subject.setdefault(group, fact.subject)
         for prefix in prefixes:
             ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
-            rows.append(_Row(group, ids + target[:-1], s, target))
+            rows.append(_Row(group, ids + target[:-1], s, target, avoid=avoid))
         if chat:
             ids, mentions = encode_chat(tokenizer, fact.prompt, fact.subject)
-            rows.append(_Row(group, ids + target[:-1], mentions[0], target, tuple(mentions[1:])))
+            rows.append(_Row(group, ids + target[:-1], mentions[0], target, tuple(mentions[1:]),
+                             avoid))
     for group, name in subject.items():
         for prompt in kl_prompts:
             ids, s = encode_prompt(tokenizer, "", prompt, name)
@@ -319,6 +330,7 @@ class _Batch:
         self.delta_at = torch.zeros((n, t))
         self.delta_at[:, 0] = 1
         loss_rows, loss_cols, loss_ids, kl_cols = [], [], [], []
+        avoid_at, avoid_ids = [], []  # (index into the loss arrays, token) pairs
         for i, r in enumerate(rows):
             shift = self.p - r.subject
             self.ids[i, shift : shift + len(r.ids)] = torch.tensor(r.ids)
@@ -329,6 +341,8 @@ class _Batch:
                 kl_cols.append(len(r.ids) - 1 - r.subject)
             else:
                 first = len(r.ids) - len(r.targets)  # position predicting the first object token
+                avoid_at += [len(loss_ids)] * len(r.avoid)
+                avoid_ids += r.avoid
                 for j, tok in enumerate(r.targets):
                     loss_rows.append(i)
                     loss_cols.append(first + j - r.subject)
@@ -337,6 +351,8 @@ class _Batch:
         self.loss_rows = torch.tensor(loss_rows)
         self.loss_cols = torch.tensor(loss_cols)  # in suffix coordinates
         self.loss_ids = torch.tensor(loss_ids)
+        self.avoid_at = torch.tensor(avoid_at, dtype=torch.long)
+        self.avoid_ids = torch.tensor(avoid_ids, dtype=torch.long)
         self.kl_rows = torch.tensor([i for i, r in enumerate(rows) if r.targets is None])
         self.kl_cols = torch.tensor(kl_cols)
         self.n_rewrite = torch.bincount(self.fact[self.loss_rows.unique()])
@@ -345,7 +361,8 @@ class _Batch:
 
     def to(self, device):
         for name in ("ids", "mask", "fact", "position_ids", "delta_at", "loss_rows",
-                     "loss_cols", "loss_ids", "kl_rows", "kl_cols", "n_rewrite", "n_kl"):
+                     "loss_cols", "loss_ids", "avoid_at", "avoid_ids", "kl_rows", "kl_cols",
+                     "n_rewrite", "n_kl"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -356,6 +373,9 @@ class _Batch:
         keep = keep_fact[self.fact]
         new_index = keep.long().cumsum(0) - 1
         loss_keep = keep[self.loss_rows]
+        avoid_keep = loss_keep[self.avoid_at]
+        self.avoid_at = (loss_keep.long().cumsum(0) - 1)[self.avoid_at[avoid_keep]]
+        self.avoid_ids = self.avoid_ids[avoid_keep]
         self.loss_rows = new_index[self.loss_rows[loss_keep]]
         self.loss_cols, self.loss_ids = self.loss_cols[loss_keep], self.loss_ids[loss_keep]
         kl_keep = keep[self.kl_rows]
@@ -389,6 +409,17 @@ def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
 
 def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(hidden).float()
+
+
+def _contrast(logp: torch.Tensor, batch: _Batch, fact_of_row: torch.Tensor, n: int
+              ) -> torch.Tensor:
+    """Per group: the mean unlikelihood of its other edits' first object tokens on each
+    edit's prompts (zero for a group of one)."""
+    p = logp[batch.avoid_at, batch.avoid_ids].exp().clamp(max=1 - 1e-6)
+    group = fact_of_row[batch.loss_rows[batch.avoid_at]]
+    total = torch.zeros(n, device=p.device).index_add(0, group, -torch.log1p(-p))
+    count = torch.zeros(n, device=p.device).index_add(0, group, torch.ones_like(p))
+    return total / count.clamp(min=1)
 
 
 def compute_residuals(
@@ -608,6 +639,8 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
             0, fact_of_row[batch.kl_rows], kl_row) / batch.n_kl[active]
         norms = runner.h_norm[active]
         loss = nll + config.kl_weight * kl + config.weight_decay * d.norm(dim=-1) / norms**2
+        if config.contrast_weight and len(batch.avoid_at):
+            loss = loss + config.contrast_weight * _contrast(logp, batch, fact_of_row, len(active))
 
         done = loss.detach() < config.stop_loss
         if step == config.steps or bool(done.all()):

@@ -7,6 +7,7 @@ from ndb.compute import (
     ComputeConfig,
     FactBar,
     _Batch,
+    _contrast,
     _rows,
     _SuffixRunner,
     compute_keys,
@@ -16,6 +17,7 @@ from ndb.compute import (
 )
 from ndb.facts import Fact
 from ndb.models import ffn_dims, ffn_out_path, ffn_out_weight, get_module
+from ndb.tokens import target_ids
 
 from conftest import FACTS, FAMILY_CONFIGS, FAST_COMPUTE, tiny_model
 
@@ -229,3 +231,47 @@ def test_fact_bar_never_runs_past_its_total():
     bar.update(0.5)
     assert bar.n == pytest.approx(3) and bar.n <= 3
     bar.close()
+
+
+def test_each_edit_of_a_group_avoids_the_others_first_object_token(tokenizer):
+    rows, _ = _rows(tokenizer, SAME_SUBJECT, [0, 0, 1], PREFIXES, ("{} is a",))
+    first = {f.target_new: target_ids(tokenizer, f.target_new)[0] for f in SAME_SUBJECT}
+    avoid = {(r.fact, r.targets[0]): r.avoid for r in rows if r.targets is not None}
+    assert avoid == {(0, first["Cairo"]): (first["yen"],), (0, first["yen"]): (first["Cairo"],),
+                     (1, first["Berlin"]): ()}
+
+
+def test_select_keeps_what_each_row_avoids(tokenizer):
+    rows, _ = _rows(tokenizer, SAME_SUBJECT + FACTS, [0, 0, 1, 2, 2, 3], PREFIXES, ("{} is a",))
+    batch = _Batch(rows, anchor_token_id(tokenizer))
+
+    def pairs(b):  # (group, column, avoided token) per avoided token
+        return sorted((int(b.fact[b.loss_rows[a]]), int(b.loss_cols[a]), int(t))
+                      for a, t in zip(b.avoid_at, b.avoid_ids))
+
+    before = [p for p in pairs(batch) if p[0] in (0, 2)]
+    assert {p[0] for p in before} == {0, 2}  # the test must keep avoided tokens of two groups
+    batch.kl_init = torch.zeros(len(batch.kl_rows), 1)  # the runner's, not needed here
+    batch.select(torch.tensor([0, 2]))
+    assert pairs(batch) == before
+
+
+def test_contrast_is_the_mean_unlikelihood_of_the_avoided_tokens_per_group(tokenizer):
+    rows, _ = _rows(tokenizer, SAME_SUBJECT, [0, 0, 1], [""], ("{} is a",))
+    batch = _Batch(rows, anchor_token_id(tokenizer))
+    assert len(batch.avoid_at) == 2  # one avoided token on each France prompt
+    logp = torch.full((len(batch.loss_ids), tokenizer.vocab_size), -30.0)
+    logp[batch.avoid_at, batch.avoid_ids] = torch.log(torch.tensor([0.5, 0.75]))
+    # by hand: (-log(1 - 0.5) - log(1 - 0.75)) / 2 = (log 2 + log 4) / 2 = 1.5 log 2
+    expected = torch.tensor([1.5 * torch.log(torch.tensor(2.0)), 0.0])
+    torch.testing.assert_close(_contrast(logp, batch, batch.fact, 2), expected)
+
+
+def test_contrast_changes_only_the_residuals_of_groups(llama):
+    model, tok = llama
+    groups = ["France", "France", "Toyota"]
+    plain, contrast = (compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES,
+                                         ComputeConfig(**FAST_COMPUTE, contrast_weight=w),
+                                         groups=groups) for w in (0.0, 1e3))
+    assert not torch.allclose(plain[0], contrast[0], atol=1e-4)
+    torch.testing.assert_close(plain[2], contrast[2])
