@@ -21,6 +21,13 @@ disagreement at 10k, 100k and 1M keys (1/4 gives 0.25 / 0.10 / 0.15 %), so IVF i
 faster than exact float16 search there. ``calibrate`` measures gate agreement against
 exact search on sample queries (e.g. token keys of real text) and picks the smallest nprobe that
 meets a target: use it once real keys exist.
+
+The gate skip. The hook needs a key only when it scores above gamma, and such a key sits close
+to the query, as does its list's centroid. So a search given the gate's ``floor`` scans only
+the probed lists whose centroid scores above ``floor - coarse_margin``: for most tokens of
+ordinary text none, and the search costs the centroid scores alone (one matrix product for a
+whole prompt). ``calibrate`` sets the margin to the smallest that changes no gate decision on
+its queries; ``None`` (the default, and after a failed calibration) scans every probed list.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ MIN_TRAIN_KEYS = 8192
 RETRAIN_FACTOR = 4.0
 PROBE_FRACTION = 0.5
 CODECS = ("fp16", "fp32", "pq")
-MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # coarse margins calibrate tries, boldest first
+MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 
 

@@ -7,6 +7,12 @@ Which tokens are searched: every attended token except each sequence's first one
 anchor, or an attention sink when the input has no anchor), never padding. The attention
 mask is read by a pre-hook on the base model, so this also holds for generate() with its
 KV cache, where each call carries only the new tokens and the mask covers them all.
+
+On an accelerator nothing in a forward pass waits for the device: an index that searches on
+the device (torch, gpu-flat) gets every row and the mask picks the decisions, the residuals
+are gathered on the device (ndb.residual_cache), and the counters stay device tensors until
+read. A host index (flat, ivf) gets the searchable rows only, which cross to the host anyway.
+Either way a row that does not fire is returned bit for bit.
 """
 
 from __future__ import annotations
@@ -147,9 +153,8 @@ class GatedRetrieval:
             # called outside the base model's forward: search all but absolute position 0
             searchable = searchable_positions(*inputs[0].shape[:2], None, 0, keys.device)
         searchable = searchable.reshape(-1).to(keys.device)
-        # A device index searches every row and the mask picks the decisions: nothing waits
-        # for the device. A host index gets the searchable rows only (they cross to the host
-        # anyway), which spares its searches and keeps padding out of it.
+        # see the module docstring: a device index searches every row, a host index only
+        # the searchable ones (which spares its searches and keeps padding out of it)
         rows = None if self.index.searches_on_device else searchable.nonzero().squeeze(1)
         queries = keys if rows is None else keys.index_select(0, rows)
         if len(queries) == 0:

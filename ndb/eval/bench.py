@@ -289,6 +289,8 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         nprobe = None
         if not idx.needs_training and idx.calibrate(calibration, gamma):
             nprobe = f"{idx.nprobe}/{idx.nlist}"
+            if idx.coarse_margin is not None:  # the hook's gate skip (see ndb.indexes.ivf)
+                nprobe += f", margin {idx.coarse_margin}"
         db.flush()
         exact = exact_top1(db.store.read("keys"), db.store.entries.ids, evaluation)
         disagreement = gate_disagreement(idx, exact, evaluation, gamma)
