@@ -232,6 +232,8 @@ def overhead(args, model, tok, residual_db: Path, work: Path, clock: Clock) -> d
     passages = read_texts([args.texts])[:40]
     rows: list[dict] = []
     skipped, unavailable = [], {}
+    if not next(model.parameters()).is_cuda and "gpu-flat" in args.index:
+        unavailable["gpu-flat"] = "the model is not on a CUDA device"
     for m in args.overhead_sizes:
         # each size costs about ten times the last (keys, databases, indexes): stop in time
         last = [r for r in rows if r["m"] == rows[-1]["m"]] if rows else []
