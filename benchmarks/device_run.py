@@ -222,18 +222,23 @@ def evaluate_big(args, model, tok, facts, db_path: Path, clock: Clock) -> dict:
 
 
 def overhead(args, model, tok, residual_db: Path, work: Path, clock: Clock) -> dict:
-    """Decode and prefill against the unedited model at each size that fits (ndb bench)."""
+    """Decode and prefill against the unedited model at each size that fits (ndb bench), on
+    each index of --index (a size's keys are computed once, its database built per index)."""
     from ndb.eval.baselines.stats import read_texts
     from ndb.eval.bench import report, run, write_scale_keys
+    from ndb.indexes import GpuUnavailableError
 
     layer = NeuralDB(residual_db).config.layer
     passages = read_texts([args.texts])[:40]
     rows: list[dict] = []
-    skipped = []
+    skipped, unavailable = [], {}
+    if not next(model.parameters()).is_cuda and "gpu-flat" in args.index:
+        unavailable["gpu-flat"] = "the model is not on a CUDA device"
     for m in args.overhead_sizes:
-        # each size costs about ten times the last (keys, database, index): stop in time
-        last = rows[-1]["build_s"] + rows[-1]["keys_s"] if rows else 0.0
-        if clock.left() < args.reserve_s + 12 * last + 10:
+        # each size costs about ten times the last (keys, databases, indexes): stop in time
+        last = [r for r in rows if r["m"] == rows[-1]["m"]] if rows else []
+        cost = sum(r["build_s"] for r in last) + (last[0]["keys_s"] if last else 0.0)
+        if clock.left() < args.reserve_s + 12 * cost + 10:
             skipped.append(m)
             continue
         start = time.perf_counter()
@@ -241,16 +246,24 @@ def overhead(args, model, tok, residual_db: Path, work: Path, clock: Clock) -> d
         keys_dir = work / f"bench-keys-{m}"
         write_scale_keys(model, tok, keys_dir, m + 1000, layer)
         keys_s = time.perf_counter() - start
-        rows += [{**row, "keys_s": keys_s} for row in run(
-            model, tok, keys_dir, residual_db, [m], work / "bench", passages,
-            [p[:200] for p in passages[:4]], args.index, say=print)]
-        report(rows, work / "bench_inference", "benchmarks/device_run.py")
+        for kind in args.index:
+            if kind in unavailable:
+                continue
+            try:
+                rows += [{**row, "keys_s": keys_s} for row in run(
+                    model, tok, keys_dir, residual_db, [m], work / f"bench-{kind}", passages,
+                    [p[:200] for p in passages[:4]], kind, say=print)]
+            except GpuUnavailableError as err:
+                unavailable[kind] = str(err)
+            report(rows, work / "bench_inference", "benchmarks/device_run.py")
     png = work / "bench_inference.png"
     if png.is_file():
         (args.out / "bench_inference.png").write_bytes(png.read_bytes())
     result = {"rows": rows}
     if skipped:
         result["not_measured"] = f"sizes {skipped}: no time left"
+    if unavailable:
+        result["indexes_unavailable"] = unavailable
     return result
 
 
@@ -312,7 +325,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--big-eval-s", type=float, default=60.0)
     ap.add_argument("--overhead-s", type=float, default=60.0)
     ap.add_argument("--overhead-sizes", default="10000,100000,1000000")
-    ap.add_argument("--index", default="torch", help="key index of the overhead databases")
+    ap.add_argument("--index", default="torch,gpu-flat",
+                    help="key indexes of the overhead databases, comma-separated")
     ap.add_argument("--methods", default="neuraldb,memit,alphaedit")
     ap.add_argument("--general", default=None, help="general-ability data directory")
     ap.add_argument("--general-limit", type=int, default=50)
@@ -331,6 +345,7 @@ def parse_args() -> argparse.Namespace:
         args.eval_small_s, args.speed_s = 60.0, 30.0
     args.batch_sizes = [int(x) for x in str(args.batch_sizes).split(",")]
     args.overhead_sizes = [int(x) for x in str(args.overhead_sizes).split(",")]
+    args.index = [x for x in str(args.index).split(",") if x]
     args.texts = args.texts or (str(Path(args.general) / "lambada_test.jsonl")
                                 if args.general else None)
     if args.facts is None:

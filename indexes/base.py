@@ -22,6 +22,9 @@ class KeyIndex(ABC):
     """Top-1 inner-product search over fact keys, with add and remove by id."""
 
     kind: str = ""  # registry name, saved beside the index so that load() picks the class
+    # True when search_tensor searches on the index's own device and answers there, with no
+    # host round trip: the hook then never waits for the device (see GatedRetrieval)
+    searches_on_device: bool = False
 
     def __init__(self, dim: int):
         if int(dim) <= 0:
@@ -50,16 +53,22 @@ class KeyIndex(ABC):
         """Remove the given ids; returns how many were present (absent ids are ignored)."""
 
     @abstractmethod
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, floor: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Best match of each query (m, dim): (scores (m,) float32, ids (m,) int64).
 
-        A query with no match (empty index) gets score -inf and id -1.
+        A query with no match (empty index) gets score -inf and id -1. ``floor``: the caller
+        ignores scores at or below it (the gate's gamma), so an approximate index may skip the
+        work for a query whose best key it judges to be below it, and report no match; exact
+        indexes ignore it.
         """
 
-    def search_tensor(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``search`` for queries in a tensor (what the hook holds); a backend that searches
-        on the tensor's own device overrides it to spare the copies."""
-        scores, ids = self.search(queries.detach().float().cpu().numpy())
+    def search_tensor(self, queries: torch.Tensor, floor: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``search`` for queries in a tensor (what the hook holds): (scores, ids) tensors,
+        float32 and int64. Host backends answer on the CPU; a backend that searches on a
+        device overrides this, answers on that device and sets ``searches_on_device``."""
+        scores, ids = self.search(queries.detach().float().cpu().numpy(), floor)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
     def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999

@@ -42,7 +42,8 @@ class FlatIndex(KeyIndex):
             self.index.remove_ids(present)
         return len(present)
 
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, floor: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         queries = as_queries(queries, self.dim)
         if self.ntotal == 0:
             return empty_result(len(queries))

@@ -2,8 +2,10 @@
 
 Install with ``pip install ndb[gpu]`` (faiss-gpu-cu12, which replaces faiss-cpu's module). FAISS
 is imported and checked at construction, so the rest of ndb works without it. GPU flat indexes
-hold keys in insertion order with no id map of their own: row -> id is kept here, and remove
-rebuilds the device index from the kept rows (O(n) on the device, streamed in chunks).
+hold keys in insertion order with no id map of their own: row -> id is kept here (on the host
+for add and remove, and a copy on the GPU for search_tensor), and remove rebuilds the device
+index from the kept rows (O(n) on the device, streamed in chunks). ``search_tensor`` hands
+FAISS the query tensor where it lies (faiss.contrib.torch_utils) and answers on the GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ndb.indexes import fileio
 from ndb.indexes.base import (
@@ -36,6 +39,8 @@ def _gpu_faiss(device: int):
     count = faiss.get_num_gpus()
     if not 0 <= device < count:
         raise GpuUnavailableError(f"faiss sees {count} GPU(s); GPU {device} is not one of them")
+    # lets GPU indexes search torch tensors in place (numpy calls are unchanged)
+    import faiss.contrib.torch_utils  # noqa: F401
     return faiss
 
 
@@ -54,6 +59,7 @@ class GpuFlatIndex(KeyIndex):
     ``float16=False`` (scores are computed in float32 either way)."""
 
     kind = "gpu-flat"
+    searches_on_device = True
 
     def __init__(self, dim: int, *, device: int | str = 0, float16: bool = True):
         super().__init__(dim)
@@ -63,6 +69,7 @@ class GpuFlatIndex(KeyIndex):
         self._resources = self._faiss.StandardGpuResources()
         self.index = self._new_index()
         self._row_ids = np.empty(0, np.int64)
+        self._device_row_ids: torch.Tensor | None = None  # made on first search_tensor
         self._ids = IdSet()
 
     def _new_index(self):
@@ -80,6 +87,7 @@ class GpuFlatIndex(KeyIndex):
         self._ids.check_absent(ids)
         self.index.add(keys)
         self._row_ids = np.concatenate([self._row_ids, ids])
+        self._device_row_ids = None
         self._ids.insert(ids)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -94,9 +102,11 @@ class GpuFlatIndex(KeyIndex):
                 self.index.add(old.reconstruct_n(start, len(part))[part])
         old.reset()
         self._row_ids = self._row_ids[keep]
+        self._device_row_ids = None
         return len(present)
 
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, floor: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         queries = as_queries(queries, self.dim)
         if self.ntotal == 0:
             return empty_result(len(queries))
@@ -104,6 +114,25 @@ class GpuFlatIndex(KeyIndex):
         scores, rows = scores[:, 0], rows[:, 0]
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
         return scores, ids
+
+    @torch.no_grad()
+    def search_tensor(self, queries: torch.Tensor, floor: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 of each row of ``queries`` (m, dim), searched and answered on this GPU."""
+        device = torch.device("cuda", self.gpu)
+        queries = queries.detach().to(device, torch.float32).contiguous()
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            shape = tuple(queries.shape)
+            raise ValueError(f"queries must be an (n, {self.dim}) tensor, got shape {shape}")
+        if self.ntotal == 0:
+            return (torch.full((len(queries),), -torch.inf, device=device),
+                    torch.full((len(queries),), -1, dtype=torch.int64, device=device))
+        if self._device_row_ids is None:
+            self._device_row_ids = torch.from_numpy(self._row_ids).to(device)
+        scores, rows = self.index.search(queries, 1)
+        rows = rows[:, 0]
+        ids = torch.where(rows >= 0, self._device_row_ids[rows.clamp_min(0)], -1)
+        return scores[:, 0], ids
 
     def save(self, path: Path) -> None:
         dtype = np.float16 if self.float16 else np.float32

@@ -21,6 +21,13 @@ disagreement at 10k, 100k and 1M keys (1/4 gives 0.25 / 0.10 / 0.15 %), so IVF i
 faster than exact float16 search there. ``calibrate`` measures gate agreement against
 exact search on sample queries (e.g. token keys of real text) and picks the smallest nprobe that
 meets a target: use it once real keys exist.
+
+The gate skip. The hook needs a key only when it scores above gamma, and such a key sits close
+to the query, as does its list's centroid. So a search given the gate's ``floor`` scans only
+the probed lists whose centroid scores above ``floor - coarse_margin``: for most tokens of
+ordinary text none, and the search costs the centroid scores alone (one matrix product for a
+whole prompt). ``calibrate`` sets the margin to the smallest that changes no gate decision on
+its queries; ``None`` (the default, and after a failed calibration) scans every probed list.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ MIN_TRAIN_KEYS = 8192
 RETRAIN_FACTOR = 4.0
 PROBE_FRACTION = 0.5
 CODECS = ("fp16", "fp32", "pq")
+MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 
 
@@ -64,7 +72,7 @@ class IVFIndex(KeyIndex):
                  nprobe: int | None = None, probe_fraction: float = PROBE_FRACTION,
                  min_train_keys: int = MIN_TRAIN_KEYS, retrain_factor: float = RETRAIN_FACTOR,
                  auto_train: bool = True, pq_m: int | None = None, kmeans_iters: int = 10,
-                 points_per_list: int = 64, seed: int = 0):
+                 points_per_list: int = 64, seed: int = 0, coarse_margin: float | None = None):
         super().__init__(dim)
         codec = codec or self.default_codec
         if codec not in CODECS:
@@ -75,6 +83,8 @@ class IVFIndex(KeyIndex):
             raise ValueError(f"probe_fraction must be in (0, 1], got {probe_fraction}")
         if nprobe is not None and nprobe < 1 or nlist is not None and nlist < 1:
             raise ValueError("nlist and nprobe must be positive")
+        if coarse_margin is not None and not coarse_margin >= 0:
+            raise ValueError(f"coarse_margin must be non-negative, got {coarse_margin}")
         if codec == "pq":
             pq_m = pq_m or max(1, self.dim // 8)
             if self.dim % pq_m:
@@ -90,6 +100,7 @@ class IVFIndex(KeyIndex):
         self.kmeans_iters = kmeans_iters
         self.points_per_list = points_per_list
         self.seed = seed
+        self.coarse_margin = coarse_margin
         self.n_trained = 0  # keys (or training points) at the last training
         self._ids = IdSet()
         self._buffer: FlatIndex | None = self._new_buffer()
@@ -282,21 +293,40 @@ class IVFIndex(KeyIndex):
             self._maintain()
         return len(present)
 
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, floor: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """See KeyIndex.search; with ``floor`` and a ``coarse_margin``, a probed list whose
+        centroid scores at most ``floor - coarse_margin`` is skipped (see ``_probe``)."""
         queries = as_queries(queries, self.dim)
         if self._ivf is None:
             scores, internal = self._buffer.search(queries)
         elif self.ntotal == 0:
             return empty_result(len(queries))
         else:
-            scores, internal = self._search_ivf(queries)
+            scores, internal = self._search_ivf(queries, floor)
         return scores, self._external(internal)
 
-    def _search_ivf(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self._ivf.search(queries, 1)
+    def _search_ivf(self, queries: np.ndarray, floor: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self._probe(queries, 1, floor)
         scores, ids = scores[:, 0], ids[:, 0]
-        scores[ids < 0] = -np.inf  # all probed lists empty
+        scores[ids < 0] = -np.inf  # all probed lists empty (or skipped)
         return scores, ids
+
+    def _probe(self, queries: np.ndarray, k: int, floor: float | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's top-k (scores, internal ids) over the ``nprobe`` nearest lists.
+
+        A key that passes the gate sits close to the query, and so does its list's centroid:
+        a list whose centroid scores at most ``floor - coarse_margin`` is not scanned. For
+        most tokens of ordinary text that is every list, and the search costs only the
+        centroid scores (one matrix product for a whole prompt); ``calibrate`` sets the margin.
+        """
+        if floor is None or self.coarse_margin is None:
+            return self._ivf.search(queries, k)
+        coarse, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)
+        lists[coarse <= floor - self.coarse_margin] = -1  # FAISS skips list -1
+        return self._ivf.search_preassigned(queries, k, lists, coarse)
 
     # ids as FAISS sees them: the caller's ids here; row numbers of the disk store in ivf-pq
     def _assign(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -330,9 +360,11 @@ class IVFIndex(KeyIndex):
     def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999
                   ) -> dict[int, float]:
         """Set nprobe to the smallest power of two (or all lists) whose gate decisions agree
-        with exact search on at least ``target`` of ``queries``; returns {nprobe: agreement}.
+        with exact search on at least ``target`` of ``queries``, then ``coarse_margin`` to the
+        smallest of ``MARGINS`` that changes none of those decisions (None if each does);
+        returns {nprobe: agreement}.
 
-        The choice is kept as a fraction of the lists, so it carries over to retrains.
+        The nprobe is kept as a fraction of the lists, so it carries over to retrains.
         """
         if self._ivf is None:
             raise ValueError("nothing to calibrate: the index is exact until it is trained")
@@ -343,15 +375,24 @@ class IVFIndex(KeyIndex):
         table: dict[int, float] = {}
         for nprobe in candidates:
             self._ivf.nprobe = nprobe
-            scores, ids = self.search(queries)
-            table[nprobe] = float(np.mean(np.where(scores > gamma, ids, -1) == exact))
+            decisions = self._decisions(queries, gamma, None)
+            table[nprobe] = float(np.mean(decisions == exact))
             if table[nprobe] >= target:
                 break
         chosen = nprobe
         self.fixed_nprobe = None
         self.probe_fraction = chosen / nlist
         self._ivf.nprobe = chosen
+        self.coarse_margin = next((margin for margin in MARGINS if np.array_equal(
+            self._decisions(queries, gamma, margin), decisions)), None)
         return table
+
+    def _decisions(self, queries: np.ndarray, gamma: float, margin: float | None
+                   ) -> np.ndarray:
+        """The gate's choice for each query (an id, or -1), searched with ``margin``."""
+        self.coarse_margin = margin
+        scores, ids = self.search(queries, floor=gamma)
+        return np.where(scores > gamma, ids, -1)
 
     def _options(self) -> dict:
         """Constructor keyword arguments that recreate this index's settings."""
@@ -359,7 +400,8 @@ class IVFIndex(KeyIndex):
                 "nprobe": self.fixed_nprobe, "probe_fraction": self.probe_fraction,
                 "min_train_keys": self.min_train_keys, "retrain_factor": self.retrain_factor,
                 "auto_train": self.auto_train, "kmeans_iters": self.kmeans_iters,
-                "points_per_list": self.points_per_list, "seed": self.seed}
+                "points_per_list": self.points_per_list, "seed": self.seed,
+                "coarse_margin": self.coarse_margin}
 
     def save(self, path: Path) -> None:
         fields = {"options": self._options(), "n_trained": self.n_trained,
@@ -447,10 +489,11 @@ class IVFPQIndex(IVFIndex):
         # called only to rebuild the IVF from scratch: the moment to drop removed rows
         return super()._export() if self._store is None else self._store.compact()
 
-    def _search_ivf(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ivf(self, queries: np.ndarray, floor: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
         if self._store is None:
-            return super()._search_ivf(queries)
-        _, rows = self._ivf.search(queries, self.rerank)
+            return super()._search_ivf(queries, floor)
+        _, rows = self._probe(queries, self.rerank, floor)
         valid = rows >= 0
         candidates = self._store.get(np.where(valid, rows, 0)).astype(np.float32)
         scores = np.einsum("md,mkd->mk", queries, candidates)

@@ -26,6 +26,7 @@ class TorchIndex(KeyIndex):
     accelerators, float32 on CPU."""
 
     kind = "torch"
+    searches_on_device = True
 
     def __init__(self, dim: int, *, device: str | torch.device = "cpu", dtype: str | None = None):
         super().__init__(dim)
@@ -97,7 +98,8 @@ class TorchIndex(KeyIndex):
         return k
 
     @torch.no_grad()
-    def search_tensor(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_tensor(self, queries: torch.Tensor, floor: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-1 of each row of ``queries`` (m, dim): (float32 scores, int64 ids) on the
         index's device; -inf / -1 when the index is empty."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -125,7 +127,8 @@ class TorchIndex(KeyIndex):
         exact = (q32 * self._keys[rows].float()).sum(dim=1)
         return exact, self._row_ids[rows]
 
-    def search(self, queries: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray | torch.Tensor, floor: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(queries, torch.Tensor):
             queries = torch.from_numpy(as_queries(queries, self.dim))
         scores, ids = self.search_tensor(queries)

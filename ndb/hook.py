@@ -7,6 +7,12 @@ Which tokens are searched: every attended token except each sequence's first one
 anchor, or an attention sink when the input has no anchor), never padding. The attention
 mask is read by a pre-hook on the base model, so this also holds for generate() with its
 KV cache, where each call carries only the new tokens and the mask covers them all.
+
+On an accelerator nothing in a forward pass waits for the device: an index that searches on
+the device (torch, gpu-flat) gets every row and the mask picks the decisions, the residuals
+are gathered on the device (ndb.residual_cache), and the counters stay device tensors until
+read. A host index (flat, ivf) gets the searchable rows only, which cross to the host anyway.
+Either way a row that does not fire is returned bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Collection
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,27 +29,54 @@ from ndb.indexes import KeyIndex
 from ndb.residual_cache import ResidualCache
 
 
-@dataclass
 class GateStats:
-    """Counters since the last reset, for benchmarks and the gate-score view."""
+    """Counters since the last reset, for benchmarks and the gate-score view.
 
-    calls: int = 0
-    searched: int = 0
-    hits: int = 0
-    scores: list[np.ndarray] = field(default_factory=list)  # filled only when recording
+    ``searched`` and ``hits`` may be set (to reset them). The hook adds device tensors to them
+    without reading them back, so that a forward pass on an accelerator never waits for the
+    device; they are read back when asked for.
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self._searched: int | torch.Tensor = 0
+        self._hits: int | torch.Tensor = 0
+        self.scores: list[np.ndarray] = []  # filled only when recording
+
+    @property
+    def searched(self) -> int:
+        return int(self._searched)
+
+    @searched.setter
+    def searched(self, value: int) -> None:
+        self._searched = value
+
+    @property
+    def hits(self) -> int:
+        return int(self._hits)
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._hits = value
+
+    def count(self, searched: int | torch.Tensor, hits: torch.Tensor) -> None:
+        self._searched = self._searched + searched
+        self._hits = self._hits + hits.sum()
 
 
 def searchable_positions(
-    batch: int, length: int, attention_mask: torch.Tensor | None, past_length: int
+    batch: int, length: int, attention_mask: torch.Tensor | None, past_length: int,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """(batch, length) bool: tokens of this call that may be searched."""
+    """(batch, length) bool: tokens of this call that may be searched (on the mask's device,
+    else on ``device``)."""
     if attention_mask is not None and attention_mask.dim() == 2:
         mask = attention_mask.bool()
         total = mask.shape[1]
         first = mask.int().argmax(dim=1)  # each row's first attended column
         cols = torch.arange(total - length, total, device=mask.device)
         return mask[:, total - length :] & (cols[None, :] != first[:, None])
-    positions = torch.arange(past_length, past_length + length)
+    positions = torch.arange(past_length, past_length + length, device=device)
     return (positions != 0).expand(batch, length)
 
 
@@ -92,7 +124,8 @@ class GatedRetrieval:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
-        self._call.searchable = searchable_positions(shape[0], shape[1], mask, past)
+        device = (ids if ids is not None else embeds).device
+        self._call.searchable = searchable_positions(shape[0], shape[1], mask, past, device)
         if ids is not None and past == 0 and self.anchor_id is not None and not self._warned:
             self._check_anchor(ids, mask)
 
@@ -114,26 +147,35 @@ class GatedRetrieval:
         if not self.enabled or self.index.ntotal == 0:
             return None
         self.stats.calls += 1
-        keys = inputs[0]
+        keys = inputs[0].reshape(-1, inputs[0].shape[-1])
         searchable = getattr(self._call, "searchable", None)
-        if searchable is None or searchable.shape != keys.shape[:2]:
+        if searchable is None or searchable.shape != inputs[0].shape[:2]:
             # called outside the base model's forward: search all but absolute position 0
-            searchable = searchable_positions(keys.shape[0], keys.shape[1], None, 0)
-        flat = searchable.reshape(-1).nonzero().squeeze(1).to(keys.device)
-        if flat.numel() == 0:
+            searchable = searchable_positions(*inputs[0].shape[:2], None, 0, keys.device)
+        searchable = searchable.reshape(-1).to(keys.device)
+        # see the module docstring: a device index searches every row, a host index only
+        # the searchable ones (which spares its searches and keeps padding out of it)
+        rows = None if self.index.searches_on_device else searchable.nonzero().squeeze(1)
+        queries = keys if rows is None else keys.index_select(0, rows)
+        if len(queries) == 0:
             return None
-        queries = keys.reshape(-1, keys.shape[-1]).index_select(0, flat).float()
+        queries = queries.float()
         queries = queries / queries.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores, ids = (t.cpu().numpy() for t in self.index.search_tensor(queries))
-        self.stats.searched += len(scores)
+        found = self.index.search_tensor(queries, floor=self.gamma)
+        scores, ids = (t.to(keys.device) for t in found)
+        fire = scores > self.gamma
+        if rows is None:
+            fire &= searchable
+            self.stats.count(searchable.sum(), fire)
+        else:
+            self.stats.count(len(rows), fire)
         if self.record:
-            self.stats.scores.append(scores.copy())
-        hit = scores > self.gamma
-        if not hit.any():
-            return None
-        self.stats.hits += int(hit.sum())
-        rows = flat[torch.from_numpy(np.nonzero(hit)[0]).to(flat.device)]
-        facts = ids[hit] // self.keys_per_fact
-        residuals = self.residuals.get(facts).to(device=output.device, dtype=output.dtype)
-        out = output.reshape(-1, output.shape[-1]).index_add(0, rows, residuals)
+            searched = scores if rows is not None else scores[searchable]
+            self.stats.scores.append(searched.cpu().numpy())
+        residuals = self.residuals.lookup(ids // self.keys_per_fact, fire)
+        out = output.reshape(-1, output.shape[-1])
+        chosen = out if rows is None else out.index_select(0, rows)
+        # where(), not an add of zeros: rows that do not fire stay bit for bit (-0.0 + 0 = +0.0)
+        edited = torch.where(fire[:, None], chosen + residuals.to(out.dtype), chosen)
+        out = edited if rows is None else out.index_copy(0, rows, edited)
         return out.view_as(output)

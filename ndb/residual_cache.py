@@ -4,6 +4,10 @@ Only tokens that pass the gate need a residual, so a database far larger than me
 be attached: residuals are read from disk on first use and kept while there is room (the
 least recently used make way). When every residual fits, all are loaded at attach time.
 Lookups are vectorized (id -> slot arrays), with no Python loop over tokens.
+
+While every stored residual is in the cache, the hook's lookups are a gather on the cache's
+device through an id -> slot table kept there, so that a forward pass on an accelerator never
+waits for the host; otherwise the ids that fired go through the host-side slot arrays.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class ResidualCache:
         self._last_use = np.zeros(0, np.int64)  # slot -> tick of its last use
         self._tick = 0
         self._buffer = torch.empty(0, dim, device=self.device)
+        self._device_slots: torch.Tensor | None = None  # id -> slot, while all are cached
         self.hits = 0
         self.misses = 0
 
@@ -43,6 +48,21 @@ class ResidualCache:
         """Load everything when it fits (the common case), so no hit ever reads the disk."""
         if 0 < len(self.store.entries) <= self.capacity:
             self.get(self.store.entries.ids)
+            self._device_slots = torch.tensor(self._slot_of, device=self.device)
+
+    def lookup(self, ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Residuals (m, dim) for fact ids (m,) where ``wanted`` (m,) is true, on the cache's
+        device; the other rows hold anything (the caller masks them), and their ids may be
+        anything (-1 included)."""
+        if self._device_slots is None:
+            self.warm()  # after a change, when everything fits: back to device lookups
+        if self._device_slots is not None:
+            ids = ids.to(self.device).clamp(0, len(self._device_slots) - 1)
+            return self._buffer[self._device_slots[ids]]
+        rows = wanted.nonzero().squeeze(1)
+        out = torch.zeros(len(ids), self.dim, device=self.device)
+        out[rows.to(self.device)] = self.get(ids[rows].cpu().numpy())
+        return out
 
     def get(self, ids: np.ndarray) -> torch.Tensor:
         """Residuals (m, dim) for fact ids (m,), in order; ids may repeat."""
@@ -69,6 +89,7 @@ class ResidualCache:
         """Drop ids whose residual changed or was removed."""
         ids = np.asarray(ids, dtype=np.int64)
         ids = ids[ids < len(self._slot_of)]
+        self._device_slots = None
         slots = self._slot_of[ids]
         slots = slots[slots >= 0]
         self._id_of[slots] = -1

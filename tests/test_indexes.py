@@ -277,3 +277,49 @@ def test_auto_choice_and_registry():
         make_index("hnsw", DIM)
     with pytest.raises(ValueError, match="CPU only"):
         make_index("ivf", DIM, device="cuda")
+
+
+@pytest.mark.parametrize("name", [k for k in KINDS if k != "gpu-flat" or HAS_GPU])
+def test_search_tensor_answers_in_tensors(name, data):
+    """What the hook calls: tensors (never host arrays), float32 and int64, on the index's
+    device for a device backend and on the CPU otherwise, with search()'s answers."""
+    keys, ids, queries = data
+    index = build(name)
+    index.add(keys, ids)
+    scores, found = index.search_tensor(torch.from_numpy(queries), floor=GAMMA)
+    assert isinstance(scores, torch.Tensor) and isinstance(found, torch.Tensor)
+    assert (scores.dtype, found.dtype) == (torch.float32, torch.int64)
+    assert scores.shape == found.shape == (len(queries),)
+    where = torch.device(getattr(index, "device", "cpu"))
+    assert scores.device == found.device == where
+    expected_scores, expected_ids = index.search(queries, floor=GAMMA)
+    np.testing.assert_array_equal(found.cpu().numpy(), expected_ids)
+    np.testing.assert_allclose(scores.cpu().numpy(), expected_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_ivf_gate_skip(data):
+    """Given the gate's floor, IVF skips the lists whose centroid scores at most floor -
+    coarse_margin: calibrate's margin changes no decision on its queries and scans fewer
+    lists, a margin wider than any cosine gap changes nothing, and a floor above every
+    centroid score skips every list."""
+    keys, ids, queries = data
+    index = build("ivf")
+    index.add(keys, ids)
+    index.calibrate(queries, GAMMA)
+    margin = index.coarse_margin
+    assert margin is not None
+
+    def decide(floor=None):
+        faiss.cvar.indexIVF_stats.reset()
+        scores, found = index.search(queries, floor=floor)
+        return np.where(scores > GAMMA, found, -1), faiss.cvar.indexIVF_stats.nlist
+
+    everything, scanned = decide()
+    skipped, scanned_with_floor = decide(GAMMA)
+    np.testing.assert_array_equal(skipped, everything)
+    assert scanned_with_floor < scanned
+    index.coarse_margin = 3.0  # centroids are unit vectors: every score exceeds gamma - 3
+    np.testing.assert_array_equal(index.search(queries, floor=GAMMA)[1], index.search(queries)[1])
+    index.coarse_margin = 0.0
+    scores, found = index.search(queries, floor=1.5)
+    assert np.isneginf(scores).all() and (found == -1).all()

@@ -188,8 +188,8 @@ def exact_top1(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray,
 def gate_disagreement(index: KeyIndex, exact: tuple[np.ndarray, np.ndarray],
                       queries: np.ndarray, gamma: float) -> float:
     """Fraction of queries whose decision (no residual, or which one) differs from the
-    exact search's ``(scores, ids)``."""
-    scores, ids = index.search(queries)
+    exact search's ``(scores, ids)``, searched as the hook searches (with the gate floor)."""
+    scores, ids = index.search(queries, floor=gamma)
     exact_scores, exact_ids = exact
     return float(np.mean(np.where(scores > gamma, ids, -1) !=
                          np.where(exact_scores > gamma, exact_ids, -1)))
@@ -289,6 +289,8 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         nprobe = None
         if not idx.needs_training and idx.calibrate(calibration, gamma):
             nprobe = f"{idx.nprobe}/{idx.nlist}"
+            if idx.coarse_margin is not None:  # the hook's gate skip (see ndb.indexes.ivf)
+                nprobe += f", margin {idx.coarse_margin}"
         db.flush()
         exact = exact_top1(db.store.read("keys"), db.store.entries.ids, evaluation)
         disagreement = gate_disagreement(idx, exact, evaluation, gamma)

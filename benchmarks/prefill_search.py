@@ -1,0 +1,179 @@
+"""The hook's IVF search at scale, before and after the coarse-margin skip, in one run.
+
+At N keys (real keys of ``ndb bench keys``, completed with synthetic ones drawn from a
+Gaussian fitted to them: mean, top principal directions, isotropic rest), an IVF index is
+calibrated as ``ndb bench run`` calibrates it (nprobe, then the coarse margin) on hit queries.
+Then, alternating: the unedited model, the hook with the calibrated nprobe alone (what
+``ndb bench`` measured before the skip), and the hook with the skip; each a 256-token prefill
+and greedy decoding. Gate decisions of both are compared with exact search over the stored
+keys on real token queries (LAMBADA passages and hit queries not used for calibration).
+Residuals: random vectors of the residuals' size (only their cost matters here). Writes
+OUT.json and OUT.md.
+
+    python benchmarks/prefill_search.py --real-keys scale-keys --n 1000000 \\
+        --texts ../shared/data/general/lambada_test.jsonl --out benchmarks/results/prefill_search
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ndb
+from ndb.anchor import anchor_token_id
+from ndb.eval.baselines.stats import read_texts
+from ndb.eval.bench import KEY_TEMPLATES, exact_top1, load_scale_keys, token_queries
+from ndb.hook import GatedRetrieval
+from ndb.indexes import make_index
+from ndb.models import default_edit_settings, ffn_out_path, get_module
+from ndb.output import write_strict_json
+
+
+def fitted_keys(real: np.ndarray, n: int, seed: int = 0, rank: int = 256,
+                   chunk: int = 20_000) -> np.ndarray:
+    """``n`` normalized float16 keys from a Gaussian fitted to ``real``."""
+    real = real.astype(np.float32)
+    mean = real.mean(0)
+    _, s, vt = np.linalg.svd(real - mean, full_matrices=False)
+    scale = s[:rank] / np.sqrt(len(real))
+    rest = np.sqrt((s[rank:] ** 2).sum() / len(real) / (real.shape[1] - rank))
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, real.shape[1]), np.float16)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = mean + (rng.standard_normal((m, rank)) * scale) @ vt[:rank]
+        x += rest * rng.standard_normal((m, real.shape[1]))
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+class RandomResiduals:
+    """Residual lookups for the hook: random rows, one per id modulo a small table."""
+
+    def __init__(self, dim: int, rows: int = 1000, scale: float = 1.0):
+        self.table = scale * torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+
+    def lookup(self, ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        return self.table[ids.clamp_min(0) % len(self.table)]
+
+
+def decisions(scores: np.ndarray, ids: np.ndarray, gamma: float) -> np.ndarray:
+    return np.where(scores > gamma, ids, -1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--real-keys", type=Path, required=True, help="'ndb bench keys' output")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--texts", type=Path, required=True)
+    ap.add_argument("--n-texts", type=int, default=40, help="passages for generic queries")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    model, tok = ndb.load_model()
+    layer, gamma = default_edit_settings(model)
+    real_n = len((args.real_keys / "facts.jsonl").read_text().splitlines())
+    facts, real = load_scale_keys(args.real_keys, layer, min(real_n, args.n))
+    keys = np.concatenate([real, fitted_keys(real, args.n - len(real))])
+    ids = np.arange(len(keys))
+    texts = read_texts([args.texts])[:max(args.n_texts, 8)]
+    generic = token_queries(model, tok, layer, texts[:args.n_texts])
+    sample = [facts[i] for i in np.random.default_rng(0).choice(len(facts), 200, replace=False)]
+    hits = token_queries(model, tok, layer, [f.text for f in sample] +
+                         [KEY_TEMPLATES[-1][0].format(f.subject) for f in sample])
+    calibration, evaluation = hits[::2], np.concatenate([hits[1::2], generic])
+    print(f"{len(keys)} keys, {len(evaluation)} evaluation queries", flush=True)
+
+    start = time.perf_counter()
+    index = make_index("ivf", keys.shape[1])
+    for s in range(0, len(keys), 65_536):
+        index.add(keys[s:s + 65_536].astype(np.float32), ids[s:s + 65_536])
+    index_s = time.perf_counter() - start
+    index.calibrate(calibration, gamma)
+    margin = index.coarse_margin
+    print(f"index {index_s:.0f} s; nprobe {index.nprobe}/{index.nlist}, margin {margin}",
+          flush=True)
+    exact = decisions(*exact_top1(keys, ids, evaluation), gamma)
+    differing = {}
+    for name, m in (("nprobe_only", None), ("skip", margin)):
+        index.coarse_margin = m
+        differing[name] = float(np.mean(decisions(*index.search(evaluation, gamma), gamma)
+                                        != exact))
+
+    projection = get_module(model, ffn_out_path(model, layer))
+    retrieval = GatedRetrieval(index, RandomResiduals(model.config.hidden_size), gamma,
+                               anchor_token_id(tok))
+    long_text = tok(" ".join(texts[:8]), return_tensors="pt", truncation=True, max_length=256)
+    prompts = [tok(t[:200], return_tensors="pt") for t in texts[:2]]
+
+    def prefill() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(**long_text)
+        return long_text["input_ids"].shape[1] / (time.perf_counter() - start)
+
+    def decode() -> float:
+        start = time.perf_counter()
+        for enc in prompts:
+            model.generate(**enc, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        return args.new_tokens * len(prompts) / (time.perf_counter() - start)
+
+    modes = {"unedited": None, "nprobe_only": None, "skip": margin}
+    rates: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in modes}
+    for _ in range(args.repeats):
+        for name, m in modes.items():
+            if name != "unedited":
+                index.coarse_margin = m
+                retrieval.attach(model.base_model, projection)
+            rates[name]["prefill"].append(prefill())
+            rates[name]["decode"].append(decode())
+            retrieval.detach()
+    median = {k: {s: statistics.median(v) for s, v in r.items()} for k, r in rates.items()}
+    rows = [{"mode": name, "prefill_tok_s": median[name]["prefill"],
+             "decode_tok_s": median[name]["decode"],
+             "prefill_overhead": median["unedited"]["prefill"] / median[name]["prefill"] - 1,
+             "decode_overhead": median["unedited"]["decode"] / median[name]["decode"] - 1,
+             "gate_disagreement": differing.get(name)} for name in modes]
+    command = " ".join(["python", *sys.argv])
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+               f"with {torch.get_num_threads()} threads; load average before "
+               f"{os.getloadavg()[0]:.1f}")
+    result = {"command": command, "machine": machine, "n": args.n, "real_keys": len(real),
+              "nlist": index.nlist, "nprobe": index.nprobe, "coarse_margin": margin,
+              "gamma": gamma, "queries": len(evaluation), "index_build_s": index_s,
+              "rows": rows}
+    write_strict_json(args.out.with_suffix(".json"), result, indent=2)
+    lines = [
+        "# The hook's IVF search at scale: before and after the coarse-margin skip", "",
+        f"Reproduce: `{command}`", "",
+        f"{machine}. {args.n:,} keys: {len(real):,} real (`ndb bench keys`), the rest "
+        f"synthetic (a Gaussian fitted to the real ones). IVF {index.nprobe}/{index.nlist} "
+        f"(calibrated as `ndb bench` does), coarse margin {margin}, gamma {gamma}. 256-token "
+        f"prefill and greedy decoding of {args.new_tokens} tokens from {len(prompts)} "
+        f"prompts, the three modes alternating, medians of {args.repeats}. Gate decisions "
+        f"against exact search on {len(evaluation)} real token queries (hit queries and "
+        f"{args.n_texts} LAMBADA passages).", "",
+        "| mode | prefill tok/s | prefill overhead | decode tok/s | decode overhead | "
+        "gate decisions differing from exact |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        differs = "" if r["gate_disagreement"] is None else f"{r['gate_disagreement']:.5f}"
+        lines.append(f"| {r['mode']} | {r['prefill_tok_s']:.0f} | "
+                     f"{100 * r['prefill_overhead']:+.1f}% | {r['decode_tok_s']:.1f} | "
+                     f"{100 * r['decode_overhead']:+.1f}% | {differs} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
