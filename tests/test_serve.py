@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import FACTS, FAST_COMPUTE, tiny_model, write_jsonl
 from openai import OpenAI
 
 from ndb import ComputeConfig, NeuralDB
@@ -28,6 +27,8 @@ from ndb.errors import ConfigError
 from ndb.serve import Limits, Server, create_app
 from ndb.serve.engine import Stopper
 from ndb.serve.server import check_bind
+
+from conftest import FACTS, FAST_COMPUTE, tiny_model, write_jsonl
 
 KEYED = [replace(FACTS[0], key="paris"), FACTS[1]]
 
@@ -65,14 +66,31 @@ def make_db(path: Path, model, tokenizer, facts=KEYED, gamma: float = 0.9) -> Ne
     return db
 
 
-@pytest.fixture
-def served(tmp_path, llama):
-    model, tokenizer = llama
-    server = Server(make_db(tmp_path / "db", model, tokenizer), model, tokenizer,
-                    api_key="secret", limits=Limits(max_body_bytes=4096, max_tokens=32,
-                                                    max_prompt_tokens=64))
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tokenizer):
+    """One server for the tests that change no fact."""
+    model, path = tiny_model("llama"), tmp_path_factory.mktemp("served") / "db"
+    server = Server(make_db(path, model, tokenizer), model, tokenizer, api_key="secret",
+                    limits=Limits(max_body_bytes=4096, max_tokens=32, max_prompt_tokens=64))
     with running(server) as url:
         yield url, server
+
+
+@pytest.fixture
+def served(shared):
+    url, server = shared
+    server.engine.window_s = 0.01
+    return url, server
+
+
+@pytest.fixture
+def editable(tmp_path, llama):
+    """A server of its own, for a test that changes facts."""
+    model, tokenizer = llama
+    server = Server(make_db(tmp_path / "db", model, tokenizer), model, tokenizer,
+                    api_key="secret")
+    with running(server) as url:
+        yield url, server, tmp_path / "db"
 
 
 def wait_for(client: httpx.Client, job: dict) -> dict:
@@ -93,7 +111,7 @@ def facts_by_id(client: httpx.Client) -> tuple[int, dict[int, dict]]:
 AUTH = {"Authorization": "Bearer secret"}
 
 
-def test_openai_client_completions_and_chat_streamed_or_not(served, tmp_path, tokenizer):
+def test_openai_client_completions_and_chat_streamed_or_not(served, tokenizer):
     url, server = served
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == [server.name]
@@ -109,7 +127,7 @@ def test_openai_client_completions_and_chat_streamed_or_not(served, tmp_path, to
 
     # the same greedy answers as the library's generate(), with and without the database
     reference = tiny_model("llama")
-    NeuralDB.from_pretrained(tmp_path / "db").attach(reference, tokenizer)
+    NeuralDB.from_pretrained(server.db.path).attach(reference, tokenizer)
     assert whole.choices[0].text == complete(reference, tokenizer, prompt, 6)
     unedited = client.completions.create(model=server.name, prompt=prompt, max_tokens=6,
                                          temperature=0, extra_body={"ndb": {"edited": False}})
@@ -193,8 +211,8 @@ def test_stopper_never_sends_the_start_of_a_stop_string(tokenizer):
     assert "".join(pieces) + open_ended.flush() == tokenizer.decode(ids[:2])
 
 
-def test_facts_change_through_jobs_and_show_up_when_they_commit(served, tmp_path):
-    url, server = served
+def test_facts_change_through_jobs_and_show_up_when_they_commit(editable):
+    url, server, path = editable
     with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
         response = client.post("/v1/facts", json=[FACTS[2].to_json()])
         assert response.status_code == 202
@@ -216,7 +234,7 @@ def test_facts_change_through_jobs_and_show_up_when_they_commit(served, tmp_path
         answer = client.post("/v1/completions", json={"prompt": FACTS[2].text,
                                                        "max_tokens": 2}).json()
         assert answer["ndb"]["fired"] == []
-    assert sorted(f.subject for f in NeuralDB(tmp_path / "db")) == ["Danielle Darrieux", "Paris"]
+    assert sorted(f.subject for f in NeuralDB(path)) == ["Danielle Darrieux", "Paris"]
 
 
 BAD = [  # (method, path, json or raw bytes, with the API key, status, message)
@@ -274,18 +292,24 @@ def test_a_wrong_key_is_refused_and_other_hosts_need_a_key():
 
 
 def test_health_and_metrics(served):
-    url, _ = served
+    url, server = served
     with httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/health").json() == {"status": "ok", "model": "tiny-llama",
                                                 "facts": 2, "version": 1, "jobs_pending": 0}
+        before = _metrics(client.get("/metrics").text)
         client.post("/v1/completions", json={"prompt": FACTS[0].text, "max_tokens": 3})
-        text = client.get("/metrics").text
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[0] != "#")
-    assert values['ndb_requests_total{route="/v1/completions",status="200"}'] == "1"
-    assert values["ndb_generated_tokens_total"] == "3"
-    assert int(values["ndb_gate_hits_total"]) >= 1
-    assert float(values["ndb_tokens_per_second"]) > 0
-    assert values["ndb_generation_queue_length"] == "0" and values["ndb_facts"] == "2"
+        after = _metrics(client.get("/metrics").text)
+    ok = 'ndb_requests_total{route="/v1/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0) == 1
+    assert after["ndb_generated_tokens_total"] - before["ndb_generated_tokens_total"] == 3
+    assert after["ndb_gate_hits_total"] > before["ndb_gate_hits_total"]
+    assert after["ndb_tokens_per_second"] > 0
+    assert after["ndb_generation_queue_length"] == 0 and after["ndb_facts"] == 2
+
+
+def _metrics(text: str) -> dict[str, float]:
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
 
 
 def test_a_request_reads_one_version_while_commits_land_mid_generation(tmp_path, llama):
