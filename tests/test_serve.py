@@ -12,19 +12,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from ndb import ComputeConfig, NeuralDB
 from ndb.completion import complete
 from ndb.errors import ConfigError
-from ndb.serve import Limits, Server, create_app
+from ndb.serve import Limits, Server, running
 from ndb.serve.engine import Stopper
 from ndb.serve.server import check_bind
 
@@ -37,26 +35,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@contextmanager
-def running(server: Server):
-    """``server`` behind uvicorn on a free loopback port, in a thread; yields its URL."""
-    port = free_port()
-    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
-                            log_level="warning")
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    while not web.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        web.should_exit = True
-        thread.join(10)
-        server.close()
 
 
 def make_db(path: Path, model, tokenizer, facts=KEYED, gamma: float = 0.9) -> NeuralDB:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import make_db, running
+from test_serve import make_db
 
 from ndb import NeuralDB
-from ndb.serve import Server
+from ndb.serve import Server, running
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

@@ -9,7 +9,9 @@ import ipaddress
 import itertools
 import socket
 import threading
-from contextlib import ExitStack
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -118,3 +120,28 @@ class Server:
         """Release the writer lock and unhook the model (a running job is abandoned,
         which commits nothing)."""
         self._exit.close()
+
+
+@contextmanager
+def running(server: Server, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``server`` with uvicorn in a thread of this process while inside (a notebook,
+    a test, a benchmark); yields its URL (port 0: a free one). Closes ``server`` on exit."""
+    import uvicorn
+
+    from ndb.serve.app import create_app
+
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port,
+                                       log_level="warning"))
+    thread = threading.Thread(target=web.run, name="ndb-http", daemon=True)
+    thread.start()
+    try:
+        while not web.started:
+            if not thread.is_alive():
+                raise ConfigError(f"cannot listen on {host}:{port}")
+            time.sleep(0.02)
+        bound = web.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{host}:{bound}"
+    finally:
+        web.should_exit = True
+        thread.join(30)
+        server.close()
