@@ -49,7 +49,8 @@ def synthetic_database(path: Path, model, tokenizer, n: int) -> NeuralDB:
     db = NeuralDB.create(path, model, tokenizer)
     facts = [Fact(f"Entity {i}", "{} is related to", f"object {i}", key=str(i))
              for i in range(n)]
-    keys = synthetic_keys(n, db.config.d_key, seed=0)
+    per_fact = db.config.compute.keys_per_fact
+    keys = synthetic_keys(n * per_fact, db.config.d_key, seed=0).reshape(n, per_fact, -1)
     residuals = np.random.default_rng(0).normal(0, 0.05, (n, db.config.d_value))
     db.add_vectors(facts, keys, residuals.astype(np.float32))
     return db
