@@ -376,6 +376,29 @@ def _answer(client: httpx.Client, body: dict) -> dict:
         return {"status": response.status_code, **last}
 
 
+def test_closing_the_server_stops_a_running_job_uncommitted(editable):
+    url, server, path = editable
+    computing, release = threading.Event(), threading.Event()
+
+    def hold(_module, _args):
+        computing.set()
+        release.wait(60)
+
+    handle = server.twin.get_submodule("model.layers.0").register_forward_pre_hook(hold)
+    with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
+        job = client.post("/v1/facts", json=[FACTS[2].to_json()]).json()["job"]
+        assert computing.wait(60)
+        server.jobs.close()
+        release.set()
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/v1/jobs/{job['id']}").json())["state"] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    handle.remove()
+    assert job["state"] == "failed" and "the server closed before it committed" in job["error"]
+    assert len(NeuralDB(path)) == 2
+
+
 def test_cli_refuses_to_write_a_served_database_and_a_kill_keeps_committed_edits(
         tmp_path, tokenizer, tiny_model_dir):
     path = tmp_path / "db"

@@ -117,6 +117,10 @@ def create_app(server: Server) -> FastAPI:
     async def http_error(request, err: HTTPException):
         return _error(err.status_code, f"{request.method} {request.url.path}: {err.detail}")
 
+    @app.exception_handler(Exception)
+    async def bug(_request, err: Exception):  # the traceback goes to the server's log
+        return _error(500, f"internal error: {err!r}", "server_error")
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)

@@ -43,6 +43,10 @@ class Job:
                 "error": self.error, "created": self.created, "finished": self.finished}
 
 
+class Cancelled(Exception):
+    """The server is closing: the running job stops before it commits."""
+
+
 class Jobs:
     """The queue of edit jobs and the thread that runs them in order."""
 
@@ -55,6 +59,7 @@ class Jobs:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ndb-jobs", daemon=True)
         self._thread.start()
 
@@ -81,23 +86,31 @@ class Jobs:
         """Jobs queued or running."""
         return sum(j.state in ("queued", "running") for j in list(self._jobs.values()))
 
+    def close(self) -> None:
+        """Start no more jobs, and stop the running one at its next step, uncommitted (the
+        writer lock is about to go, and a commit after that could race another writer)."""
+        self._closed.set()
+
     def _run(self) -> None:
-        while True:
+        while not self._closed.is_set():
             self._execute(self._queue.get())
 
     def _execute(self, job: Job) -> None:
         job.state = "running"
 
         def progress(done: float, total: int) -> None:
+            if self._closed.is_set():
+                raise Cancelled(f"{job.id} was stopped: the server closed before it committed")
             job.done, job.total = done, total
 
         try:
+            progress(0, 0)
             job.result = job.work(progress)
             job.result["version"] = self.publish()
             job.done = job.total
             job.state = "done"
         except Exception as err:
-            refused = err if isinstance(err, NdbError) else environment_error(err)
+            refused = err if isinstance(err, (NdbError, Cancelled)) else environment_error(err)
             if refused is None:  # a bug: keep its traceback in the server's log
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 refused = err

@@ -100,6 +100,7 @@ class Server:
                                  max_batch=max_batch, window_s=window_s,
                                  on_batch=self.metrics.batch)
             self.jobs = Jobs(self.publish, max_queued=self.limits.max_jobs)
+            self._exit.callback(self.jobs.close)  # runs first: before the lock goes
         except BaseException:
             self._exit.close()
             raise
@@ -117,8 +118,8 @@ class Server:
         return self.snapshot.version
 
     def close(self) -> None:
-        """Release the writer lock and unhook the model (a running job is abandoned,
-        which commits nothing)."""
+        """Stop the jobs (a running one commits nothing), unhook the model, release the
+        writer lock."""
         self._exit.close()
 
 
