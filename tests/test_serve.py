@@ -276,7 +276,12 @@ def test_health_and_metrics(served):
                                                 "facts": 2, "version": 1, "jobs_pending": 0}
         before = _metrics(client.get("/metrics").text)
         client.post("/v1/completions", json={"prompt": FACTS[0].text, "max_tokens": 3})
-        after = _metrics(client.get("/metrics").text)
+        # a batch is counted when it ends, just after its last answer went out
+        deadline = time.monotonic() + 10
+        while (after := _metrics(client.get("/metrics").text))["ndb_batches_total"] == \
+                before["ndb_batches_total"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     ok = 'ndb_requests_total{route="/v1/completions",status="200"}'
     assert after[ok] - before.get(ok, 0) == 1
     assert after["ndb_generated_tokens_total"] - before["ndb_generated_tokens_total"] == 3

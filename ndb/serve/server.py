@@ -85,7 +85,7 @@ class Server:
         self.limits = limits or Limits()
         self.tokenizer = tokenizer
         self.model = model
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent use
+        self.tokenizer_lock = threading.Lock()  # handlers' encoding, one at a time
         self._exit = ExitStack()
         self._exit.enter_context(db.store.writing(holder=self.holder(url)))
         try:
@@ -96,7 +96,9 @@ class Server:
             self.device = next(model.parameters()).device
             self.snapshot = Snapshot.of(db, self.device)
             self.metrics = Metrics()
-            self.engine = Engine(model, tokenizer, self.hook, lambda: self.snapshot,
+            # each thread its own tokenizer: the engine decodes while handlers encode
+            self.engine = Engine(model, copy.deepcopy(tokenizer), self.hook,
+                                 lambda: self.snapshot,
                                  max_batch=max_batch, window_s=window_s,
                                  on_batch=self.metrics.batch)
             self.jobs = Jobs(self.publish, max_queued=self.limits.max_jobs)
