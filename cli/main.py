@@ -370,9 +370,9 @@ def remove(db_path, ids, keys, subjects, model_name, device):
     if not ids and not keys and not subjects:
         raise click.UsageError("give fact ids, --key and/or --subject")
     db, _, _ = _open(db_path, need_model=False)
-    targets = {db.resolve(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
+    targets = {db.id_of(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
-        found = db.find(subject)
+        found = db.ids_about(subject)
         if not found:
             raise click.ClickException(f"no fact about subject {subject!r} in {db_path}; "
                                        "nothing was removed")
