@@ -142,7 +142,7 @@ class OneLineUsageErrors(click.Group):
 
     LAZY = {"data": "ndb.cli.data:data", "tune": "ndb.cli.research:tune",
             "eval": "ndb.cli.research:evaluate", "bench": "ndb.cli.research:bench",
-            "generate": "ndb.cli.generate:generate", "demo": "ndb.cli.generate:demo"}
+            "generate": "ndb.cli.answers:generate", "demo": "ndb.cli.answers:demo"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])

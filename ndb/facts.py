@@ -1,5 +1,5 @@
 """Facts, and readers for plain JSONL/JSON, CounterFact and ZsRE records (the latter two
-in ndb.datasets).
+in ndb.record_formats).
 
 Every reader validates the whole input before returning, so a bad record stops the
 command before anything is written; errors name the file, the record and the problem.
@@ -193,7 +193,7 @@ def parse_record(record: Any, where: str) -> Fact:
     kind = record_format(record)
     try:  # the published datasets' readers are loaded only for their records
         fact = _from_plain(record) if kind == "plain" else \
-            import_module("ndb.datasets").READERS[kind](record)
+            import_module("ndb.record_formats").READERS[kind](record)
     except FactError as err:
         raise FactError(f"{where}: {kind} record: {err}") from None
     return validate(fact, where)
