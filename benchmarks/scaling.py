@@ -124,7 +124,7 @@ def main() -> None:
                        commit_each_batch=True)
     if computed:
         print(f"computed {len(computed)} edits in {time.perf_counter() - start:.0f} s")
-    ids = big.lookup(facts)
+    ids = big.ids_of(facts)
     residuals = torch.from_numpy(big.store.read("residuals", ids)).float()
     compute = ComputeConfig()  # keys as a new database makes them (cheap to recompute)
     layer, gamma = default_edit_settings(model)

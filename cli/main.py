@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -92,7 +93,6 @@ DEVICE = DeviceType()
 GAMMA = FiniteFloatRange(0, 1)  # a cosine threshold; below 0 nearly every key would pass
 SEED = click.IntRange(0, 2**32 - 1)
 BATCH_SIZE = click.IntRange(1, 4096)
-MAX_GENERATE_CHARS = 100_000  # a prompt may be a long chat; the model's context bounds it
 
 
 def _load(name: str | None, device: str | None):
@@ -131,11 +131,13 @@ def _open(db_path: str, model_override: str | None = None, device: str | None = 
 
 class OneLineUsageErrors(click.Group):
     """Usage errors of every subcommand as one line, like ndb's own errors (the usage text
-    is one '-h' away). The research commands live in their own modules, imported only when
-    one of them is asked for, so that the library's commands never load ndb.eval."""
+    is one '-h' away). The research commands, and those that run the model on text, live in
+    their own modules, imported only when one of them is asked for, so that the library's
+    commands never load ndb.eval."""
 
     LAZY = {"data": "ndb.cli.data:data", "tune": "ndb.cli.research:tune",
             "eval": "ndb.cli.research:evaluate", "bench": "ndb.cli.research:bench",
+            "generate": "ndb.cli.answers:generate", "demo": "ndb.cli.answers:demo",
             "serve": "ndb.cli.serve:serve"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -194,26 +196,28 @@ def cli() -> None:
 def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
           precision, method, resume, workers):
     """Build a fact database DB from a FACTS file (JSONL/JSON; '-' for stdin)."""
+    settings = dict(facts=facts, db_path=db_path, model_name=model_name, layer=layer,
+                    gamma=gamma, batch_size=batch_size, seed=seed, index_kind=index_kind,
+                    precision=precision, method=method, resume=resume)
+    if workers == 1 and "WORLD_SIZE" not in os.environ:  # one process, as nearly always
+        return _build(**settings, device=device, distributed=False)
     from ndb import distributed
 
     rank, size = distributed.world()
     if size == 1 and workers > 1:
         sys.exit(distributed.launch(sys.argv[1:], workers))
     if size == 1:
-        return _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed,
-                      index_kind, precision, method, resume, distributed=False)
+        return _build(**settings, device=device, distributed=False)
     device = distributed.rank_device(device)
     with distributed.process_group():
         if rank > 0:
             return distributed.follow(lambda name: _load(model_name or name, device))
-        return _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed,
-                      index_kind, precision, method, resume, distributed=True)
+        return _build(**settings, device=device, distributed=True)
 
 
 def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
            precision, method, resume, distributed: bool) -> None:
     """One process's build, or rank 0's part of a distributed one (committed at once)."""
-    from ndb import distributed as dist_build
     from ndb.compute import ComputeConfig
     from ndb.config import check_index_kind
     from ndb.database import NeuralDB, check_creatable
@@ -255,8 +259,9 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     before = len(db)
     try:  # one process: batch by batch, so that --resume can finish an interrupted build
         if distributed:
-            ids = dist_build.lead(db, records, model, tokenizer, skip_existing=resume,
-                                  progress=True)
+            from ndb.distributed import lead
+
+            ids = lead(db, records, model, tokenizer, skip_existing=resume, progress=True)
         else:
             ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True,
                          commit_each_batch=True)
@@ -366,9 +371,9 @@ def remove(db_path, ids, keys, subjects, model_name, device):
     if not ids and not keys and not subjects:
         raise click.UsageError("give fact ids, --key and/or --subject")
     db, _, _ = _open(db_path, need_model=False)
-    targets = {db.resolve(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
+    targets = {db.id_of(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
-        found = db.find(subject)
+        found = db.ids_about(subject)
         if not found:
             raise click.ClickException(f"no fact about subject {subject!r} in {db_path}; "
                                        "nothing was removed")
@@ -424,52 +429,6 @@ def info(db_path, as_json):
     else:
         for key, value in report.items():
             click.echo(f"{key:>14}: {value}")
-
-
-@cli.command()
-@click.argument("db_path", metavar="DB")
-@click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=20, show_default=True)
-@click.option("--compare", is_flag=True, help="Also show the unedited model's answer.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--model", "model_name", default=None)
-@click.option("--device", type=DEVICE, default=None)
-@user_errors
-def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
-    """Complete PROMPT with the database attached (greedy decoding)."""
-    from ndb.completion import complete
-    from ndb.facts import check_text
-
-    check_text(prompt, "PROMPT", limit=MAX_GENERATE_CHARS)
-    db, model, tokenizer = _open(db_path, model_name, device)
-    db.attach(model, tokenizer)
-    result = {"prompt": prompt, "edited": complete(model, tokenizer, prompt, max_new_tokens, chat)}
-    result["gate_hits"] = db.retrieval.stats.hits
-    if compare:
-        with db.disabled():
-            result["unedited"] = complete(model, tokenizer, prompt, max_new_tokens, chat)
-    if as_json:
-        click.echo(dumps_strict(result, ensure_ascii=False))
-    elif chat:  # an answer, not a continuation: each on its own line(s) after the prompt
-        click.echo(f"prompt:\n{prompt}")
-        for label in ("edited", "unedited") if compare else ("edited",):
-            click.echo(f"\n{label}:\n{result[label].strip()}")
-    else:
-        click.echo(f"edited:   {prompt}{result['edited']}")
-        if compare:
-            click.echo(f"unedited: {prompt}{result['unedited']}")
-
-
-@cli.command()
-@click.option("--keep", type=click.Path(), default=None,
-              help="Keep the demo database in this directory.")
-@user_errors
-def demo(keep):
-    """Edit 20 well-known facts of the default model, then remove one (about 2 minutes)."""
-    from ndb.demo import run
-
-    run(Path(keep) if keep else None, say=click.echo)
 
 
 def _ranges(ids: list[int]) -> str:

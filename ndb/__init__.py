@@ -22,7 +22,7 @@ _EXPORTS = {
     "StoreError": "ndb.errors",
     "anchor_tokenizer": "ndb.anchor",
     "attach": "ndb.database",
-    "attached": "ndb.database",
+    "attached": "ndb.attachment",
     "load_model": "ndb.models",
 }
 
@@ -48,9 +48,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ndb.anchor import anchor_tokenizer
+    from ndb.attachment import attached
     from ndb.compute import ComputeConfig
     from ndb.config import EditConfig, NeuralDBConfig
-    from ndb.database import NeuralDB, attach, attached
+    from ndb.database import NeuralDB, attach
     from ndb.errors import (
         ConfigError,
         FactError,

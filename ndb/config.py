@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from torch import nn
 
+from ndb import store
 from ndb.anchor import anchor_token_id
 from ndb.compute import ComputeConfig, context_prefixes
-from ndb.errors import ConfigError, ModelMismatchError
+from ndb.errors import ConfigError, ModelMismatchError, StoreError
 from ndb.indexes import BACKENDS
 from ndb.models import (
     decoder_layers,
@@ -191,6 +193,14 @@ class NeuralDBConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def read(cls, path: Path) -> NeuralDBConfig:
+        """The config of the database at ``path``; one that does not parse is refused."""
+        try:
+            return cls.from_dict(store.read_config(path))
+        except (ValueError, TypeError) as err:
+            raise StoreError(f"{store.config_file(path)}: {err}") from None
 
     @classmethod
     def from_dict(cls, data: dict) -> NeuralDBConfig:

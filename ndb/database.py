@@ -8,16 +8,15 @@
 
 Every mutation is committed to disk before it returns (see ndb.store), and the weights of
 the model are never changed. The parts: ndb.store owns the directory's files, ndb.keyset
-the key index and the guard, ndb.edits turns facts into entries, ndb.hook is the hook.
+the key index and the guard, ndb.edits turns facts into entries, ndb.attachment puts the
+database into a model's forward pass.
 """
 
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,18 @@ from torch import nn
 
 from ndb import edits
 from ndb import store as store_mod
-from ndb.anchor import fixed_first_ids
+from ndb.attachment import Attachment, hooks_disabled
 from ndb.compute import background_keys, check_encodable
 from ndb.config import EditConfig, NeuralDBConfig, check_gamma
 from ndb.edits import AddResult, ProgressCallback
-from ndb.errors import FactError, FactNotFoundError, StoreError
+from ndb.errors import FactNotFoundError, StoreError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
-from ndb.models import get_module
 from ndb.output import check_writable
-from ndb.residual_cache import DEFAULT_CACHE_BYTES, ResidualCache
+from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.store import Store
-
-# model -> the databases attached to it; kept here so that the user's model is not changed
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, list[NeuralDB]] = weakref.WeakKeyDictionary()
 
 
 def check_creatable(path: str | Path) -> None:
@@ -75,10 +70,7 @@ class NeuralDB:
     def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path)
         store_mod.check_layout(self.path)
-        try:
-            self.config = NeuralDBConfig.from_dict(store_mod.read_config(self.path))
-        except (ValueError, TypeError) as err:
-            raise StoreError(f"{store_mod.config_file(self.path)}: {err}") from None
+        self.config = NeuralDBConfig.read(self.path)
         self.store = Store(self.path, self.config.entry_shapes())
         self.keys = KeySet(self.store, self.config)
         self._writer = edits.Writer(self.store, self.config, self.keys)
@@ -87,8 +79,7 @@ class NeuralDB:
         self._facts: dict[int, Fact] | None = None
         self._model: nn.Module | None = None
         self._tokenizer = None
-        self._retrieval: GatedRetrieval | None = None
-        self._residuals: ResidualCache | None = None
+        self._attachment: Attachment | None = None
 
     # -- creation and persistence ----------------------------------------------------------
     @classmethod
@@ -99,8 +90,7 @@ class NeuralDB:
         check_creatable(path)  # before minutes of computation, not after
         if config is not None and settings:
             raise TypeError("pass either an EditConfig or its fields as keywords, not both")
-        config = config or EditConfig(**settings)
-        saved = NeuralDBConfig.for_model(model, tokenizer, config)
+        saved = NeuralDBConfig.for_model(model, tokenizer, config or EditConfig(**settings))
         background = background_keys(model, tokenizer, saved.layer, saved.seed)
         store_mod.create(Path(path), saved.to_dict(), background.numpy().astype(np.float16))
         return cls.from_pretrained(path, model, tokenizer)
@@ -118,12 +108,10 @@ class NeuralDB:
     def save_pretrained(self, path: str | Path) -> None:
         """Write a compact copy of this database to ``path`` (which must not exist yet):
         every file a database consists of (see ndb.store), its segments merged into one."""
-        path = Path(path)
         self.flush()
-        if path.resolve() == self.path.resolve():
-            return
-        self.refresh()
-        store_mod.copy_database(self.store, path)
+        if Path(path).resolve() != self.path.resolve():
+            self.refresh()
+            store_mod.copy_database(self.store, Path(path))
 
     def flush(self) -> None:
         """Persist the key index, so that the next open needs no rebuild."""
@@ -142,10 +130,8 @@ class NeuralDB:
 
     def __contains__(self, fact: object) -> bool:
         """Whether a stored fact has this fact's edit (and its key, when it has one)."""
-        if not isinstance(fact, Fact):
-            return False
-        return any(f.edit == fact.edit and fact.key in (None, f.key)
-                   for f in self.facts().values())
+        return isinstance(fact, Fact) and any(
+            f.edit == fact.edit and fact.key in (None, f.key) for f in self.facts().values())
 
     @property
     def ids(self) -> np.ndarray:
@@ -162,71 +148,59 @@ class NeuralDB:
 
     def get(self, id_or_key: int | str) -> Fact:
         """The fact with this database id (int) or key (str)."""
-        return self.facts()[self.resolve(id_or_key)]
+        return self.facts()[self.id_of(id_or_key)]
 
-    def resolve(self, id_or_key: int | str) -> int:
-        """The database id of the fact with this database id (int) or key (str)."""
+    def id_of(self, id_or_key: int | str) -> int:
+        """The database id of the fact with this key (str) or database id (int, checked)."""
         if isinstance(id_or_key, str):
-            return self.id_of(id_or_key)
+            return edits.id_of_key(self.facts(), id_or_key, self.path)
         fact_id = _as_fact_id(id_or_key)
         if fact_id not in self.facts():
             raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}")
         return fact_id
 
-    def id_of(self, key: str) -> int:
-        """The database id of the fact whose key is ``key``."""
-        for fact_id, fact in self.facts().items():
-            if fact.key == key:
-                return fact_id
-        raise FactNotFoundError(f"no fact with key {key!r} in {self.path}")
+    def ids_of(self, facts: Iterable[Fact]) -> list[int]:
+        """Ids of stored facts with the same edit (subject, prompt, new object), in order."""
+        return edits.ids_of_edits(self.facts(), facts, self.path)
 
-    def lookup(self, facts: Iterable[Fact]) -> list[int]:
-        """Ids of facts stored with the same subject, prompt and new object, in order."""
-        by_edit = {f.edit: i for i, f in self.facts().items()}
-        ids = []
-        for fact in facts:
-            if fact.edit not in by_edit:
-                raise FactNotFoundError(f"{self.path} holds no edit {fact.text!r} -> "
-                                        f"{fact.target_new!r}")
-            ids.append(by_edit[fact.edit])
-        return ids
-
-    def find(self, subject: str) -> list[int]:
+    def ids_about(self, subject: str) -> list[int]:
         """Ids of the facts about ``subject`` (exact match)."""
         return [i for i, f in self.facts().items() if f.subject == subject]
+
+    find = ids_about  # the name the README gave it first
+    lookup = ids_of  # the name ndb.eval knows it by
+
+    def mates(self, ids: Iterable[int]) -> list[int]:
+        """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``.
+        Removing or re-editing ``ids`` re-optimizes theirs, which needs the model."""
+        return edits.mates(self.facts(), ids, self.config.compute.residual_scope)
 
     # -- mutation ------------------------------------------------------------------------
     def add(self, facts: Iterable[Fact | dict], model: nn.Module | None = None, tokenizer=None,
             *, update: bool = False, skip_existing: bool = False,
             progress: bool | ProgressCallback = False, commit_each_batch: bool = False
             ) -> AddResult:
-        """Compute keys and residuals of ``facts`` and commit them; returns an
-        :class:`AddResult`: the new ids (a list, in input order), and the ids of the facts
-        skipped or updated.
+        """Compute keys and residuals of ``facts`` and commit them; returns the new ids (a
+        list, in input order) with the ids ``skipped`` and ``updated``.
 
-        A fact the database already holds (same subject, prompt and new object, and the
-        same key; a fact without a key matches a stored fact whatever its key) is skipped,
-        and so is a repeat within ``facts``. A fact whose key is stored with another edit is
-        refused, unless ``update``: then it is re-edited under its id. With
-        ``skip_existing`` a keyed fact whose edit is stored under another key (or none) is
-        skipped too. Nothing is written when a fact is refused.
-
-        Everything is committed at once at the end, so an add that fails or is interrupted
-        commits nothing. With ``commit_each_batch`` each batch (``compute.batch_size``
-        facts) is committed as soon as it is computed, so an interrupted add keeps what was
-        done and, with ``skip_existing``, re-running it resumes it (``ndb build --resume``).
-        Stored facts about the subjects of ``facts`` are re-edited along with them when
-        residuals are per subject (``ComputeConfig.residual_scope``). ``progress``: True shows
-        a bar; a callable gets ``(facts done, facts to do)`` after every optimization step.
+        A fact the database holds (same subject, prompt and new object, and the same key;
+        a fact without a key matches whatever the stored key) is skipped, and so is a
+        repeat within ``facts``. A fact whose key is stored with another edit is refused,
+        unless ``update``: then it is re-edited under its id. With ``skip_existing`` a keyed
+        fact whose edit is stored under another key (or none) is skipped too. Stored facts
+        sharing a residual with the new ones (``ComputeConfig.residual_scope``) are
+        re-edited with them. All is committed at once at the end, so a failed or
+        interrupted add commits nothing; with ``commit_each_batch`` each batch is committed
+        as it is done (``ndb build --resume`` then finishes it). ``progress``: True shows a
+        bar; a callable gets ``(facts done, facts to do)`` after every optimization step.
         """
         facts = edits.unique(as_facts(facts))
-        model, tokenizer = self._require_model(model, tokenizer)
-        self._check_encodable(facts, model, tokenizer)
+        model, tokenizer = self._model_for(facts, model, tokenizer)
         with self.store.writing():
             new, changed, skipped = edits.sort_out(self.facts(), facts, update, skip_existing,
                                                    self.path)
             ids = self._write([*changed, *((None, f) for f in new)], (), model, tokenizer,
-                              progress, commit_each_batch)
+                              progress=progress, commit_each_batch=commit_each_batch)
         return AddResult(ids[len(changed):], skipped, ids[: len(changed)])
 
     def update(self, id_or_key: int | str, fact: Fact | dict, model: nn.Module | None = None,
@@ -234,16 +208,10 @@ class NeuralDB:
         """Re-edit the fact with this database id (int) or key (str) as ``fact``; its id
         stays the same, and so does its key unless ``fact`` brings another. Returns the id."""
         (fact,) = as_facts([fact])
-        model, tokenizer = self._require_model(model, tokenizer)
-        self._check_encodable([fact], model, tokenizer)
+        model, tokenizer = self._model_for([fact], model, tokenizer)
         with self.store.writing():
-            fact_id = self.resolve(id_or_key)
-            stored_key = self.facts()[fact_id].key
-            if fact.key is None:
-                fact = replace(fact, key=stored_key)
-            elif fact.key != stored_key and any(f.key == fact.key for f in self):
-                raise FactError(f"key {fact.key!r} is already used by fact "
-                                f"{self.id_of(fact.key)} in {self.path}")
+            fact_id = self.id_of(id_or_key)
+            fact = edits.rekeyed(self.facts(), fact_id, fact, self.path)
             self._write([(fact_id, fact)], (), model, tokenizer)
         return fact_id
 
@@ -253,37 +221,25 @@ class NeuralDB:
         fact (checked for all before anything changes); identical ones are skipped."""
         facts = edits.unique(as_facts(facts))
         with self.store.writing():
-            for fact in facts:
-                if fact.key is None:
-                    raise FactError(f"{fact.text!r} -> {fact.target_new!r} has no key: "
-                                    "an update names the stored fact by its key")
-                self.id_of(fact.key)
+            edits.check_keyed(self.facts(), facts, self.path)
             return self.add(facts, model, tokenizer, update=True, progress=progress)
-
-    def mates(self, ids: Iterable[int]) -> list[int]:
-        """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``.
-        Removing or re-editing ``ids`` re-optimizes theirs, which needs the model."""
-        return edits.mates(self.facts(), ids, self.config.compute.residual_scope)
 
     def remove(self, ids: Iterable[int], model: nn.Module | None = None, tokenizer=None,
                *, progress: bool | ProgressCallback = False) -> None:
         """Remove the facts with these database ids (all of them, or none if one is absent).
         Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
         without it in the same commit; that needs the model (given, bound or attached)."""
-        ids = np.unique(np.array([_as_fact_id(i) for i in ids], dtype=np.int64))
-        if len(ids) == 0:
+        ids = np.unique(np.array([_as_fact_id(i) for i in ids], dtype=np.int64)).tolist()
+        if not ids:
             return
         with self.store.writing():
-            self.refresh()
-            try:
-                self.store.entries.locate(ids)
-            except KeyError as err:
-                raise FactNotFoundError(
-                    f"no fact with id {err.args[0]} in {self.path}; nothing was removed"
-                ) from None
-            if self.mates(ids.tolist()):
-                model, tokenizer = self._require_model(model, tokenizer)
-            self._write([], ids.tolist(), model, tokenizer, progress)
+            missing = sorted(set(ids) - set(self.facts()))
+            if missing:
+                raise FactNotFoundError(f"no fact with id {missing[0]} in {self.path}; "
+                                        "nothing was removed")
+            if self.mates(ids):
+                model, tokenizer = self._model_for([], model, tokenizer)
+            self._write([], ids, model, tokenizer, progress=progress)
 
     def remove_keys(self, keys: Iterable[str]) -> list[int]:
         """Remove the facts with these keys (all of them, or none if one is unknown)."""
@@ -292,7 +248,7 @@ class NeuralDB:
         return ids
 
     def remove_subject(self, subject: str) -> list[int]:
-        ids = self.find(subject)
+        ids = self.ids_about(subject)
         if not ids:
             raise FactNotFoundError(f"no fact about subject {subject!r} in {self.path}")
         self.remove(ids)
@@ -305,9 +261,9 @@ class NeuralDB:
                 self.keys.forget_saved()  # which keys the guard keeps depends on gamma
             self.config.gamma = float(gamma)
             store_mod.write_config(self.path, self.config.to_dict())
-        if self._retrieval is not None:
-            self._retrieval.gamma = float(gamma)
-            self._retrieval.index = self.index
+        if self._attachment is not None:
+            self._attachment.retrieval.gamma = float(gamma)
+            self._attachment.retrieval.index = self.index
 
     def add_vectors(self, facts: Iterable[Fact | dict], keys: torch.Tensor | np.ndarray,
                     residuals: torch.Tensor | np.ndarray) -> list[int]:
@@ -319,23 +275,20 @@ class NeuralDB:
         return written
 
     def _write(self, changes: list[tuple[int | None, Fact]], removed: list[int], model,
-               tokenizer, progress: bool | ProgressCallback = False,
-               commit_each_batch: bool = False) -> list[int]:
-        """Commit ``changes`` (stored id to re-edit, or None for a new fact; the fact) and
-        the removal of ``removed``, with the stored facts that share their residuals;
-        returns the ids of ``changes`` in order. Called under the writer lock."""
-        self.refresh()
-        ids, todo = edits.plan(self.facts(), changes, removed, self.store.manifest.next_id,
-                               self.config.compute.residual_scope)
-        if todo:
-            self.config.check_model(model, self.path)
-        with _all_hooks_disabled(model):
-            self._writer.commit(todo, removed, model, tokenizer, progress, commit_each_batch)
+               tokenizer, **options: Any) -> list[int]:
+        ids = self._writer.write(self.facts(), changes, removed, model, tokenizer, **options)
         self.refresh()
         return ids
 
-    def _check_encodable(self, facts: list[Fact], model, tokenizer) -> None:
+    def _model_for(self, facts: list[Fact], model, tokenizer):
+        """The model to edit with (given, bound or attached), once ``facts`` fit it."""
+        model = model if model is not None else self._model
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
+        if model is None or tokenizer is None:
+            raise ValueError("a model and tokenizer are needed: pass them, open the database "
+                             "with from_pretrained(path, model, tokenizer), or attach first")
         check_encodable(facts, model, tokenizer, self.config.prefixes, self.config.compute)
+        return model, tokenizer
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:
@@ -344,12 +297,10 @@ class NeuralDB:
         version = self.store.manifest.version
         if version == self._synced_version:
             return
-        if self._residuals is not None:
-            changed, deleted = self.store.read_entries_since(self._synced_version)
-            self._residuals.forget(np.concatenate([changed, deleted]))
         self.keys.sync()
-        if self._retrieval is not None:
-            self._retrieval.index = self.keys.index
+        if self._attachment is not None:
+            changed, deleted = self.store.read_entries_since(self._synced_version)
+            self._attachment.catch_up(np.concatenate([changed, deleted]))
         self._facts = None
         self._synced_version = version
 
@@ -360,63 +311,31 @@ class NeuralDB:
         return self.keys.index
 
     # -- attaching to a model ------------------------------------------------------------
-    def _require_model(self, model, tokenizer):
-        model = model if model is not None else self._model
-        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
-        if model is None or tokenizer is None:
-            raise ValueError("a model and tokenizer are needed: pass them, open the database "
-                             "with from_pretrained(path, model, tokenizer), or attach first")
-        return model, tokenizer
-
     def attach(self, model: nn.Module, tokenizer=None, *, force: bool = False,
                device: torch.device | str | None = None) -> nn.Module:
         """Hook this database into ``model`` (refused if the model does not match)."""
-        if self._retrieval is not None:
+        if self._attachment is not None:
             raise RuntimeError(f"{self.path} is already attached; detach() it first")
-        if not force:
-            self.config.check_model(model, self.path)
-        projection = get_module(model, self.config.module)
-        device = torch.device(device or next(model.parameters()).device)
-        self.keys.move_to(device)
-        self._residuals = ResidualCache(self.store, self.config.d_value, device,
-                                        self._cache_bytes)
-        anchor = self.config.anchor_token_id
-        self._retrieval = GatedRetrieval(
-            self.index, self._residuals, self.config.gamma, anchor,
-            self.config.compute.keys_per_fact,
-            fixed_first_ids(anchor, tokenizer or self._tokenizer, model))
-        self._residuals.warm()
-        self._retrieval.attach(model.base_model, projection)
+        self._attachment = Attachment(self, model, tokenizer or self._tokenizer, force=force,
+                                      device=device, cache_bytes=self._cache_bytes)
         self._model = model
-        if tokenizer is not None:
-            self._tokenizer = tokenizer
-        _ATTACHED.setdefault(model, []).append(self)
-        if not isinstance(vars(projection).get("extra_repr"), _AttachedRepr):
-            projection.extra_repr = _AttachedRepr(projection)  # detach removes it
+        self._tokenizer = tokenizer or self._tokenizer
         return model
 
     def detach(self) -> None:
-        if self._retrieval is None:
-            return
-        self._retrieval.detach()
-        self._retrieval = None
-        model = self._model
-        if model is None or self not in _ATTACHED.get(model, []):
-            return
-        _ATTACHED[model].remove(self)
-        projection = get_module(model, self.config.module)
-        if not any(db.config.module == self.config.module for db in _ATTACHED[model]):
-            vars(projection).pop("extra_repr", None)
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
 
     @property
     def retrieval(self) -> GatedRetrieval | None:
         """The live hook while attached (gate statistics, recording of scores)."""
-        return self._retrieval
+        return self._attachment.retrieval if self._attachment else None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Run the attached model without this database for a while."""
-        with _hooks_disabled([self._retrieval] if self._retrieval else []):
+        with hooks_disabled([self.retrieval] if self.retrieval else []):
             yield
 
     def __repr__(self) -> str:
@@ -430,40 +349,3 @@ def attach(model: nn.Module, db: NeuralDB | str | Path, tokenizer=None, **kwargs
     the model. ``ndb.attached(model)`` lists what is attached, to detach it later."""
     db = db if isinstance(db, NeuralDB) else NeuralDB.from_pretrained(db)
     return db.attach(model, tokenizer, **kwargs)
-
-
-def attached(model: nn.Module) -> list[NeuralDB]:
-    """The databases attached to ``model``, in the order they were attached."""
-    return list(_ATTACHED.get(model, []))
-
-
-class _AttachedRepr:
-    """The edited projection's ``extra_repr`` while databases are attached, so that
-    ``print(model)`` shows them there."""
-
-    def __init__(self, projection: nn.Module):
-        self.projection = projection
-
-    def __call__(self) -> str:
-        dbs = [db for model, attached_dbs in _ATTACHED.items() for db in attached_dbs
-               if get_module(model, db.config.module) is self.projection]
-        return ", ".join([type(self.projection).extra_repr(self.projection),
-                          *(f"ndb={db!r}" for db in dbs)])
-
-
-@contextmanager
-def _hooks_disabled(hooks: list[GatedRetrieval]) -> Iterator[None]:
-    before = [h.enabled for h in hooks]
-    for h in hooks:
-        h.enabled = False
-    try:
-        yield
-    finally:
-        for h, state in zip(hooks, before):
-            h.enabled = state
-
-
-def _all_hooks_disabled(model: nn.Module | None):
-    """Keys and residuals must come from the unedited model, whatever is attached."""
-    dbs = _ATTACHED.get(model, []) if model is not None else []
-    return _hooks_disabled([db._retrieval for db in dbs if db._retrieval])

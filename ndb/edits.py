@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from ndb.attachment import unedited
 from ndb.compute import FactBar, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactError
+from ndb.errors import FactError, FactNotFoundError
 from ndb.facts import Fact
 from ndb.keyset import KeySet
 from ndb.store import Pending, Store
@@ -74,6 +76,45 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
     return new, changed, skipped
 
 
+def id_of_key(stored: dict[int, Fact], key: str, where: object) -> int:
+    """The id of the stored fact whose key is ``key``."""
+    found = next((i for i, f in stored.items() if f.key == key), None)
+    if found is None:
+        raise FactNotFoundError(f"no fact with key {key!r} in {where}")
+    return found
+
+
+def ids_of_edits(stored: dict[int, Fact], facts: Iterable[Fact], where: object) -> list[int]:
+    """Ids of stored facts with the same edits as ``facts``, in order."""
+    by_edit = {f.edit: i for i, f in stored.items()}
+    for fact in facts:
+        if fact.edit not in by_edit:
+            raise FactNotFoundError(f"{where} holds no edit {fact.text!r} -> "
+                                    f"{fact.target_new!r}")
+    return [by_edit[f.edit] for f in facts]
+
+
+def rekeyed(stored: dict[int, Fact], fact_id: int, fact: Fact, where: object) -> Fact:
+    """``fact`` as the new version of stored fact ``fact_id``: it keeps the stored key
+    unless it brings its own, which no other stored fact may have."""
+    stored_key = stored[fact_id].key
+    if fact.key is None:
+        return replace(fact, key=stored_key)
+    if fact.key != stored_key and any(f.key == fact.key for f in stored.values()):
+        raise FactError(f"key {fact.key!r} is already used by fact "
+                        f"{id_of_key(stored, fact.key, where)} in {where}")
+    return fact
+
+
+def check_keyed(stored: dict[int, Fact], facts: list[Fact], where: object) -> None:
+    """Every fact carries the key of a stored fact (an update names what it re-edits)."""
+    for fact in facts:
+        if fact.key is None:
+            raise FactError(f"{fact.text!r} -> {fact.target_new!r} has no key: "
+                            "an update names the stored fact by its key")
+        id_of_key(stored, fact.key, where)
+
+
 def mates(stored: dict[int, Fact], ids: Iterable[int], residual_scope: str) -> list[int]:
     """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``: those
     about the same subject when residuals are per subject, else none."""
@@ -110,6 +151,21 @@ class Writer:
 
     def __init__(self, store: Store, config: NeuralDBConfig, keys: KeySet):
         self.store, self.config, self.keys = store, config, keys
+
+    def write(self, stored: dict[int, Fact], changes: list[tuple[int | None, Fact]],
+              removed: Sequence[int], model, tokenizer,
+              progress: bool | ProgressCallback = False, commit_each_batch: bool = False
+              ) -> list[int]:
+        """Commit ``changes`` (stored id to re-edit, or None for a new fact; the fact) and
+        the removal of ``removed``, with the stored facts that share their residuals;
+        returns the ids of ``changes`` in order. Called under the writer lock."""
+        ids, todo = plan(stored, changes, removed, self.store.manifest.next_id,
+                         self.config.compute.residual_scope)
+        if todo:
+            self.config.check_model(model, self.store.path)
+        with unedited(model):
+            self.commit(todo, removed, model, tokenizer, progress, commit_each_batch)
+        return ids
 
     def commit(self, todo: list[tuple[int, Fact]], removed: Sequence[int], model, tokenizer,
                progress: bool | ProgressCallback = False, commit_each_batch: bool = False

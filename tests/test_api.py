@@ -82,6 +82,19 @@ def test_the_database_is_a_collection_of_facts(db):
     assert "Paris" not in db
 
 
+def test_each_query_says_what_it_takes_and_returns(db):
+    ids = db.ids_of(FACTS)  # by edit
+    assert [db.get(i) for i in ids] == FACTS and db.facts() == dict(zip(ids, FACTS))
+    assert db.id_of(ids[2]) == ids[2] and db.ids_about("Toyota") == [ids[2]]
+    assert db.ids_about("toyota") == [] and db.find("Toyota") == [ids[2]]
+    with pytest.raises(ndb.FactNotFoundError):
+        db.id_of(max(ids) + 1)
+    with pytest.raises(ndb.FactNotFoundError):
+        db.ids_of([Fact("Paris", "{} is located in the country of", "Peru")])
+    with pytest.raises(ValueError):
+        db.id_of(True)
+
+
 def test_print_model_shows_what_is_attached(db, llama):
     model, _ = llama
     projection = get_module(model, db.config.module)

@@ -161,7 +161,8 @@ def test_small_residual_cache_still_answers_right(tmp_path, db, llama):
     small = NeuralDB.from_pretrained(db.path, cache_bytes=2 * 4 * db.config.d_value)
     small.attach(model)
     torch.testing.assert_close(logits(model, tok, EDITED)[0], expected)
-    assert small._residuals.misses >= len(FACTS) and len(small._residuals) <= 2
+    cache = small.retrieval.residuals
+    assert cache.misses >= len(FACTS) and len(cache) <= 2
 
 
 def test_empty_database_adds_nothing(tmp_path, llama):

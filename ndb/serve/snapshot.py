@@ -67,26 +67,37 @@ class Pin:
         self.fired: list[set[int]] = [set() for _ in range(rows)]
         self.hits = 0  # tokens that passed the gate
         self._gamma, self._keys_per_fact = gamma, keys_per_fact
-        self._query_rows = np.zeros(0, np.int64)
+        self._searchable = np.zeros(0, bool)  # per token of the call, flattened
+        self._token_rows = np.zeros(0, np.int64)  # the batch row of each token
 
     def expect(self, input_length: int, attention_mask: torch.Tensor, past_length: int) -> None:
         """Before a forward pass: the tokens the hook will search (as it decides them), so
         that each search result can be told to its row."""
         searchable = searchable_positions(len(self.fired), input_length, attention_mask,
                                           past_length)
-        self._query_rows = searchable.nonzero()[:, 0].cpu().numpy()
+        self._searchable = searchable.reshape(-1).cpu().numpy()
+        self._token_rows = np.repeat(np.arange(len(self.fired)), input_length)
 
     def record(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """One search's results: a host index searched the searchable tokens only, a device
+        index every token of the call (the hook masks the others, and so does this)."""
         scores, ids = scores.cpu().numpy(), ids.cpu().numpy()
         hit = scores > self._gamma  # the hook's gate
+        if len(scores) == len(self._searchable):
+            hit &= self._searchable
+            rows = self._token_rows
+        elif len(scores) == int(self._searchable.sum()):
+            rows = self._token_rows[self._searchable]
+        else:  # searched other tokens than expected: tell every row, never lose a fact
+            rows = None
         self.hits += int(hit.sum())
         facts = ids[hit] // self._keys_per_fact
-        if len(scores) == len(self._query_rows):
-            for row, fact in zip(self._query_rows[hit], facts):
-                self.fired[row].add(int(fact))
-        else:  # searched other tokens than expected: tell every row, never lose a fact
+        if rows is None:
             for fired in self.fired:
                 fired.update(int(f) for f in facts)
+            return
+        for row, fact in zip(rows[hit], facts):
+            self.fired[row].add(int(fact))
 
 
 class _Pins(threading.local):
@@ -104,9 +115,10 @@ class PinnedIndex:
         pin = self._pins.pin
         return 0 if pin is None or pin.snapshot.index is None else pin.snapshot.index.ntotal
 
-    def search_tensor(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_tensor(self, queries: torch.Tensor, floor: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         pin = self._pins.pin
-        scores, ids = pin.snapshot.index.search_tensor(queries)
+        scores, ids = pin.snapshot.index.search_tensor(queries, floor=floor)
         pin.record(scores, ids)
         return scores, ids
 
@@ -120,9 +132,13 @@ class PinnedResiduals:
     def __init__(self, pins: _Pins):
         self._pins = pins
 
-    def get(self, ids: np.ndarray) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """As ``ResidualCache.lookup``: rows not ``wanted`` hold anything (the hook masks
+        them), and their ids may be anything."""
         snapshot = self._pins.pin.snapshot
-        return snapshot.residuals[torch.from_numpy(snapshot.rows[ids])]
+        rows = torch.from_numpy(snapshot.rows).to(ids.device)
+        rows = rows[ids.clamp(0, len(rows) - 1)].clamp(min=0)
+        return snapshot.residuals[rows.to(snapshot.residuals.device)]
 
 
 class ServingHook:
