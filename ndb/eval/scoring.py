@@ -45,48 +45,42 @@ def score_choices(
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        logp, greedy = _target_logprobs(model, [prompt_ids[i] for i in rows],
-                                        [target_tokens[i] for i in rows], pad, device)
-        for r, i in enumerate(rows):
-            for j, tgt in enumerate(target_tokens[i]):
-                nll[i, j] = float(-logp[r][j].mean())
-                top1[i, j] = float((greedy[r][j] == torch.tensor(tgt)).float().mean())
+        nll[rows], top1[rows] = _score_batch(model, [prompt_ids[i] for i in rows],
+                                             [target_tokens[i] for i in rows], pad, device)
     return nll, top1
 
 
-def _target_logprobs(model, prompts: list[list[int]], targets: list[list[list[int]]],
-                     pad: int, device) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Per prompt and target: the log-probability of each target token, and the greedy
-    token at its place. Prompts are left-padded (positions count real tokens only), so each
-    row's last token predicts its targets' first; the other target tokens are fed after it,
-    one row per (prompt, target), reusing the prompts' cache."""
+def _score_batch(model, prompts: list[list[int]], targets: list[list[list[int]]], pad: int,
+                 device) -> tuple[np.ndarray, np.ndarray]:
+    """``score_choices`` of one batch. Prompts are left-padded (positions count real tokens
+    only), so each row's last token predicts its targets' first; the other target tokens are
+    fed after it, one row per (prompt, target), reusing the prompts' cache."""
     ids, mask = pad_rows(prompts, pad, left=True)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                 position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[:, -1].float(), -1).cpu()
     rest = [(r, j) for r, ts in enumerate(targets) for j, t in enumerate(ts) if len(t) > 1]
-    later = None
-    if rest:
+    if rest:  # targets of more than one token: their later tokens, after the prompt's cache
+        source = [r for r, _ in rest]
         cache = out.cache
-        cache.batch_select_indices(torch.tensor([r for r, _ in rest], device=device))
+        cache.batch_select_indices(torch.tensor(source, device=device))
         fed, fed_mask = pad_rows([targets[r][j][:-1] for r, j in rest], pad)
-        lengths = torch.tensor([len(prompts[r]) for r, _ in rest])
-        fed_positions = lengths[:, None] + torch.arange(fed.shape[1])[None, :]
+        fed_positions = (torch.tensor([len(prompts[r]) for r in source])[:, None]
+                         + torch.arange(fed.shape[1])[None, :])
         later = model(input_ids=fed.to(device),
-                      attention_mask=torch.cat([mask[[r for r, _ in rest]], fed_mask], 1
-                                               ).to(device),
-                      position_ids=fed_positions.to(device), cache=cache,
-                      use_cache=False).logits.float()
-        later = F.log_softmax(later, -1).cpu()
+                      attention_mask=torch.cat([mask[source], fed_mask], 1).to(device),
+                      position_ids=fed_positions.to(device), cache=cache, use_cache=False)
+        later = F.log_softmax(later.logits.float(), -1).cpu()
     row_of = {pair: n for n, pair in enumerate(rest)}
-    logp = [[None] * len(ts) for ts in targets]
-    greedy = [[None] * len(ts) for ts in targets]
+    shape = (len(targets), len(targets[0]))
+    nll, top1 = np.zeros(shape), np.zeros(shape)
     for r, ts in enumerate(targets):
         for j, tgt in enumerate(ts):
-            dist = first[r][None]
+            logp = first[r][None]
             if (r, j) in row_of:
-                dist = torch.cat([dist, later[row_of[r, j], : len(tgt) - 1]])
-            logp[r][j] = dist.gather(1, torch.tensor(tgt)[:, None]).squeeze(1)
-            greedy[r][j] = dist.argmax(-1)
-    return logp, greedy
+                logp = torch.cat([logp, later[row_of[r, j], : len(tgt) - 1]])
+            wanted = torch.tensor(tgt, dtype=torch.long)
+            nll[r, j] = float(-logp.gather(1, wanted[:, None]).mean())
+            top1[r, j] = float((logp.argmax(-1) == wanted).float().mean())
+    return nll, top1
