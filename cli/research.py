@@ -73,8 +73,10 @@ def _eval_legend() -> str:
     # \b keeps click from rewrapping the lines into one paragraph
     return "\b\nMetrics (percent; teacher-forced first, then greedy generation):\n" + \
         "\n".join(lines) + "\nGenerative metrics count an object when the text names it " \
-        "as a whole word (case, accents and spacing aside). The pre-edited row is the base " \
-        "rate, and decides which facts are known for chat_known."
+        "as a whole word (case, accents and spacing aside); a greedy text ends at the end " \
+        "of sequence, its token limit, or as soon as it names every object it is judged on " \
+        "followed by a non-word character (no metric can change after that). The " \
+        "pre-edited row is the base rate, and decides which facts are known for chat_known."
 
 
 @click.command(name="eval", epilog=_eval_legend())
@@ -173,6 +175,8 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
 
     def say(message: str) -> None:
         click.echo(message, err=True)
+
+    say(f"build: {build_s:.1f} s ({added} edits computed)")
 
     hyper = {k: v for k, v in (("mom2_weight", memit_lambda),
                                ("null_threshold", alphaedit_threshold)) if v is not None}

@@ -1,12 +1,14 @@
 """Generative metrics: the word match, each metric on a fake generator whose outputs are
 chosen by hand, and the batched greedy helper against one-at-a-time generation."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from ndb.anchor import encode
-from ndb.eval.generation import chat_ids, greedy_generate, mentions
+from ndb.eval.generation import chat_ids, greedy_generate, mentions, settled_mentions
 from ndb.eval.metrics import chat_question, generative_metrics, summarize
 from ndb.facts import Fact
 
@@ -38,12 +40,28 @@ class FakeGenerator:
         self.has_chat = answers is not None
         self.asked: list[str] = []
 
-    def complete(self, prompts):
+    def complete(self, prompts, watch=None):
         self.asked += list(prompts)
         return [self.completions.get(p, "") for p in prompts]
 
-    def chat(self, questions):
+    def chat(self, questions, watch=None):
         return [self.answers.get(q, "") for q in questions]
+
+
+class StopsEarly(FakeGenerator):
+    """The same texts, each cut at the first character where it mentions everything it is
+    watched for for good: the earliest a generator may stop."""
+
+    def complete(self, prompts, watch=None):
+        return [self.cut(t, w) for t, w in zip(super().complete(prompts), watch)]
+
+    def chat(self, questions, watch=None):
+        return [self.cut(t, w) for t, w in zip(super().chat(questions), watch)]
+
+    @staticmethod
+    def cut(text, names):
+        return next((text[:k] for k in range(len(text) + 1)
+                     if settled_mentions(text[:k], names)), text)
 
 
 FR = "country:FR"
@@ -110,6 +128,32 @@ def test_cross_answer_is_the_other_object_named_first_or_alone():
     np.testing.assert_array_equal(out["cross_talk"], [1, 1])
 
 
+@pytest.mark.parametrize("text, names, expected", [
+    ("Rome, the Yen capital", ["Rome"], True),
+    ("Rome, the Yen capital", ["Rome", "Yen"], True),
+    ("Rome, the Yen", ["Rome", "Yen"], False),  # "Yen" may still grow into another word
+    ("Rome", ["Rome"], False),
+    ("Romeo and", ["Rome"], False),
+    ("It is Japan\ufffd", ["Japan"], False),  # a character cut between two tokens
+    ("Japan or Chile.", ["Japan", "Chile"], True),
+    ("Japan or Chile.", [], False),  # nothing watched: nothing to stop for
+])
+def test_settled_mentions(text, names, expected):
+    assert settled_mentions(text, names) is expected
+
+
+def test_stopping_once_everything_watched_is_mentioned_changes_no_metric():
+    full = generative_metrics(FakeGenerator(COMPLETIONS, ANSWERS), FACTS, max_prompts=2)
+    short = StopsEarly(COMPLETIONS, ANSWERS)
+    early = generative_metrics(short, FACTS, max_prompts=2)
+    # the rewrite text is watched for the other edit's object too (cross_talk); a trailing
+    # space does not settle "Yen" (whitespace at the end is normalized away)
+    assert short.cut(COMPLETIONS["The capital of France is"], ["Rome", "Yen"]) == " Rome, the Yen c"
+    assert full.keys() == early.keys()
+    for name in full:
+        np.testing.assert_array_equal(early[name], full[name], err_msg=name)
+
+
 def test_known_comes_from_the_caller_and_groups_fail_together():
     completions = {**COMPLETIONS, "The currency of France is the": " euro"}
     out = generative_metrics(FakeGenerator(completions, ANSWERS), FACTS,
@@ -149,6 +193,22 @@ def test_batched_greedy_equals_one_at_a_time(llama):
         alone = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
                                do_sample=False, max_new_tokens=6, pad_token_id=0)
         assert text == tok.decode(alone[0, len(ids):], skip_special_tokens=True)
+
+
+def test_rows_stop_once_what_they_are_watched_for_is_settled(llama):
+    model, tok = llama
+    prompts = ["Paris is located in", "The mother tongue of Danielle Darrieux is", "Hi",
+               "Toyota is headquartered in"]
+    inputs = [encode(tok, p) for p in prompts]
+    full = greedy_generate(model, tok, inputs, max_new_tokens=12, batch_size=4)
+    # watch each text for its first word that something follows: it settles before the end
+    firsts = [re.search(r"\w+(?=\W)", text) for text in full]
+    watch = [[m.group()] if m else [] for m in firsts]
+    early = greedy_generate(model, tok, inputs, max_new_tokens=12, batch_size=4, watch=watch)
+    assert sum(len(e) < len(f) for e, f in zip(early, full)) >= 2
+    for e, f, names in zip(early, full, watch):
+        assert f.startswith(e)
+        assert [mentions(e, n) for n in names] == [mentions(f, n) for n in names]
 
 
 def test_chat_ids_use_the_template_without_the_anchor(tokenizer):

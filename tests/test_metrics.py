@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ndb.anchor import encode
 from ndb.eval.generation import TfidfReference, ngram_entropy
 from ndb.eval.metrics import counterfact_metrics, summarize, zsre_metrics
-from ndb.eval.scoring import score_targets
+from ndb.eval.scoring import score_choices, score_targets
 from ndb.facts import Fact
 from ndb.tokens import target_ids
 
@@ -26,7 +27,8 @@ class Prefers(nn.Module):
             self.bias.data[token] = value
 
     def forward(self, input_ids, attention_mask=None, **_):
-        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1),
+                               cache=DynamicCache())
 
 
 def first(tok, word):
@@ -45,6 +47,26 @@ def test_score_targets_is_the_mean_token_nll(llama):
     assert nll[0] == pytest.approx(expected, rel=1e-5)
     greedy = logp[len(ids) - n - 1 : len(ids) - 1].argmax(-1)
     assert top1[0] == pytest.approx((greedy == torch.tensor(ids[len(ids) - n :])).float().mean())
+
+
+def test_shared_prefix_batches_score_as_one_pair_at_a_time(llama):
+    model, tok = llama
+    prompts = ["Paris is in", "x", "The mother tongue of Danielle Darrieux is",
+               "Toyota is headquartered in the city of"]
+    choices = [("Western Europe", "Japan"), ("y", "the United Kingdom of Great Britain"),
+               ("French", "English"), ("Berlin", "Nagoya, Aichi")]
+    nll, top1 = score_choices(model, tok, prompts, choices, batch_size=3)
+    for i, (prompt, targets) in enumerate(zip(prompts, choices)):
+        for j, target in enumerate(targets):
+            alone_nll, alone_top1 = score_targets(model, tok, [prompt], [target], batch_size=1)
+            assert nll[i, j] == pytest.approx(alone_nll[0], abs=1e-5)
+            assert top1[i, j] == alone_top1[0]
+            ids = encode(tok, prompt) + target_ids(tok, target)
+            n = len(target_ids(tok, target))
+            logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            by_hand = -np.mean([logp[len(ids) - n - 1 + t, ids[len(ids) - n + t]].item()
+                                for t in range(n)])
+            assert nll[i, j] == pytest.approx(by_hand, abs=1e-5)
 
 
 def test_counterfact_metrics_by_hand(tokenizer):

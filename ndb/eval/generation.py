@@ -100,30 +100,82 @@ def answers_with(text: str, name: str, instead_of: str) -> bool:
     return at is not None and (own is None or at < own)
 
 
+def settled_mentions(text: str, names: Sequence[str]) -> bool:
+    """Whether ``text`` mentions every name in ``names`` in a way no continuation can undo:
+    each mention is followed by a character that is not part of a word (a mention at the
+    very end may still grow into another word, "Japan" into "Japanese")."""
+    if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
+        return False
+    normalized = _normalized(text)
+    return all(re.search(rf"(?<!\w){re.escape(needle)}(?=\W)", normalized) is not None
+               for needle in map(_normalized, names) if needle) and any(names)
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: int,
-                    batch_size: int = 16) -> list[str]:
+                    batch_size: int = 16, watch: Sequence[Sequence[str]] | None = None
+                    ) -> list[str]:
     """Greedy continuation (the new text only) of each token-id sequence.
 
     Batches are left-padded with an attention mask, so the hook skips the padding and each
     row's first real token; sequences of similar length share a batch. The tokenizer is
-    not touched (padding is done here, not through ``padding_side``).
+    not touched (padding is done here, not through ``padding_side``). A row stops at an
+    end-of-sequence token or, when ``watch`` names what its text is judged on, once it
+    mentions all of it for good (``settled_mentions``): the text may be shorter, but every
+    judgement on it is the same as on the full one.
     """
-    device = next(model.parameters()).device
     pad = anchor_token_id(tokenizer)
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
     out = [""] * len(inputs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        ids, mask = pad_rows([inputs[i] for i in rows], pad, left=True)
-        width = ids.shape[1]
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                   pad_token_id=pad)
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        texts = _greedy_batch(model, tokenizer, [inputs[i] for i in rows], max_new_tokens,
+                              pad, None if watch is None else [watch[i] for i in rows])
         for i, text in zip(rows, texts):
             out[i] = text
     return out
+
+
+def _greedy_batch(model, tokenizer, rows: list[Sequence[int]], max_new_tokens: int, pad: int,
+                  watch: list[Sequence[str]] | None) -> list[str]:
+    """One left-padded batch decoded greedily with a key-value cache; rows that are done
+    (end of sequence, or all their watched names settled) leave the batch, so they cost
+    nothing more."""
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    ids, mask = pad_rows(rows, pad, left=True)
+    mask = mask.to(device)
+    position = mask.sum(1)
+    out = model(input_ids=ids.to(device), attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=1)
+    cache, live = out.cache, list(range(len(rows)))
+    new: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(-1)
+        keep = []
+        for n, r in enumerate(live):
+            token = int(tokens[n])
+            if token in eos:
+                continue
+            new[r].append(token)
+            settled = watch is not None and settled_mentions(
+                tokenizer.decode(new[r], skip_special_tokens=True), watch[r])
+            if step + 1 < max_new_tokens and not settled:
+                keep.append(n)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            tokens, mask, position = tokens[index], mask[index], position[index]
+        live = [live[n] for n in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask,
+                    position_ids=position[:, None], cache=cache, use_cache=True)
+        position = position + 1
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -147,15 +199,17 @@ class ModelGenerator:
     def has_chat(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def complete(self, prompts: Sequence[str]) -> list[str]:
+    def complete(self, prompts: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+                 ) -> list[str]:
         return greedy_generate(self.model, self.tokenizer,
                                [encode(self.tokenizer, p) for p in prompts],
-                               self.max_new_tokens, self.batch_size)
+                               self.max_new_tokens, self.batch_size, watch)
 
-    def chat(self, questions: Sequence[str]) -> list[str]:
+    def chat(self, questions: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+             ) -> list[str]:
         return greedy_generate(self.model, self.tokenizer,
                                [chat_ids(self.tokenizer, q) for q in questions],
-                               self.chat_tokens, self.batch_size)
+                               self.chat_tokens, self.batch_size, watch)
 
 
 class TfidfReference:

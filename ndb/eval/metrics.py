@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from ndb.eval.generation import answers_with, mentions
-from ndb.eval.scoring import score_targets
+from ndb.eval.scoring import score_choices, score_targets
 from ndb.facts import Fact
 
 
@@ -56,10 +56,9 @@ def preference(model, tokenizer, prompts: PromptSet, wanted: Sequence[str],
     if not prompts.prompts:
         nan = np.full(n_cases, np.nan)
         return nan, nan
-    w = [wanted[c] for c in prompts.case]
-    o = [other[c] for c in prompts.case]
-    nll_w, _ = score_targets(model, tokenizer, prompts.prompts, w, batch_size)
-    nll_o, _ = score_targets(model, tokenizer, prompts.prompts, o, batch_size)
+    pairs = [(wanted[c], other[c]) for c in prompts.case]
+    nll, _ = score_choices(model, tokenizer, prompts.prompts, pairs, batch_size)
+    nll_w, nll_o = nll[:, 0], nll[:, 1]
     success = (nll_w < nll_o).astype(float)
     magnitude = np.exp(-nll_w) - np.exp(-nll_o)
     return (_per_case_mean(success, prompts.case, n_cases),
@@ -122,13 +121,17 @@ def summarize(per_case: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 class Generator(Protocol):
-    """Greedy text for prompts (continuations) and questions (chat answers)."""
+    """Greedy text for prompts (continuations) and questions (chat answers). ``watch[i]``
+    lists every name the i-th text will be searched for: a generator may stop a text once
+    it mentions them all for good (``generation.settled_mentions``)."""
 
     has_chat: bool
 
-    def complete(self, prompts: Sequence[str]) -> list[str]: ...
+    def complete(self, prompts: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+                 ) -> list[str]: ...
 
-    def chat(self, questions: Sequence[str]) -> list[str]: ...
+    def chat(self, questions: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+             ) -> list[str]: ...
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,6 +196,9 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
     n = len(facts)
     new = [f.target_new for f in facts]
     true = [f.target_true or "" for f in facts]
+    subject_new: dict[str, list[str]] = defaultdict(list)
+    for f in facts:
+        subject_new[f.subject].append(f.target_new)
     sets = {
         "rewrite": PromptSet.of([[f.text] for f in facts]),
         "paraphrase": PromptSet.of([f.paraphrases for f in facts]),
@@ -201,7 +207,12 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
         "spill": PromptSet.of([f.extra.get("spillover_prompts", [])[:max_prompts]
                                for f in facts]),
     }
-    texts = generator.complete([p for s in sets.values() for p in s.prompts])
+    others = _group_others(facts)
+    watch = {"rewrite": lambda c: [new[c], *others[c]], "paraphrase": lambda c: [new[c]],
+             "neighbor": lambda c: [true[c], new[c]],
+             "spill": lambda c: subject_new[facts[c].subject]}
+    texts = generator.complete([p for s in sets.values() for p in s.prompts],
+                               [watch[name](c) for name, s in sets.items() for c in s.case])
     split, start = {}, 0
     for name, s in sets.items():
         split[name], start = texts[start : start + len(s.prompts)], start + len(s.prompts)
@@ -217,9 +228,6 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
     out["gen_specificity"] = _per_case_mean(np.array(kept, dtype=float),
                                             sets["neighbor"].case, n)
     out["spill_neighbors"] = per_case("neighbor", new)
-    subject_new: dict[str, list[str]] = defaultdict(list)
-    for f in facts:
-        subject_new[f.subject].append(f.target_new)
     spilled = [any(mentions(t, o) for o in subject_new[facts[c].subject])
                for t, c in zip(split["spill"], sets["spill"].case)]
     out["spill_subject"] = _per_case_mean(np.array(spilled, dtype=float), sets["spill"].case, n)
@@ -241,13 +249,24 @@ def _continuation_metrics(generator: Generator, facts: Sequence[Fact], max_promp
     return out
 
 
+def _group_others(facts: Sequence[Fact]) -> list[list[str]]:
+    """Per fact: the new objects of the other edits of its group (what cross_talk looks for)."""
+    others: list[list[str]] = [[] for _ in facts]
+    for group in _groups(facts):
+        for i in group:
+            others[i] = [facts[j].target_new for j in group if j != i]
+    return others
+
+
 def _chat_answers(generator: Generator, facts: Sequence[Fact]) -> list[str | None] | None:
     """Each fact's chat answer (None where it has no question); None without a template."""
     if not generator.has_chat:
         return None
     questions = [chat_question(f) for f in facts]
     asked = [i for i, q in enumerate(questions) if q]
+    others = _group_others(facts)
+    watch = [[facts[i].target_new, facts[i].target_true or "", *others[i]] for i in asked]
     answers: list[str | None] = [None] * len(facts)
-    for i, text in zip(asked, generator.chat([questions[i] for i in asked])):
+    for i, text in zip(asked, generator.chat([questions[i] for i in asked], watch)):
         answers[i] = text
     return answers

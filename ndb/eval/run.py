@@ -93,11 +93,11 @@ def measure_cases(model, tok, facts: Sequence[Fact], settings: EvalSettings, lab
         else:
             per_case = counterfact_metrics(model, tok, facts, settings.batch_size)
     if settings.generation or settings.chat:
-        with stage("generation"):
-            generator = ModelGenerator(model, tok, settings.gen_tokens, settings.chat_tokens,
-                                       min(16, settings.batch_size))
-            per_case.update(generative_metrics(generator, facts, settings.gen_prompts,
-                                               settings.generation, settings.chat, known))
+        generator = _TimedGenerator(ModelGenerator(model, tok, settings.gen_tokens,
+                                                   settings.chat_tokens, settings.batch_size),
+                                    stage)
+        per_case.update(generative_metrics(generator, facts, settings.gen_prompts,
+                                           settings.generation, settings.chat, known))
     row = {k: 100 * v for k, v in summarize(per_case).items()}
     if schema_of(facts) == "counterfact":
         with stage("fluency"):
@@ -114,7 +114,7 @@ def measure_cases(model, tok, facts: Sequence[Fact], settings: EvalSettings, lab
 
 
 class _Stages:
-    """``with stage(name):`` adds the block's seconds to ``timings["label/name"]``."""
+    """``with stage(name):`` records the block's seconds as ``timings["label/name"]``."""
 
     def __init__(self, timings: dict[str, float], label: str):
         self.timings, self.label = timings, label
@@ -127,6 +127,25 @@ class _Stages:
         finally:
             key = f"{self.label}/{name}"
             self.timings[key] = time.perf_counter() - start
+
+
+class _TimedGenerator:
+    """A generator whose continuations count as the "generation" stage and whose chat
+    answers count as "chat"."""
+
+    def __init__(self, generator: ModelGenerator, stage: _Stages):
+        self.generator, self.stage = generator, stage
+        self.has_chat = generator.has_chat
+
+    def complete(self, prompts: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+                 ) -> list[str]:
+        with self.stage("generation"):
+            return self.generator.complete(prompts, watch)
+
+    def chat(self, questions: Sequence[str], watch: Sequence[Sequence[str]] | None = None
+             ) -> list[str]:
+        with self.stage("chat"):
+            return self.generator.chat(questions, watch)
 
 
 def _general(model, tok, settings: EvalSettings) -> dict[str, dict]:
