@@ -32,7 +32,7 @@ def test_device_index_path_reads_nothing_back(db, llama, monkeypatch):
     copies to the host nor reads a value back: on an accelerator nothing waits."""
     model, tok = llama
     db.attach(model)
-    assert db.index.searches_on_device and db._residuals._device_slots is not None
+    assert db.index.searches_on_device and db.retrieval.residuals._device_slots is not None
     keys, output = projection_io(db, model, tok, EDITED + UNRELATED)
     expected = db.retrieval._after_projection(None, (keys,), output)
 
