@@ -79,7 +79,7 @@ def test_page_adds_a_fact_and_asks_both_models(browser, tmp_path, llama):
             "prompt": "Toyota is headquartered in", "max_tokens": 24, "temperature": 0}).json()
     assert "done: database version 2" in shown["job"]
     assert "Toyota is headquartered in → Berlin" in shown["facts"]
-    assert shown["fired"] == "facts that fired: 2"
+    assert shown["fired"] == "facts that fired: id 2"
     assert shown["edited"].strip() == expected["edited"]["text"].strip()
     assert shown["unedited"].strip() == expected["unedited"]["text"].strip()
     assert "3 facts" in shown["status"]
@@ -99,4 +99,4 @@ def test_page_on_the_default_model(browser, tmp_path, real_model):
     if os.environ.get("NDB_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["NDB_SCREENSHOT"])
     assert "Rome" in shown["edited"] and "Rome" not in shown["unedited"]
-    assert shown["fired"] == "facts that fired: 0"
+    assert shown["fired"] == "facts that fired: id 0"
