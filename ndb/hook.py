@@ -172,6 +172,10 @@ class GatedRetrieval:
         if self.record:
             searched = scores if rows is not None else scores[searchable]
             self.stats.scores.append(searched.cpu().numpy())
+        if rows is not None and not bool(fire.any()):
+            # a host index has already synchronized: when nothing fires (most tokens), leave
+            # the output alone rather than gather and rewrite it
+            return None
         residuals = self.residuals.lookup(ids // self.keys_per_fact, fire)
         out = output.reshape(-1, output.shape[-1])
         chosen = out if rows is None else out.index_select(0, rows)
