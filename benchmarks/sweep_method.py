@@ -36,6 +36,9 @@ SETTINGS: dict[str, dict] = {
     "ndb with kl_weight 4": {"kl_weight": 4.0},
     "ndb with kl_weight 0.25": {"kl_weight": 0.25},
     "ndb + contrast": {"contrast_weight": 1.0},
+    # the default until group_loss and clamp_grows_with_group existed
+    "ndb with one group weight and bound": {"group_loss": "mean",
+                                            "clamp_grows_with_group": False},
     "subject scope and the paper's KL": {"kl_prompts": PAPER["kl_prompts"],
                                   "kl_weight": PAPER["kl_weight"]},
 }

@@ -51,6 +51,15 @@ class ComputeConfig:
     kl_weight: float = 1.0
     weight_decay: float = 0.5  # times ||delta|| / ||h||^2
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
+    # ndb, not the paper: a residual shared by k facts of one subject may grow to
+    # clamp * sqrt(k) * ||h||, the norm of k single-fact edits in independent directions.
+    # With one fact's bound, the residuals of groups ended their steps on the bound with
+    # their edits' NLL still falling (benchmarks/results/sweep_method_groups.md)
+    clamp_grows_with_group: bool = True
+    # ndb, not the paper: how a shared residual weighs its edits' NLL against the KL term.
+    # "sum": each edit of the group weighs as much as a fact alone does; "mean": the group's
+    # edits share one weight, so each of k edits pulls k times less against the KL term
+    group_loss: str = "sum"
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
     batch_size: int = 32  # facts optimized together
     # ndb, not the paper: keep the bare-prompt key (subject at the start of a text) and the
@@ -89,6 +98,8 @@ class ComputeConfig:
 
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
+        if self.group_loss not in ("sum", "mean"):
+            raise ValueError(f"group_loss must be 'sum' or 'mean', got {self.group_loss!r}")
         if self.residual_scope not in ("subject", "fact"):
             raise ValueError(f"residual_scope must be 'subject' or 'fact', got "
                              f"{self.residual_scope!r}")
@@ -615,6 +626,10 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
     runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
     n_groups = len(bare_rows)
 
+    facts_per_group = torch.bincount(torch.tensor(groups, device=device), minlength=n_groups)
+    bound = config.clamp * runner.h_norm
+    if config.clamp_grows_with_group:
+        bound = bound * facts_per_group.float().sqrt()
     delta = torch.zeros(n_groups, runner.hidden_size, device=device)
     adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
     active = torch.arange(n_groups, device=device)
@@ -633,6 +648,8 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
         rewrite = row_tokens > 0
         nll = torch.zeros(len(active), device=device).index_add(
             0, fact_of_row[rewrite], per_row[rewrite]) / batch.n_rewrite[active]
+        if config.group_loss == "sum":
+            nll = nll * facts_per_group[active]
         kl_logp = F.log_softmax(_lm_logits(model, hidden[batch.kl_rows, batch.kl_cols]), -1)
         kl_row = (kl_logp.exp() * (kl_logp - batch.kl_init)).sum(-1)
         kl = torch.zeros(len(active), device=device).index_add(
@@ -656,7 +673,7 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
             m_hat = adam_m[rows] / (1 - b1**step)
             v_hat = adam_v[rows] / (1 - b2**step)
             new = delta[rows] - config.lr * m_hat / (v_hat.sqrt() + eps)
-            scale = (config.clamp * norms[go] / new.norm(dim=-1).clamp(min=1e-12)).clamp(max=1)
+            scale = (bound[rows] / new.norm(dim=-1).clamp(min=1e-12)).clamp(max=1)
             delta[rows] = new * scale.unsqueeze(1)
             if bool(done.any()):  # converged facts leave the batch
                 active = rows

@@ -219,6 +219,7 @@ class NeuralDBConfig:
             raise ValueError("input_fingerprints must map part names to fingerprint strings")
         # databases written before these settings existed edit as the paper does
         compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], "kl_weight": 0.0625,
+                   "clamp_grows_with_group": False, "group_loss": "mean",
                    **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)

@@ -275,3 +275,37 @@ def test_contrast_changes_only_the_residuals_of_groups(llama):
                                          groups=groups) for w in (0.0, 1e3))
     assert not torch.allclose(plain[0], contrast[0], atol=1e-4)
     torch.testing.assert_close(plain[2], contrast[2])
+
+
+def test_a_group_s_norm_bound_grows_with_the_square_root_of_its_size(llama):
+    model, tok = llama
+    groups = ["France", "France", "Toyota"]
+    # a bound so small that every residual ends on it
+    tight = {**FAST_COMPUTE, "clamp": 1e-3, "lr": 1.0, "weight_decay": 0.0}
+    grown, fixed = (compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES,
+                                      ComputeConfig(**tight, clamp_grows_with_group=grows),
+                                      groups=groups) for grows in (True, False))
+    ratio = grown.norm(dim=-1) / fixed.norm(dim=-1)
+    torch.testing.assert_close(ratio, torch.tensor([2**0.5, 2**0.5, 1.0]), rtol=1e-3, atol=1e-3)
+
+
+def test_group_loss_sum_weighs_each_edit_as_a_fact_alone(llama):
+    model, tok = llama
+    fact = SAME_SUBJECT[0]
+    # no early stop and no bound in reach, so that only the loss's weights differ
+    base = {**FAST_COMPUTE, "stop_loss": 0.0, "clamp": 100.0, "clamp_grows_with_group": False}
+
+    def twice(**overrides) -> torch.Tensor:  # the same edit twice in one group
+        return compute_residuals(model, tok, [fact, fact], 2, PREFIXES,
+                                 ComputeConfig(**base, **overrides), groups=[0, 0])[0]
+
+    def alone(**overrides) -> torch.Tensor:
+        return compute_residuals(model, tok, [fact], 2, PREFIXES,
+                                 ComputeConfig(**base, **overrides))[0]
+
+    # "mean": two copies weigh as one; "sum": as one whose KL and decay weigh half
+    # (Adam does not see the loss's scale)
+    torch.testing.assert_close(twice(group_loss="mean"), alone(), atol=1e-4, rtol=1e-4)
+    half = {"kl_weight": 0.5, "weight_decay": 0.25}
+    torch.testing.assert_close(twice(group_loss="sum"), alone(**half), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(twice(group_loss="sum"), alone(), atol=1e-3)

@@ -112,3 +112,18 @@ def test_cli_remove_re_edits_the_remaining_facts(tmp_path, tiny_model_dir, runne
     assert removed.exit_code == 0, removed.output
     assert "re-editing 1 remaining facts" in removed.output
     assert [f.key for f in NeuralDB.from_pretrained(db_path).facts().values()] == ["fr-capital"]
+
+
+def test_a_database_keeps_the_compute_settings_it_was_written_with(tmp_path, llama):
+    from ndb.config import NeuralDBConfig
+    model, tok = llama
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=GROUPED)
+    data = db.config.to_dict()
+    assert data["compute"]["clamp_grows_with_group"] is True
+    # written before the group bound existed: a subject-scope database keeps the fixed bound
+    del data["compute"]["clamp_grows_with_group"]
+    older = NeuralDBConfig.from_dict(data).compute
+    assert older.residual_scope == "subject" and older.clamp_grows_with_group is False
+    # written before residual scopes existed: the paper's residuals
+    oldest = NeuralDBConfig.from_dict({**data, "compute": {}}).compute
+    assert (oldest.residual_scope, oldest.kl_weight) == ("fact", 0.0625)
