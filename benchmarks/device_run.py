@@ -287,7 +287,8 @@ def compare_residuals(args, model, tok, rate: float, clock: Clock,
         if clock.left() - args.reserve_s < 1.1 * row_s:
             skipped[name] = f"{clock.left():.0f} s left, a row takes up to {row_s:.0f} s"
             continue
-        save({**result, "rows": noted_rows(rows, "counterfact"), "running": name})
+        save({**result, "rows": noted_rows(rows, "counterfact"), "running": name,
+              "table": markdown_table(rows)})  # the rows so far, should the run end here
         start = time.perf_counter()
         with apply():
             rows[name], _ = measure_cases(model, tok, facts, settings, name, known)
