@@ -84,7 +84,9 @@ def markdown(meta: dict, stages: dict) -> str:
                   "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['batch_size']}{' (auto)' if r.get('auto') else ''} | "
                   f"{r['precision']} | {r['n']} | {r['seconds']:.1f} | "
-                  f"{r['edits_per_s']:.1f} |" for r in speed["rows"]]
+                  f"{r['edits_per_s']:.1f} |" if "failed" not in r else
+                  f"| {r['batch_size']} | {r['precision']} | failed: {r['failed']} | | |"
+                  for r in speed["rows"]]
         lines.append("")
     lines += compare_markdown(stages.get("residuals", {}))
     for name in ("build_small", "build_big"):
@@ -177,24 +179,41 @@ def _sync(model) -> None:
 
 def build_speed(args, model, tok, facts, work: Path, clock: Clock) -> dict:
     """Edits/s at each batch size in --precision, then the best size in the other precision
-    (for the record: the builds use --precision), while --speed-s lasts."""
+    (for the record: the builds use --precision), while --speed-s lasts. A point that fails
+    (the auto probe, or memory) is recorded and the others still run. The best size is
+    capped at --speed-n: the later builds use a batch that was measured, not extrapolated."""
     start = time.monotonic()
     other = "bfloat16" if args.precision == "float32" else "float32"
     points = [(size, args.precision) for size in args.batch_sizes] + [(None, other)]
     rows: list[dict] = []
     for size, precision in points:
-        if rows and time.monotonic() - start + rows[-1]["seconds"] > args.speed_s:
+        done = [r for r in rows if "failed" not in r]
+        if done and time.monotonic() - start + done[-1]["seconds"] > args.speed_s:
+            break
+        if size is None and not any(r["precision"] == args.precision for r in done):
             break
         size = size or best_row(rows, args.precision)["batch_size"]
-        rows.append(timed_build(work / f"speed-{size}-{precision}.ndb", model, tok,
-                                facts[: args.speed_n], size, precision))
+        try:
+            rows.append(timed_build(work / f"speed-{size}-{precision}.ndb", model, tok,
+                                    facts[: args.speed_n], size, precision))
+        except Exception as err:  # recorded; the other sizes may still be measured
+            _free_cached()
+            rows.append({"batch_size": size, "precision": precision,
+                         "failed": f"{type(err).__name__}: {err}".splitlines()[0]})
     best = best_row(rows, args.precision)
-    return {"rows": rows, "best_batch_size": best["batch_size"],
+    return {"rows": rows, "best_batch_size": min(best["batch_size"], args.speed_n),
             "best_edits_per_s": best["edits_per_s"]}
 
 
 def best_row(rows: list[dict], precision: str) -> dict:
-    return max((r for r in rows if r["precision"] == precision), key=lambda r: r["edits_per_s"])
+    """The fastest measured row in ``precision`` (ValueError when there is none)."""
+    return max((r for r in rows if r["precision"] == precision and "failed" not in r),
+               key=lambda r: r["edits_per_s"])
+
+
+def _free_cached() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # an out-of-memory error leaves its blocks cached
 
 
 def fitting(wanted: int, have: int, rate: float, seconds: float, step: int) -> int:
@@ -423,8 +442,7 @@ def run_stage(report: Report, name: str, clock: Clock, needs_s: float,
     try:
         result = {**fn(), "stage_s": time.perf_counter() - start}
     except Exception as err:  # recorded, and the run goes on
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # an out-of-memory error leaves its blocks cached
+        _free_cached()
         report.stage(name, {"failed": f"{type(err).__name__}: {err}".splitlines()[0],
                             "traceback": traceback.format_exc(),
                             "stage_s": time.perf_counter() - start})
@@ -560,7 +578,8 @@ def main() -> None:
     report.stage("setup", {"facts": len(facts), "seconds_so_far": clock.elapsed()})
     speed = run_stage(report, "build_speed", clock, 60, lambda: build_speed(
         args, model, tok, facts, args.work, clock))
-    args.batch_size = speed["best_batch_size"] if speed else args.batch_sizes[0]
+    # without a measured size, a fixed one: the auto probe may be what failed
+    args.batch_size = speed["best_batch_size"] if speed else ComputeConfig.batch_size
     rate = speed["best_edits_per_s"] if speed else 1.0
     # issue 9's comparison first: it takes the time it needs, the later stages what is left
     if args.group_facts:
