@@ -443,7 +443,9 @@ def run_stage(report: Report, name: str, clock: Clock, needs_s: float,
         result = {**fn(), "stage_s": time.perf_counter() - start}
     except Exception as err:  # recorded, and the run goes on
         _free_cached()
-        report.stage(name, {"failed": f"{type(err).__name__}: {err}".splitlines()[0],
+        # what the stage saved on its way (the residuals' rows so far) is kept
+        report.stage(name, {**report.stages.get(name, {}),
+                            "failed": f"{type(err).__name__}: {err}".splitlines()[0],
                             "traceback": traceback.format_exc(),
                             "stage_s": time.perf_counter() - start})
         return None
