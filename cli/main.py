@@ -95,6 +95,15 @@ SEED = click.IntRange(0, 2**32 - 1)
 BATCH_SIZE = click.IntRange(1, 4096)
 
 
+class BuildBatchSize(click.ParamType):
+    """A batch size, or "auto" (resolved once the model is loaded)."""
+
+    name = "integer|auto"
+
+    def convert(self, value, param, ctx):
+        return "auto" if value == "auto" else BATCH_SIZE.convert(value, param, ctx)
+
+
 def _load(name: str | None, device: str | None):
     from transformers.utils import logging
 
@@ -177,8 +186,9 @@ def cli() -> None:
               help="Gate threshold on cosine similarity (default: swept or tuned like --layer, "
                    "else 0.65).")
 @click.option("--device", type=DEVICE, default=None, help="torch device, e.g. cpu or cuda.")
-@click.option("--batch-size", type=BATCH_SIZE, default=None,
-              help="Facts optimized together (and committed together).")
+@click.option("--batch-size", type=BuildBatchSize(), default=None,
+              help="Facts optimized together (and committed together); auto: on CUDA the "
+                   "most that fit in free memory (measured on a probe batch), else 32.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--index", "index_kind", default="auto", show_default=True,
               help="Key index backend.")
@@ -244,7 +254,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
             gamma = defaults.gamma if gamma is None else gamma
         compute = (ComputeConfig.paper if method == "paper" else ComputeConfig)(
             precision=precision)
-        if batch_size:
+        if batch_size and batch_size != "auto":
             compute.batch_size = batch_size
         ffn_out_path(model, layer)  # refuses a layer the model lacks before anything is said
         click.echo(f"creating {path}: sampling context prefixes and background text from the "
@@ -254,6 +264,8 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
         if defaults is not None:  # said once the settings are known to be valid
             click.echo(f"default layer {defaults.layer}, gamma {defaults.gamma}: "
                        f"{defaults.source}", err=True)
+    if batch_size == "auto":
+        batch_size = _auto_batch_size(db, records, model, tokenizer)
     if batch_size:
         db.config.compute.batch_size = batch_size
     before = len(db)
@@ -273,6 +285,17 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     db.flush()
     click.echo(f"{path}: {len(db)} facts ({len(ids)} added), layer {db.config.layer}, "
                f"gamma {db.config.gamma}")
+
+
+def _auto_batch_size(db, records, model, tokenizer) -> int:
+    from ndb.compute import auto_batch_size
+
+    cfg = db.config
+    size = auto_batch_size(model, tokenizer, records, cfg.layer, cfg.prefixes, cfg.compute)
+    how = ("the most facts whose optimization fits in free memory, measured on a probe batch"
+           if next(model.parameters()).is_cuda else "the default off CUDA")
+    click.echo(f"batch size {size} (auto: {how})", err=True)
+    return size
 
 
 def _refuse_changed_settings(db) -> None:

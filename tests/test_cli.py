@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -108,6 +109,21 @@ def test_build_resume_skips_what_is_there(built, tmp_path, tiny_model_dir):
     result = run("build", str(facts), "-o", str(built), "--resume")
     assert result.exit_code == 0, result.output
     assert "(1 added)" in result.output and len(NeuralDB(built)) == 4
+
+
+def test_build_batch_size_auto_resolves_to_a_number_and_builds(built, tmp_path,
+                                                               tiny_model_dir):
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    db = tmp_path / "auto"
+    result = run("build", str(facts), "-o", str(db), "--model", str(tiny_model_dir),
+                 "--layer", "1", "--gamma", "0.8", "--batch-size", "auto")
+    assert result.exit_code == 0, result.output
+    assert "batch size 32 (auto: the default off CUDA)" in result.stderr
+    auto, fixed = NeuralDB(db), NeuralDB(built)  # fixed: the same facts at batch size 2
+    assert len(auto) == 3 and auto.config.compute.batch_size == 32
+    ids = np.array(sorted(auto.facts()))
+    assert np.allclose(auto.store.read("residuals", ids), fixed.store.read("residuals", ids),
+                       atol=1e-3)
 
 
 def test_eval_compares_methods_and_leaves_the_weights_alone(tmp_path, tiny_model_dir,

@@ -352,12 +352,14 @@ def test_excluded_subjects_are_never_edited(tmp_path):
     records = build_geo(relations=["country_capital"], exclude=excluded)
     subjects = {r["requested_rewrite"]["subject"] for r in records}
     assert subjects and not subjects & set(excluded)
-    facts = tmp_path / "dev.jsonl"
-    facts.write_text("".join(json.dumps({"subject": s, "prompt": "{} is", "target_new": "x"})
-                             + "\n" for s in excluded))
+    files = [tmp_path / "dev.jsonl", tmp_path / "dev2.jsonl"]  # --exclude may repeat
+    for path, half in zip(files, (excluded[::2], excluded[1::2])):
+        path.write_text("".join(json.dumps({"subject": s, "prompt": "{} is", "target_new": "x"})
+                                + "\n" for s in half))
     out = tmp_path / "geo.json"
     result = CliRunner().invoke(data, ["geo", "-o", str(out), "--relations",
-                                       "country_capital", "--exclude", str(facts)])
+                                       "country_capital", "--exclude", str(files[0]),
+                                       "--exclude", str(files[1])])
     assert result.exit_code == 0, result.output
     written = {r["requested_rewrite"]["subject"] for r in json.loads(out.read_text())}
     assert written == subjects
