@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
 from ndb.facts import read_facts
-from ndb.output import dumps_strict
+from ndb.output import check_creatable, dumps_strict
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -220,7 +220,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     """One process's build, or rank 0's part of a distributed one (committed at once)."""
     from ndb.compute import ComputeConfig
     from ndb.config import check_index_kind
-    from ndb.database import NeuralDB, check_creatable
+    from ndb.database import NeuralDB
     from ndb.models import edit_defaults, ffn_out_path
     from ndb.store import is_database
 
