@@ -15,8 +15,8 @@ import torch
 from ndb.attachment import unedited
 from ndb.compute import FactBar, check_encodable, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactError, FactNotFoundError
-from ndb.facts import Fact
+from ndb.errors import FactError, FactNotFoundError, StoreError
+from ndb.facts import Fact, loads_json
 from ndb.keyset import KeySet
 from ndb.store import Pending, Store
 
@@ -82,9 +82,17 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
 
 
 def read_stored(store: Store) -> dict[int, Fact]:
-    """Every fact the store holds, by id."""
+    """Every fact the store holds, by id, each checked like a facts file's record (the
+    directory may come from anyone)."""
     records = store.read("facts") if len(store.entries) else []
-    return {int(i): Fact.from_json(json.loads(r)) for i, r in zip(store.entries.ids, records)}
+    facts = {}
+    for fact_id, record in zip(store.entries.ids.tolist(), records):
+        where = f"{store.path}: stored fact {fact_id}"
+        try:
+            facts[fact_id] = Fact.from_json(loads_json(record, where), where)
+        except FactError as err:
+            raise StoreError(str(err)) from None
+    return facts
 
 
 def as_fact_id(value: object) -> int:
