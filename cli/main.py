@@ -219,8 +219,8 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
            precision, method, resume, distributed: bool) -> None:
     """One process's build, or rank 0's part of a distributed one (committed at once)."""
     from ndb.compute import ComputeConfig
-    from ndb.config import check_index_kind
     from ndb.database import NeuralDB
+    from ndb.indexes import check_kind
     from ndb.models import edit_defaults, ffn_out_path
     from ndb.store import is_database
 
@@ -236,7 +236,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
         model, tokenizer = _load(model_name or db.config.model_name, device)
     else:
         check_creatable(path)
-        check_index_kind(index_kind)
+        check_kind(index_kind, auto=True)
         model, tokenizer = _load(model_name, device)
         defaults = edit_defaults(model) if layer is None or gamma is None else None
         if defaults is not None:
