@@ -363,7 +363,7 @@ def _fact_id(text: str) -> int:
 @click.option("--subject", "subjects", multiple=True, help="Remove every fact about SUBJECT.")
 @click.option("--model", "model_name", default=None,
               help="Override the model to load (needed when remaining facts are re-edited).")
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @user_errors
 def remove(db_path, ids, keys, subjects, model_name, device):
     """Remove facts by database id (see 'ndb list'), --key and/or --subject; if one is not
