@@ -207,16 +207,9 @@ def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_keys(
-    model,
-    tokenizer,
-    facts: Sequence[Fact],
-    layer: int,
-    prefixes: Sequence[str],
-    batch_size: int = 64,
-    progress: bool = False,
-    split: bool = False,
-) -> torch.Tensor:
+def compute_keys(model, tokenizer, facts: Sequence[Fact], layer: int, prefixes: Sequence[str],
+                 batch_size: int = 64, progress: bool = False, split: bool = False
+                 ) -> torch.Tensor:
     """Keys (n, d1), float32 on the CPU, not normalized; with ``split`` (and prefixes beyond
     the bare one) two keys per fact, (n, 2, d1). Runs only the layers up to ``layer``."""
     module = get_module(model, ffn_out_path(model, layer))
@@ -422,16 +415,10 @@ def _contrast(logp: torch.Tensor, batch: _Batch, fact_of_row: torch.Tensor, n: i
     return total / count.clamp(min=1)
 
 
-def compute_residuals(
-    model,
-    tokenizer,
-    facts: Sequence[Fact],
-    layer: int,
-    prefixes: Sequence[str],
-    config: ComputeConfig | None = None,
-    progress: bool | Callable[[float], object] = False,
-    groups: Sequence[Hashable] | None = None,
-) -> torch.Tensor:
+def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
+                      prefixes: Sequence[str], config: ComputeConfig | None = None,
+                      progress: bool | Callable[[float], object] = False,
+                      groups: Sequence[Hashable] | None = None) -> torch.Tensor:
     """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact.
 
     Facts with equal ``groups`` labels share one residual, optimized on all their prompts
