@@ -113,20 +113,19 @@ def _load(name: str | None, device: str | None):
                          ) from None
 
 
-def _open(db_path: str, model_override: str | None = None, device: str | None = None,
-          need_model: bool = True):
+def _open(db_path: str):
     from ndb.database import NeuralDB
 
-    db = NeuralDB.from_pretrained(db_path)
-    if not need_model:
-        return db, None, None
-    name = model_override or db.config.model_name
+    return NeuralDB.from_pretrained(db_path)
+
+
+def _model_of(db, model_name: str | None, device: str | None):
+    """(model, tokenizer) to edit ``db`` with: ``model_name``, else the model it records."""
+    name = model_name or db.config.model_name
     if not name:
-        raise click.ClickException(
-            f"{db_path} does not record how to load its model (it was built from a model "
-            f"without a name or path): give --model")
-    model, tokenizer = _load(name, device)
-    return db, model, tokenizer
+        raise ConfigError(f"{db.path} does not record how to load its model (it was built "
+                          "from a model without a name or path): give --model")
+    return _load(name, device)
 
 
 class OneLineUsageErrors(click.Group):
@@ -233,7 +232,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     if resume and is_database(path):
         db = NeuralDB.from_pretrained(path)
         _refuse_changed_settings(db)
-        model, tokenizer = _load(model_name or db.config.model_name, device)
+        model, tokenizer = _model_of(db, model_name, device)
     else:
         check_creatable(path)
         check_kind(index_kind, auto=True)
@@ -313,7 +312,8 @@ def _edit_options(fn: Callable) -> Callable:
 def _edit(db_path, facts, model_name, device, batch_size, edit: Callable) -> None:
     """Open DB with its model, run ``edit(db, facts, model, tokenizer)``, say what it did."""
     records = read_facts(facts)
-    db, model, tokenizer = _open(db_path, model_name, device)
+    db = _open(db_path)
+    model, tokenizer = _model_of(db, model_name, device)
     if batch_size:
         db.config.compute.batch_size = batch_size
     result = edit(db, records, model, tokenizer)
@@ -370,7 +370,7 @@ def remove(db_path, ids, keys, subjects, model_name, device):
     found, nothing is removed."""
     if not ids and not keys and not subjects:
         raise click.UsageError("give fact ids, --key and/or --subject")
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     targets = {db.id_of(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
         found = db.ids_about(subject)
@@ -383,7 +383,7 @@ def remove(db_path, ids, keys, subjects, model_name, device):
     if mates:  # they share a residual with removed facts: it is re-optimized without them
         click.echo(f"re-editing {len(mates)} remaining facts about the same subjects "
                    f"(ids {_ranges(mates)})", err=True)
-        model, tokenizer = _load(model_name or db.config.model_name, device)
+        model, tokenizer = _model_of(db, model_name, device)
     db.remove(sorted(targets), model, tokenizer, progress=bool(mates))
     db.flush()
     click.echo(f"removed {len(targets)} facts (ids {_ranges(sorted(targets))}); "
@@ -396,7 +396,7 @@ def remove(db_path, ids, keys, subjects, model_name, device):
 @user_errors
 def list_facts(db_path, as_json):
     """List the facts in DB."""
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     for fact_id, fact in sorted(db.facts().items()):
         if as_json:  # both fields always: read back, a record with "key" never reads "id"
             record = {"id": fact_id, "key": fact.key, **fact.to_json()}
@@ -413,7 +413,7 @@ def list_facts(db_path, as_json):
 @user_errors
 def info(db_path, as_json):
     """Show a database's configuration and size."""
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     size = sum(p.stat().st_size for p in Path(db_path).rglob("*") if p.is_file())
     cfg = db.config
     report = {
