@@ -185,15 +185,10 @@ def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length
     return torch.nn.functional.normalize(x[:, 1:].reshape(-1, x.shape[-1]).float().cpu(), dim=-1)
 
 
-def _subject_span(prefix: str, prompt: str, subject: str) -> tuple[str, int, int]:
-    start = len(prefix) + prompt.index("{}")
-    return prefix + prompt.format(subject), start, start + len(subject)
-
-
 def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
     """Anchored ids of prefix + filled prompt, and the subject's last token index."""
-    text, start, end = _subject_span(prefix, prompt, subject)
-    return encode_with_span(tokenizer, text, start, end)
+    start = len(prefix) + prompt.index("{}")
+    return encode_with_span(tokenizer, prefix + prompt.format(subject), start, start + len(subject))
 
 
 def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
