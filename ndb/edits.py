@@ -1,6 +1,7 @@
-"""Turning facts into committed entries: which input facts are new, repeated or updates,
-which stored facts must be re-edited with them (those sharing a residual), and the batches
-of keys and residuals computed and staged into one commit.
+"""Turning facts into committed entries: the stored facts (read and checked) and their ids
+and keys resolved, which input facts are new, repeated or updates, which stored facts must
+be re-edited with them (those sharing a residual), and the batches of keys and residuals
+computed and staged into one commit.
 """
 
 from __future__ import annotations
