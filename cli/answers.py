@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ndb.cli.main import DEVICE, _open, user_errors
+from ndb.cli.main import DEVICE, _model_of, _open, user_errors
 from ndb.completion import complete
 from ndb.demo import run
 from ndb.facts import check_text
@@ -29,7 +29,8 @@ MAX_GENERATE_CHARS = 100_000  # a prompt may be a long chat; the model's context
 def generate(db_path, prompt, max_new_tokens, compare, chat, as_json, model_name, device):
     """Complete PROMPT with the database attached (greedy decoding)."""
     check_text(prompt, "PROMPT", limit=MAX_GENERATE_CHARS)
-    db, model, tokenizer = _open(db_path, model_name, device)
+    db = _open(db_path)
+    model, tokenizer = _model_of(db, model_name, device)
     db.attach(model, tokenizer)
     result = {"prompt": prompt, "edited": complete(model, tokenizer, prompt, max_new_tokens, chat)}
     result["gate_hits"] = db.retrieval.stats.hits

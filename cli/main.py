@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
 from ndb.facts import read_facts
-from ndb.output import dumps_strict
+from ndb.output import check_creatable, dumps_strict
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -122,20 +122,19 @@ def _load(name: str | None, device: str | None):
                          ) from None
 
 
-def _open(db_path: str, model_override: str | None = None, device: str | None = None,
-          need_model: bool = True):
+def _open(db_path: str):
     from ndb.database import NeuralDB
 
-    db = NeuralDB.from_pretrained(db_path)
-    if not need_model:
-        return db, None, None
-    name = model_override or db.config.model_name
+    return NeuralDB.from_pretrained(db_path)
+
+
+def _model_of(db, model_name: str | None, device: str | None):
+    """(model, tokenizer) to edit ``db`` with: ``model_name``, else the model it records."""
+    name = model_name or db.config.model_name
     if not name:
-        raise click.ClickException(
-            f"{db_path} does not record how to load its model (it was built from a model "
-            f"without a name or path): give --model")
-    model, tokenizer = _load(name, device)
-    return db, model, tokenizer
+        raise ConfigError(f"{db.path} does not record how to load its model (it was built "
+                          "from a model without a name or path): give --model")
+    return _load(name, device)
 
 
 class OneLineUsageErrors(click.Group):
@@ -229,8 +228,8 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
            precision, method, resume, distributed: bool) -> None:
     """One process's build, or rank 0's part of a distributed one (committed at once)."""
     from ndb.compute import ComputeConfig
-    from ndb.config import check_index_kind
-    from ndb.database import NeuralDB, check_creatable
+    from ndb.database import NeuralDB
+    from ndb.indexes import check_kind
     from ndb.models import edit_defaults, ffn_out_path
     from ndb.store import is_database
 
@@ -243,10 +242,10 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     if resume and is_database(path):
         db = NeuralDB.from_pretrained(path)
         _refuse_changed_settings(db)
-        model, tokenizer = _load(model_name or db.config.model_name, device)
+        model, tokenizer = _model_of(db, model_name, device)
     else:
         check_creatable(path)
-        check_index_kind(index_kind)
+        check_kind(index_kind, auto=True)
         model, tokenizer = _load(model_name, device)
         defaults = edit_defaults(model) if layer is None or gamma is None else None
         if defaults is not None:
@@ -336,7 +335,8 @@ def _edit_options(fn: Callable) -> Callable:
 def _edit(db_path, facts, model_name, device, batch_size, edit: Callable) -> None:
     """Open DB with its model, run ``edit(db, facts, model, tokenizer)``, say what it did."""
     records = read_facts(facts)
-    db, model, tokenizer = _open(db_path, model_name, device)
+    db = _open(db_path)
+    model, tokenizer = _model_of(db, model_name, device)
     if batch_size:
         db.config.compute.batch_size = batch_size
     result = edit(db, records, model, tokenizer)
@@ -386,14 +386,14 @@ def _fact_id(text: str) -> int:
 @click.option("--subject", "subjects", multiple=True, help="Remove every fact about SUBJECT.")
 @click.option("--model", "model_name", default=None,
               help="Override the model to load (needed when remaining facts are re-edited).")
-@click.option("--device", default=None)
+@click.option("--device", type=DEVICE, default=None)
 @user_errors
 def remove(db_path, ids, keys, subjects, model_name, device):
     """Remove facts by database id (see 'ndb list'), --key and/or --subject; if one is not
     found, nothing is removed."""
     if not ids and not keys and not subjects:
         raise click.UsageError("give fact ids, --key and/or --subject")
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     targets = {db.id_of(_fact_id(i)) for i in ids} | {db.id_of(key) for key in keys}
     for subject in subjects:
         found = db.ids_about(subject)
@@ -406,7 +406,7 @@ def remove(db_path, ids, keys, subjects, model_name, device):
     if mates:  # they share a residual with removed facts: it is re-optimized without them
         click.echo(f"re-editing {len(mates)} remaining facts about the same subjects "
                    f"(ids {_ranges(mates)})", err=True)
-        model, tokenizer = _load(model_name or db.config.model_name, device)
+        model, tokenizer = _model_of(db, model_name, device)
     db.remove(sorted(targets), model, tokenizer, progress=bool(mates))
     db.flush()
     click.echo(f"removed {len(targets)} facts (ids {_ranges(sorted(targets))}); "
@@ -419,7 +419,7 @@ def remove(db_path, ids, keys, subjects, model_name, device):
 @user_errors
 def list_facts(db_path, as_json):
     """List the facts in DB."""
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     for fact_id, fact in sorted(db.facts().items()):
         if as_json:  # both fields always: read back, a record with "key" never reads "id"
             record = {"id": fact_id, "key": fact.key, **fact.to_json()}
@@ -436,7 +436,7 @@ def list_facts(db_path, as_json):
 @user_errors
 def info(db_path, as_json):
     """Show a database's configuration and size."""
-    db, _, _ = _open(db_path, need_model=False)
+    db = _open(db_path)
     size = sum(p.stat().st_size for p in Path(db_path).rglob("*") if p.is_file())
     cfg = db.config
     report = {

@@ -13,7 +13,7 @@ from ndb.cli.main import DEVICE, _load, user_errors
 from ndb.errors import ConfigError
 from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
 from ndb.facts import read_facts
-from ndb.output import check_writable, dumps_strict, write_strict_json
+from ndb.output import check_creatable, check_writable, dumps_strict, write_strict_json
 
 
 def _numbers(text: str, kind: type) -> list:
@@ -129,7 +129,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     import time
 
     from ndb.compute import ComputeConfig
-    from ndb.database import NeuralDB, check_creatable
+    from ndb.database import NeuralDB
     from ndb.eval.methods import METHODS, make_methods
     from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of
     from ndb.models import ndb_home

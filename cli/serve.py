@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ndb.cli.main import DEVICE, _load, user_errors
+from ndb.cli.main import DEVICE, _model_of, user_errors
 from ndb.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ def serve(db_path, model_name, device, host, port, api_key, max_tokens, max_prom
     db = NeuralDB.from_pretrained(db_path)
     url = f"http://{host}:{port}"
     with db.store.writing(holder=Server.holder(url)):  # before the model loads: fail fast
-        model, tokenizer = _load(model_name or db.config.model_name, device)
+        model, tokenizer = _model_of(db, model_name, device)
         server = Server(db, model, tokenizer, url=url, api_key=api_key, max_batch=max_batch,
                         limits=Limits(max_tokens=max_tokens,
                                       max_prompt_tokens=max_prompt_tokens))

@@ -20,6 +20,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from ndb.errors import ConfigError
 from ndb.indexes.base import GpuUnavailableError, KeyIndex
 
 # kind -> where its class lives: a backend's module is imported only when an index of its
@@ -47,6 +48,13 @@ _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load tak
 CPU_EXACT_MAX_KEYS = 8192
 
 
+def check_kind(kind: str, *, auto: bool = False) -> None:
+    """Refuse an index kind that is not a backend (nor "auto", where ``auto`` allows it)."""
+    known = ["auto", *sorted(BACKENDS)] if auto else sorted(BACKENDS)
+    if kind not in known:
+        raise ConfigError(f"unknown index kind {kind!r} (known: {', '.join(known)})")
+
+
 def choose_index_kind(n_keys: int, device: str = "cpu") -> str:
     """The backend for ``n_keys`` keys searched from ``device`` ("cpu", "cuda", "cuda:1", ...).
 
@@ -70,13 +78,11 @@ def make_index(kind: str, dim: int, *, n_keys: int | None = None, device: str | 
     gpu-flat: default GPU 0); ``options`` are the backend's keyword arguments (e.g. ``nprobe``
     for ivf, ``dtype`` for torch).
     """
+    check_kind(kind, auto=True)
     if kind == "auto":
         if n_keys is None:
             raise ValueError("make_index('auto', ...) needs n_keys, the expected number of keys")
         kind = choose_index_kind(n_keys, device or "cpu")
-    if kind not in BACKENDS:
-        known = ", ".join(["auto", *sorted(BACKENDS)])
-        raise ValueError(f"unknown index kind {kind!r} (known: {known})")
     if kind in _DEVICE_KINDS:
         if device is not None:
             options["device"] = device
@@ -88,8 +94,7 @@ def make_index(kind: str, dim: int, *, n_keys: int | None = None, device: str | 
 def load_index(kind: str, path: Path, dim: int, *, device: str | None = None) -> KeyIndex:
     """Read an index of ``kind`` written by its ``save``; torch and gpu-flat indexes go to
     ``device`` (default: CPU for torch, GPU 0 for gpu-flat)."""
-    if kind not in BACKENDS:
-        raise ValueError(f"unknown index kind {kind!r} (known: {', '.join(sorted(BACKENDS))})")
+    check_kind(kind)
     if kind in _DEVICE_KINDS and device is not None:
         return _backend(kind).load(path, dim, device=device)
     return _backend(kind).load(path, dim)
@@ -100,5 +105,5 @@ def _backend(kind: str) -> type[KeyIndex]:
     return getattr(import_module(module), name)
 
 
-__all__ = ["BACKENDS", "CPU_EXACT_MAX_KEYS", "GpuUnavailableError", "KeyIndex",
+__all__ = ["BACKENDS", "CPU_EXACT_MAX_KEYS", "GpuUnavailableError", "KeyIndex", "check_kind",
            "choose_index_kind", "load_index", "make_index"]

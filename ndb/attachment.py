@@ -49,9 +49,11 @@ class Attachment:
         if not isinstance(vars(self.projection).get("extra_repr"), _AttachedRepr):
             self.projection.extra_repr = _AttachedRepr(self.projection)
 
-    def catch_up(self, changed_ids: np.ndarray) -> None:
-        """After a commit: search the new keys, forget the residuals that changed."""
-        self.residuals.forget(changed_ids)
+    def catch_up(self, version: int) -> None:
+        """After commits since manifest ``version``: search the new keys, forget the
+        residuals that changed."""
+        changed, deleted = self.db.store.read_entries_since(version)
+        self.residuals.forget(np.concatenate([changed, deleted]))
         self.retrieval.index = self.db.keys.index
 
     def detach(self) -> None:

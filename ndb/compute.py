@@ -197,15 +197,10 @@ def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length
     return torch.nn.functional.normalize(x[:, 1:].reshape(-1, x.shape[-1]).float().cpu(), dim=-1)
 
 
-def _subject_span(prefix: str, prompt: str, subject: str) -> tuple[str, int, int]:
-    start = len(prefix) + prompt.index("{}")
-    return prefix + prompt.format(subject), start, start + len(subject)
-
-
 def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
     """Anchored ids of prefix + filled prompt, and the subject's last token index."""
-    text, start, end = _subject_span(prefix, prompt, subject)
-    return encode_with_span(tokenizer, text, start, end)
+    start = len(prefix) + prompt.index("{}")
+    return encode_with_span(tokenizer, prefix + prompt.format(subject), start, start + len(subject))
 
 
 def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
@@ -219,16 +214,9 @@ def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_keys(
-    model,
-    tokenizer,
-    facts: Sequence[Fact],
-    layer: int,
-    prefixes: Sequence[str],
-    batch_size: int = 64,
-    progress: bool = False,
-    split: bool = False,
-) -> torch.Tensor:
+def compute_keys(model, tokenizer, facts: Sequence[Fact], layer: int, prefixes: Sequence[str],
+                 batch_size: int = 64, progress: bool = False, split: bool = False
+                 ) -> torch.Tensor:
     """Keys (n, d1), float32 on the CPU, not normalized; with ``split`` (and prefixes beyond
     the bare one) two keys per fact, (n, 2, d1). Runs only the layers up to ``layer``."""
     module = get_module(model, ffn_out_path(model, layer))
@@ -434,16 +422,10 @@ def _contrast(logp: torch.Tensor, batch: _Batch, fact_of_row: torch.Tensor, n: i
     return total / count.clamp(min=1)
 
 
-def compute_residuals(
-    model,
-    tokenizer,
-    facts: Sequence[Fact],
-    layer: int,
-    prefixes: Sequence[str],
-    config: ComputeConfig | None = None,
-    progress: bool | Callable[[float], object] = False,
-    groups: Sequence[Hashable] | None = None,
-) -> torch.Tensor:
+def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
+                      prefixes: Sequence[str], config: ComputeConfig | None = None,
+                      progress: bool | Callable[[float], object] = False,
+                      groups: Sequence[Hashable] | None = None) -> torch.Tensor:
     """Residuals (n, d2), float32 on the CPU: what the edited layer must add for each fact.
 
     Facts with equal ``groups`` labels share one residual, optimized on all their prompts

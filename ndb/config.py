@@ -14,7 +14,7 @@ from ndb import store
 from ndb.anchor import anchor_token_id
 from ndb.compute import ComputeConfig, context_prefixes
 from ndb.errors import ConfigError, ModelMismatchError, StoreError
-from ndb.indexes import BACKENDS
+from ndb.indexes import check_kind
 from ndb.models import (
     decoder_layers,
     default_edit_settings,
@@ -34,12 +34,6 @@ def check_gamma(gamma: float) -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
         raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
                           f"got {gamma!r}")
-
-
-def check_index_kind(kind: str) -> None:
-    if kind != "auto" and kind not in BACKENDS:
-        raise ConfigError(f"unknown index kind {kind!r} (known: auto, "
-                          f"{', '.join(sorted(BACKENDS))})")
 
 
 def _is_integer(value: object) -> bool:
@@ -63,7 +57,7 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.gamma is not None:
             check_gamma(self.gamma)
-        check_index_kind(self.index)
+        check_kind(self.index, auto=True)
         for name in ("key_dtype", "residual_dtype"):
             if getattr(self, name) not in ("float16", "float32"):
                 raise ConfigError(f"{name} must be float16 or float32, "

@@ -14,9 +14,8 @@ database into a model's forward pass.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,47 +26,25 @@ from torch import nn
 from ndb import edits
 from ndb import store as store_mod
 from ndb.attachment import Attachment, hooks_disabled
-from ndb.compute import background_keys, check_encodable
-from ndb.config import EditConfig, NeuralDBConfig, check_gamma
+from ndb.compute import background_keys
+from ndb.config import EditConfig, NeuralDBConfig
 from ndb.edits import AddResult, ProgressCallback
-from ndb.errors import FactNotFoundError, StoreError
+from ndb.errors import FactNotFoundError
 from ndb.facts import Fact, as_facts
 from ndb.hook import GatedRetrieval
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
-from ndb.output import check_writable
+from ndb.output import check_creatable
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.store import Store
-
-
-def check_creatable(path: str | Path) -> None:
-    """A new database can be made at ``path``: nothing is there (or an empty directory),
-    and the nearest existing folder is writable."""
-    path = Path(path)
-    if path.is_dir() and not any(path.iterdir()):
-        return
-    if path.exists():
-        what = ("a fact database" if store_mod.is_database(path)
-                else "a directory that is not empty" if path.is_dir() else "a file")
-        raise StoreError(f"{path} already exists and is {what}")
-    check_writable(path, what="directory")
-
-
-def _as_fact_id(value: Any) -> int:
-    """A database id: an integer that fits the int64 ids of the store."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"fact ids are integers (the database's ids), got {value!r}; "
-                         "a fact's own key is a string")
-    if not np.iinfo(np.int64).min <= int(value) <= np.iinfo(np.int64).max:
-        raise FactNotFoundError(f"no fact with id {value} (ids are 64-bit integers)")
-    return int(value)
 
 
 class NeuralDB:
     """A fact database in a directory; see the module docstring. ``len(db)``, ``iter(db)``
     (the facts) and ``fact in db`` (an edit it holds) work as on a collection."""
 
-    def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, path: str | Path, model: nn.Module | None = None, tokenizer=None, *,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path)
         store_mod.check_layout(self.path)
         self.config = NeuralDBConfig.read(self.path)
@@ -77,8 +54,7 @@ class NeuralDB:
         self._cache_bytes = cache_bytes
         self._synced_version = self.store.manifest.version
         self._facts: dict[int, Fact] | None = None
-        self._model: nn.Module | None = None
-        self._tokenizer = None
+        self._model, self._tokenizer = model, tokenizer
         self._attachment: Attachment | None = None
 
     # -- creation and persistence ----------------------------------------------------------
@@ -101,9 +77,7 @@ class NeuralDB:
         """Open the database at ``path``; a ``model`` (and tokenizer) given here is the one
         :meth:`add` and :meth:`remove` use when none is passed to them (it is checked
         against the database then, and is not attached)."""
-        db = cls(path, **kwargs)
-        db._model, db._tokenizer = model, tokenizer
-        return db
+        return cls(path, model, tokenizer, **kwargs)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a compact copy of this database to ``path`` (which must not exist yet):
@@ -130,8 +104,7 @@ class NeuralDB:
 
     def __contains__(self, fact: object) -> bool:
         """Whether a stored fact has this fact's edit (and its key, when it has one)."""
-        return isinstance(fact, Fact) and any(
-            f.edit == fact.edit and fact.key in (None, f.key) for f in self.facts().values())
+        return isinstance(fact, Fact) and edits.holds(self.facts(), fact)
 
     @property
     def ids(self) -> np.ndarray:
@@ -141,9 +114,7 @@ class NeuralDB:
         """All facts by id (read once, then kept up to date)."""
         self.refresh()
         if self._facts is None:
-            records = self.store.read("facts") if len(self) else []
-            self._facts = {int(i): Fact.from_json(json.loads(r))
-                           for i, r in zip(self.store.entries.ids, records)}
+            self._facts = edits.read_stored(self.store)
         return self._facts
 
     def get(self, id_or_key: int | str) -> Fact:
@@ -152,12 +123,7 @@ class NeuralDB:
 
     def id_of(self, id_or_key: int | str) -> int:
         """The database id of the fact with this key (str) or database id (int, checked)."""
-        if isinstance(id_or_key, str):
-            return edits.id_of_key(self.facts(), id_or_key, self.path)
-        fact_id = _as_fact_id(id_or_key)
-        if fact_id not in self.facts():
-            raise FactNotFoundError(f"no fact with id {fact_id} in {self.path}")
-        return fact_id
+        return edits.id_of(self.facts(), id_or_key, self.path)
 
     def ids_of(self, facts: Iterable[Fact]) -> list[int]:
         """Ids of stored facts with the same edit (subject, prompt, new object), in order."""
@@ -229,14 +195,11 @@ class NeuralDB:
         """Remove the facts with these database ids (all of them, or none if one is absent).
         Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
         without it in the same commit; that needs the model (given, bound or attached)."""
-        ids = np.unique(np.array([_as_fact_id(i) for i in ids], dtype=np.int64)).tolist()
+        ids = list(ids)
         if not ids:
             return
         with self.store.writing():
-            missing = sorted(set(ids) - set(self.facts()))
-            if missing:
-                raise FactNotFoundError(f"no fact with id {missing[0]} in {self.path}; "
-                                        "nothing was removed")
+            ids = edits.removable(self.facts(), ids, self.path)
             if self.mates(ids):
                 model, tokenizer = self._model_for([], model, tokenizer)
             self._write([], ids, model, tokenizer, progress=progress)
@@ -255,12 +218,7 @@ class NeuralDB:
         return ids
 
     def set_gamma(self, gamma: float) -> None:
-        check_gamma(gamma)
-        with self.store.writing():
-            if self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None:
-                self.keys.forget_saved()  # which keys the guard keeps depends on gamma
-            self.config.gamma = float(gamma)
-            store_mod.write_config(self.path, self.config.to_dict())
+        self.keys.set_gamma(gamma)
         if self._attachment is not None:
             self._attachment.retrieval.gamma = float(gamma)
             self._attachment.retrieval.index = self.index
@@ -269,8 +227,7 @@ class NeuralDB:
                     residuals: torch.Tensor | np.ndarray) -> list[int]:
         """Commit facts whose keys and residuals were computed already (for experiments
         that reuse vectors, e.g. growing databases of 100 to 10k facts); returns ids."""
-        written = self._writer.commit_vectors(as_facts(facts), torch.as_tensor(keys).float(),
-                                              torch.as_tensor(residuals).float())
+        written = self._writer.commit_vectors(as_facts(facts), keys, residuals)
         self.refresh()
         return written
 
@@ -282,13 +239,9 @@ class NeuralDB:
 
     def _model_for(self, facts: list[Fact], model, tokenizer):
         """The model to edit with (given, bound or attached), once ``facts`` fit it."""
-        model = model if model is not None else self._model
-        tokenizer = tokenizer if tokenizer is not None else self._tokenizer
-        if model is None or tokenizer is None:
-            raise ValueError("a model and tokenizer are needed: pass them, open the database "
-                             "with from_pretrained(path, model, tokenizer), or attach first")
-        check_encodable(facts, model, tokenizer, self.config.prefixes, self.config.compute)
-        return model, tokenizer
+        return edits.editing_model(facts, model if model is not None else self._model,
+                                   tokenizer if tokenizer is not None else self._tokenizer,
+                                   self.config)
 
     # -- keeping the in-memory view in step with the disk ----------------------------------
     def refresh(self) -> None:
@@ -299,8 +252,7 @@ class NeuralDB:
             return
         self.keys.sync()
         if self._attachment is not None:
-            changed, deleted = self.store.read_entries_since(self._synced_version)
-            self._attachment.catch_up(np.concatenate([changed, deleted]))
+            self._attachment.catch_up(self._synced_version)
         self._facts = None
         self._synced_version = version
 
@@ -318,8 +270,7 @@ class NeuralDB:
             raise RuntimeError(f"{self.path} is already attached; detach() it first")
         self._attachment = Attachment(self, model, tokenizer or self._tokenizer, force=force,
                                       device=device, cache_bytes=self._cache_bytes)
-        self._model = model
-        self._tokenizer = tokenizer or self._tokenizer
+        self._model, self._tokenizer = model, tokenizer or self._tokenizer
         return model
 
     def detach(self) -> None:
@@ -332,11 +283,9 @@ class NeuralDB:
         """The live hook while attached (gate statistics, recording of scores)."""
         return self._attachment.retrieval if self._attachment else None
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
+    def disabled(self) -> AbstractContextManager[None]:
         """Run the attached model without this database for a while."""
-        with hooks_disabled([self.retrieval] if self.retrieval else []):
-            yield
+        return hooks_disabled([self.retrieval] if self.retrieval else [])
 
     def __repr__(self) -> str:
         return (f"NeuralDB({str(self.path)!r}, facts={len(self)}, layer={self.config.layer}, "

@@ -1,6 +1,7 @@
-"""Turning facts into committed entries: which input facts are new, repeated or updates,
-which stored facts must be re-edited with them (those sharing a residual), and the batches
-of keys and residuals computed and staged into one commit.
+"""Turning facts into committed entries: the stored facts (read and checked) and their ids
+and keys resolved, which input facts are new, repeated or updates, which stored facts must
+be re-edited with them (those sharing a residual), and the batches of keys and residuals
+computed and staged into one commit.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import numpy as np
 import torch
 
 from ndb.attachment import unedited
-from ndb.compute import FactBar, compute_keys, compute_residuals, pack_groups
+from ndb.compute import FactBar, check_encodable, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactError, FactNotFoundError
-from ndb.facts import Fact
+from ndb.errors import FactError, FactNotFoundError, StoreError
+from ndb.facts import Fact, loads_json
 from ndb.keyset import KeySet
 from ndb.store import Pending, Store
 
@@ -48,6 +49,11 @@ def unique(facts: list[Fact]) -> list[Fact]:
     return kept
 
 
+def holds(stored: dict[int, Fact], fact: Fact) -> bool:
+    """Whether a stored fact has this fact's edit (and its key, when it has one)."""
+    return any(f.edit == fact.edit and fact.key in (None, f.key) for f in stored.values())
+
+
 def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_existing: bool,
              where: object) -> tuple[list[Fact], list[tuple[int, Fact]], list[int]]:
     """Split unique ``facts`` into new ones, (stored id, fact) to re-edit, and the stored
@@ -76,12 +82,50 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
     return new, changed, skipped
 
 
-def id_of_key(stored: dict[int, Fact], key: str, where: object) -> int:
-    """The id of the stored fact whose key is ``key``."""
-    found = next((i for i, f in stored.items() if f.key == key), None)
-    if found is None:
-        raise FactNotFoundError(f"no fact with key {key!r} in {where}")
-    return found
+def read_stored(store: Store) -> dict[int, Fact]:
+    """Every fact the store holds, by id, each checked like a facts file's record (the
+    directory may come from anyone)."""
+    records = store.read("facts") if len(store.entries) else []
+    facts = {}
+    for fact_id, record in zip(store.entries.ids.tolist(), records):
+        where = f"{store.path}: stored fact {fact_id}"
+        try:
+            facts[fact_id] = Fact.from_json(loads_json(record, where), where)
+        except FactError as err:
+            raise StoreError(str(err)) from None
+    return facts
+
+
+def as_fact_id(value: object) -> int:
+    """A database id: an integer that fits the int64 ids of the store."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"fact ids are integers (the database's ids), got {value!r}; "
+                         "a fact's own key is a string")
+    if not np.iinfo(np.int64).min <= int(value) <= np.iinfo(np.int64).max:
+        raise FactNotFoundError(f"no fact with id {value} (ids are 64-bit integers)")
+    return int(value)
+
+
+def id_of(stored: dict[int, Fact], id_or_key: int | str, where: object) -> int:
+    """The id of the stored fact with this key (str) or database id (int, checked)."""
+    if isinstance(id_or_key, str):
+        found = next((i for i, f in stored.items() if f.key == id_or_key), None)
+        if found is None:
+            raise FactNotFoundError(f"no fact with key {id_or_key!r} in {where}")
+        return found
+    fact_id = as_fact_id(id_or_key)
+    if fact_id not in stored:
+        raise FactNotFoundError(f"no fact with id {fact_id} in {where}")
+    return fact_id
+
+
+def removable(stored: dict[int, Fact], ids: Iterable[int], where: object) -> list[int]:
+    """``ids`` to remove, sorted and unique, once every one of them is stored."""
+    ids = sorted({as_fact_id(i) for i in ids})
+    missing = [i for i in ids if i not in stored]
+    if missing:
+        raise FactNotFoundError(f"no fact with id {missing[0]} in {where}; nothing was removed")
+    return ids
 
 
 def ids_of_edits(stored: dict[int, Fact], facts: Iterable[Fact], where: object) -> list[int]:
@@ -102,8 +146,18 @@ def rekeyed(stored: dict[int, Fact], fact_id: int, fact: Fact, where: object) ->
         return replace(fact, key=stored_key)
     if fact.key != stored_key and any(f.key == fact.key for f in stored.values()):
         raise FactError(f"key {fact.key!r} is already used by fact "
-                        f"{id_of_key(stored, fact.key, where)} in {where}")
+                        f"{id_of(stored, fact.key, where)} in {where}")
     return fact
+
+
+def editing_model(facts: list[Fact], model, tokenizer, config: NeuralDBConfig) -> tuple:
+    """(model, tokenizer) to edit ``facts`` with; refuses a missing one, and facts that do
+    not fit them."""
+    if model is None or tokenizer is None:
+        raise ValueError("a model and tokenizer are needed: pass them, open the database "
+                         "with from_pretrained(path, model, tokenizer), or attach first")
+    check_encodable(facts, model, tokenizer, config.prefixes, config.compute)
+    return model, tokenizer
 
 
 def check_keyed(stored: dict[int, Fact], facts: list[Fact], where: object) -> None:
@@ -112,7 +166,7 @@ def check_keyed(stored: dict[int, Fact], facts: list[Fact], where: object) -> No
         if fact.key is None:
             raise FactError(f"{fact.text!r} -> {fact.target_new!r} has no key: "
                             "an update names the stored fact by its key")
-        id_of_key(stored, fact.key, where)
+        id_of(stored, fact.key, where)
 
 
 def mates(stored: dict[int, Fact], ids: Iterable[int], residual_scope: str) -> list[int]:
@@ -193,9 +247,10 @@ class Writer:
                 if commit_each_batch:
                     self.store.commit_now(pending)
 
-    def commit_vectors(self, facts: list[Fact], keys: torch.Tensor, residuals: torch.Tensor
-                       ) -> list[int]:
+    def commit_vectors(self, facts: list[Fact], keys: torch.Tensor | np.ndarray,
+                       residuals: torch.Tensor | np.ndarray) -> list[int]:
         """Commit new facts whose keys and residuals were computed already; returns ids."""
+        keys, residuals = torch.as_tensor(keys).float(), torch.as_tensor(residuals).float()
         shapes = self.config.entry_shapes()
         expected = ((len(facts), *shapes["keys"]), (len(facts), *shapes["residuals"]))
         if (tuple(keys.shape), tuple(residuals.shape)) != expected:

@@ -47,16 +47,10 @@ class Fact:
         return record
 
     @classmethod
-    def from_json(cls, record: dict[str, Any]) -> Fact:
-        return cls(
-            subject=record["subject"],
-            prompt=record["prompt"],
-            target_new=record["target_new"],
-            target_true=record.get("target_true"),
-            key=user_key(record, "key", "id"),  # stored before keys existed: "id"
-            paraphrases=tuple(record.get("paraphrases", ())),
-            extra=dict(record.get("extra", {})),
-        )
+    def from_json(cls, record: dict[str, Any], where: str = "record") -> Fact:
+        """The fact ``record`` (as ``to_json`` writes it, or any record of a facts file)
+        describes, checked like a facts file's; a FactError starts with ``where``."""
+        return parse_record(record, where)
 
 
 MAX_TEXT_CHARS = 1_000  # per text field: subject, prompt, target, id, each paraphrase...
@@ -201,16 +195,16 @@ def parse_record(record: Any, where: str) -> Fact:
 
 def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     if text.lstrip().startswith("["):
-        for i, record in enumerate(_loads(text, name, with_position=True)):
+        for i, record in enumerate(loads_json(text, name, with_position=True)):
             yield f"{name}: record {i + 1}", record
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             where = f"{name}: line {lineno}"
-            yield where, _loads(line, where)
+            yield where, loads_json(line, where)
 
 
-def _loads(text: str, where: str, with_position: bool = False) -> Any:
+def loads_json(text: str | bytes, where: str, with_position: bool = False) -> Any:
     """``text`` as JSON; else a FactError naming ``where`` (and, within a whole file, the
     position)."""
     try:

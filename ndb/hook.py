@@ -64,10 +64,9 @@ class GateStats:
         self._hits = self._hits + hits.sum()
 
 
-def searchable_positions(
-    batch: int, length: int, attention_mask: torch.Tensor | None, past_length: int,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
+def searchable_positions(batch: int, length: int, attention_mask: torch.Tensor | None,
+                         past_length: int, device: torch.device | str | None = None
+                         ) -> torch.Tensor:
     """(batch, length) bool: tokens of this call that may be searched (on the mask's device,
     else on ``device``)."""
     if attention_mask is not None and attention_mask.dim() == 2:

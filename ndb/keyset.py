@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ndb import store as store_mod
-from ndb.config import NeuralDBConfig
+from ndb.config import NeuralDBConfig, check_gamma
 from ndb.errors import StoreError
 from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
 from ndb.store import Store
@@ -55,10 +55,16 @@ class KeySet:
         if self.config.index == "auto" and self._kind() != self._index.kind:
             self._build()
 
-    def forget_saved(self) -> None:
-        """Drop the saved and in-memory index (which keys the guard keeps changed)."""
-        self.store.forget_saved_index()
-        self._index = None
+    def set_gamma(self, gamma: float) -> None:
+        """Change the gate (committed to the config), and with it which keys the guard
+        keeps: the saved and in-memory index are dropped then."""
+        check_gamma(gamma)
+        with self.store.writing():
+            if self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None:
+                self.store.forget_saved_index()
+                self._index = None
+            self.config.gamma = float(gamma)
+            store_mod.write_config(self.store.path, self.config.to_dict())
 
     def save(self) -> None:
         """Persist the index if it is newer than the saved copy, so that the next open

@@ -212,11 +212,8 @@ def resolve_model_path(name_or_path: str | None) -> Path:
     return path
 
 
-def load_model(
-    name_or_path: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-):
+def load_model(name_or_path: str | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
 
     The tokenizer is set up to start every text with a fixed first token (see ``anchor``),

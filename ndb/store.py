@@ -458,7 +458,7 @@ class Store:
             seg_ids = f["ids"][:]
             n = len(seg_ids)
             ids.append(seg_ids)
-            seqs.append(f["seq"][:] if "seq" in f else np.full(n, f.attrs["seq"], np.int64))
+            seqs.append(_seqs(f))
             segs.append(np.full(n, s, np.int64))
             rows.append(np.arange(n, dtype=np.int64))
             alive.append(np.full(n, "keys" in f))
@@ -500,8 +500,7 @@ class Store:
         changed = set()
         for name in self.manifest.segments:
             f = self.file(name)
-            seqs = f["seq"][:] if "seq" in f else np.full(len(f["ids"]), f.attrs["seq"])
-            changed.update(f["ids"][:][seqs > version].tolist())
+            changed.update(f["ids"][:][_seqs(f) > version].tolist())
         changed_ids = np.array(sorted(changed), dtype=np.int64)
         live = np.isin(changed_ids, self.entries.ids)
         return changed_ids[live], changed_ids[~live]
@@ -587,12 +586,8 @@ class Store:
         killed) and temporary files. Only right after a commit: a command that fails
         before committing removes nothing."""
         referenced = set(self.manifest.segments)
-        for p in real_directory(self.path / SEGMENTS).iterdir():
-            if p.name not in referenced and not p.is_dir():
-                p.unlink(missing_ok=True)  # a link is removed, never what it points to
-        for p in self.path.glob(".*.tmp"):
-            if not p.is_dir():
-                p.unlink(missing_ok=True)
+        _remove_files(real_directory(self.path / SEGMENTS), referenced.__contains__)
+        _remove_files(self.path, lambda name: not (name.startswith(".") and name.endswith(".tmp")))
 
     def write_segment(self, name: str, datasets: dict[str, np.ndarray], seq: int
                       ) -> dict[str, int | str]:
@@ -674,10 +669,7 @@ class Store:
             write(tmp)
         atomic_write_json(directory / INDEX_META, {"version": version, "kind": kind,
                                                    "file": name, **file_digest(directory / name)})
-        for old in directory.iterdir():
-            if old.name not in (name, INDEX_META) and not old.name.startswith(".") \
-                    and not old.is_dir():
-                old.unlink(missing_ok=True)  # a link is removed, never what it points to
+        _remove_files(directory, lambda old: old in (name, INDEX_META) or old.startswith("."))
 
     def forget_saved_index(self) -> None:
         (self.path / INDEX / INDEX_META).unlink(missing_ok=True)
@@ -686,6 +678,19 @@ class Store:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _remove_files(directory: Path, keep: Callable[[str], bool]) -> None:
+    """Remove the files of ``directory`` whose names ``keep`` refuses (a link is removed,
+    never what it points to; directories stay)."""
+    for path in directory.iterdir():
+        if not keep(path.name) and not path.is_dir():
+            path.unlink(missing_ok=True)
+
+
+def _seqs(f: h5py.File) -> np.ndarray:
+    """The sequence number of each entry of segment ``f`` (older segments hold one for all)."""
+    return f["seq"][:] if "seq" in f else np.full(len(f["ids"]), f.attrs["seq"], np.int64)
 
 
 def _lock_holder(content: bytes) -> tuple[str, str, str]:

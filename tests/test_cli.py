@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ndb import NeuralDB
+from ndb import ComputeConfig, NeuralDB
 from ndb.cli.main import cli
 
-from conftest import write_jsonl
+from conftest import FAST_COMPUTE, write_jsonl
 
 FACTS = [
     {"subject": "Paris", "prompt": "{} is located in the country of", "target_new": "Japan",
@@ -193,6 +193,23 @@ def test_list_shows_ids_and_keys_apart_and_remove_takes_either(built, tmp_path):
     assert [r["subject"] for r in listed(built)] == ["Paris", "Lionel Messi", "Toyota"]
     assert run("remove", str(built), "--key", "b").exit_code == 0
     assert [r["key"] for r in listed(built)] == ["a", "c"]
+
+
+def test_a_database_of_an_unnamed_model_asks_for_model_when_remove_needs_it(tmp_path, llama):
+    model, tok = llama
+    model.config.name_or_path = ""  # built from a model with no name or path to load it by
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=1, compute=ComputeConfig(
+        **{**FAST_COMPUTE, "n_prefixes": 0}))
+    paris = [{"subject": "Paris", "prompt": "{} is located in the country of",
+              "target_new": "Japan"},
+             {"subject": "Paris", "prompt": "{} has a sister city,", "target_new": "Tokyo"}]
+    rng = np.random.default_rng(0)
+    db.add_vectors(paris, rng.standard_normal((2, db.config.d_key)),
+                   rng.standard_normal((2, db.config.d_value)))
+    before = snapshot(db.path)
+    result = run("remove", str(db.path), "0")  # its mate about Paris is re-edited: a model
+    assert result.exit_code == 1 and "give --model" in result.output, result.output
+    assert snapshot(db.path) == before
 
 
 def test_remove_resolves_everything_before_removing(built):

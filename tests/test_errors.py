@@ -114,6 +114,7 @@ BAD_ARGUMENTS = [
      "--layer 2 (the database has 1); --gamma 0.5 (the database has 0.8)"),
     (("add", "{db}", "{facts}", "--device", "bogus"), "'bogus' is not a torch device"),
     (("add", "{db}", "{new}"), "no such file"),
+    (("remove", "{db}", "0", "--device", "bogus"), "'bogus' is not a torch device"),
     (("generate", "{db}", "Paris is", "--max-new-tokens", "0"), "--max-new-tokens"),
     (("generate", "{db}", "Paris\x00 is"), "'PROMPT' contains a control character U+0000"),
     (("generate", "{db}", "Paris is", "--device", "bogus"), "'bogus' is not a torch device"),

@@ -271,6 +271,22 @@ def top_hits(path, keys):
     return ids.tolist(), scores
 
 
+@pytest.mark.parametrize("record", [
+    "not json", "[1, 2]", json.dumps({"subject": "Paris"}),
+    json.dumps({"subject": 5, "prompt": "{} is in", "target_new": "Japan"}),
+    json.dumps({"subject": "Paris", "prompt": "{} is in", "target_new": "Japan",
+                "paraphrases": {"a": 1}}),
+])
+def test_a_stored_record_that_is_not_a_fact_is_refused_in_one_line(saved, record):
+    path, _, _ = saved
+    db = NeuralDB.from_pretrained(path)
+    shapes = db.config.entry_shapes()
+    db.store.append(np.zeros((1, *shapes["keys"]), np.float16),
+                    np.zeros((1, *shapes["residuals"]), np.float32), [record], ids=np.array([2]))
+    with pytest.raises(StoreError, match="stored fact 2"):
+        NeuralDB.from_pretrained(path).facts()
+
+
 def test_corrupted_index_cache_is_rebuilt_with_a_warning(saved):
     path, index_file, keys = saved
     data = bytearray(index_file.read_bytes())

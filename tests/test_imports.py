@@ -76,7 +76,7 @@ with tempfile.TemporaryDirectory() as tmp:
     db, model = tmp + "/db", ["--model", tmp + "/model"]
     for args in (["build", facts, "-o", db, "--layer", "1", "--gamma", "0.9", *model],
                  ["add", db, facts, *model], ["remove", db, "0", *model],
-                 ["list", db], ["info", db], ["serve", "--help"]):
+                 ["list", db], ["info", db]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, (args, result.output)
 """
@@ -131,6 +131,7 @@ assert CliRunner().invoke(cli, ["eval", "--help"]).exit_code == 0
 
 def test_serve_without_its_extra_says_what_to_install():
     body = COMMANDS + """
+assert CliRunner().invoke(cli, ["serve", "--help"]).exit_code == 0
 result = CliRunner().invoke(cli, ["serve", "some.ndb"])
 assert result.exit_code == 1, result.output
 assert "ndb serve needs the serve extra" in result.output, result.output
