@@ -5,6 +5,8 @@ plus what the model they were made for looks like), saved in the database's dire
 from __future__ import annotations
 
 import numbers
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -26,6 +28,38 @@ from ndb.models import (
 )
 
 FORMAT_VERSION = 1
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a value read from JSON fits a field's type (int is a float; bool is not
+    an int)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin in (list, tuple):  # JSON gives a list for both
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def check_types(cls: type, data: dict, where: str = "") -> None:
+    """Refuse a stored config whose values do not have its dataclass's field types (a
+    database directory is untrusted input: a string gamma must fail here, not deep inside a
+    search)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        hint = hints.get(name)
+        if hint is not None and hint is not ComputeConfig and not _has_type(value, hint):
+            raise ValueError(f"config field {where}{name} is {value!r}, not of type "
+                             f"{getattr(hint, '__name__', hint)}")
 
 
 def check_gamma(gamma: float) -> None:
@@ -211,6 +245,10 @@ class NeuralDBConfig:
         if not (isinstance(parts, dict)
                 and all(isinstance(v, str) for v in [*parts, *parts.values()])):
             raise ValueError("input_fingerprints must map part names to fingerprint strings")
+        check_types(cls, data)
+        if not isinstance(data.get("compute", {}), dict):
+            raise ValueError("config field compute is not a mapping of settings")
+        check_types(ComputeConfig, data.get("compute", {}), "compute.")
         # databases written before these settings existed edit as the paper does
         compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], "kl_weight": 0.0625,
                    "clamp_grows_with_group": False, "group_loss": "mean",

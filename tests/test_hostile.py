@@ -332,3 +332,20 @@ def test_an_oversized_config_is_refused_before_it_is_read(tmp_path, llama, exact
         f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk used
     with pytest.raises(StoreError, match="more than a config"):
         NeuralDB.from_pretrained(db.path)
+
+
+@pytest.mark.parametrize("change", [
+    {"gamma": "high"}, {"layer": 1.5}, {"layer": True}, {"prefixes": 5}, {"prefixes": [1]},
+    {"guard_margin": "x"}, {"compute": {"steps": "many"}}, {"compute": {"kl_prompts": 3}},
+    {"compute": {"split_keys": "yes"}}, {"compute": []},
+])
+def test_a_config_value_of_the_wrong_type_is_refused_in_one_line(saved, change):
+    path, _, _ = saved
+    file = st.config_file(path)
+    data = json.loads(file.read_text())
+    key, value = next(iter(change.items()))
+    if key == "compute" and isinstance(value, dict):
+        value = {**data["compute"], **value}
+    file.write_text(json.dumps({**data, key: value}))
+    with pytest.raises(StoreError, match=key if key != "compute" else "compute"):
+        NeuralDB.from_pretrained(path)
