@@ -36,8 +36,8 @@ def _has_type(value: object, hint: object) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_has_type(value, arg) for arg in args)
-    if origin in (list, tuple):  # JSON gives a list for both
-        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin in (list, tuple):  # JSON gives a list for both, a config in memory either
+        return isinstance(value, (list, tuple)) and all(_has_type(v, args[0]) for v in value)
     if origin is dict:
         return isinstance(value, dict) and all(
             _has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
