@@ -44,9 +44,9 @@ def _has_type(value: object, hint: object) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return _is_integer(value) or isinstance(value, float)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return _is_integer(value)
     return isinstance(value, hint)
 
 
