@@ -689,10 +689,12 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
             advance(len(facts) * (1 - (step - 1) / config.steps))
             break
         advance(len(facts) / config.steps)
-        loss[~done].sum().backward()
+        # the deltas' gradient alone: a user's model whose weights require grad gets no
+        # .grad written into it and does not pay for the weights' gradients
+        (grad,) = torch.autograd.grad(loss[~done].sum(), d)
         with torch.no_grad():
             go = ~done
-            rows, g = active[go], d.grad[go]
+            rows, g = active[go], grad[go]
             adam_m[rows] = b1 * adam_m[rows] + (1 - b1) * g
             adam_v[rows] = b2 * adam_v[rows] + (1 - b2) * g**2
             m_hat = adam_m[rows] / (1 - b1**step)

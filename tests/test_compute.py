@@ -309,3 +309,18 @@ def test_group_loss_sum_weighs_each_edit_as_a_fact_alone(llama):
     half = {"kl_weight": 0.5, "weight_decay": 0.25}
     torch.testing.assert_close(twice(group_loss="sum"), alone(**half), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(twice(group_loss="sum"), alone(), atol=1e-3)
+
+
+def test_residuals_leave_a_trainable_model_untouched(llama):
+    """A user's model whose weights require grad: same residuals, no .grad written."""
+    model, tok = llama
+    config = ComputeConfig(**FAST_COMPUTE)
+    frozen = compute_residuals(model, tok, FACTS[:2], 2, PREFIXES, config)
+    model.requires_grad_(True)
+    try:
+        trainable = compute_residuals(model, tok, FACTS[:2], 2, PREFIXES, config)
+        assert all(p.grad is None for p in model.parameters())
+        assert all(p.requires_grad for p in model.parameters())
+    finally:
+        model.requires_grad_(False)
+    torch.testing.assert_close(trainable, frozen)
