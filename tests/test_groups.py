@@ -117,7 +117,8 @@ def test_cli_remove_re_edits_the_remaining_facts(tmp_path, tiny_model_dir, runne
 def test_a_database_keeps_the_compute_settings_it_was_written_with(tmp_path, llama):
     from ndb.config import NeuralDBConfig
     model, tok = llama
-    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=GROUPED)
+    grown = ComputeConfig(**{**GROUPED.to_dict(), "clamp_grows_with_group": True})
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=grown)
     data = db.config.to_dict()
     assert data["compute"]["clamp_grows_with_group"] is True
     # written before the group bound existed: a subject-scope database keeps the fixed bound
