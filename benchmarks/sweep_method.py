@@ -41,12 +41,16 @@ SETTINGS: dict[str, dict] = {
     "ndb with kl_weight 4": {"kl_weight": 4.0},
     "ndb with kl_weight 0.25": {"kl_weight": 0.25},
     "ndb + contrast": {"contrast_weight": 1.0},
-    # a larger Adam step: the hardest groups ended their steps with their NLL still falling
-    # (benchmarks/results/group_probe/)
-    "ndb with lr 1.0": {"lr": 1.0},
-    # the default until group_loss and clamp_grows_with_group existed
-    "ndb with one group weight and bound": {"group_loss": "mean",
-                                            "clamp_grows_with_group": False},
+    # an edited subject's chat answers often name another subject (the sweeps' group probes)
+    "ndb + chat KL": {"chat_kl": True},
+    # each edit of a group weighing as a fact alone, and a bound growing with the group
+    "ndb with group sum and growing bound": {"group_loss": "sum",
+                                             "clamp_grows_with_group": True},
+    # and a larger Adam step: the hardest groups ended their steps with their NLL still
+    # falling (benchmarks/results/group_probe/)
+    "ndb with group sum and growing bound and lr 1.0": {"group_loss": "sum",
+                                                        "clamp_grows_with_group": True,
+                                                        "lr": 1.0},
     "subject scope and the paper's KL": {"kl_prompts": PAPER["kl_prompts"],
                                   "kl_weight": PAPER["kl_weight"]},
 }
@@ -75,14 +79,45 @@ def built(path: Path, facts, model, tok, overrides: dict) -> tuple[NeuralDB, flo
     return db, seconds
 
 
+def both_dev_sets(first: Path, second: Path, out: Path) -> None:
+    """Judge the settings that two sweeps' JSON files (one per dev set) both measured by the
+    mean of their two scores; writes ``out`` (.json and .md)."""
+    runs = [json.loads(Path(p).read_text()) for p in (first, second)]
+    names = [k for k in runs[0]["rows"] if k in runs[1]["rows"] and k in SETTINGS]
+    scores = {k: [run["rows"][k]["score"] for run in runs] for k in names}
+    mean = {k: sum(v) / 2 for k, v in scores.items()}
+    default = next(iter(SETTINGS))
+    best = max(mean, key=lambda k: (round(mean[k], 2), k == default))
+    write_strict_json(out.with_suffix(".json"), {"dev_sets": [str(first), str(second)],
+                                                 "scores": scores, "mean": mean, "best": best},
+                      indent=2)
+    heads = [f"{Path(run['facts']).name} ({run['n']})" for run in runs]
+    lines = ["# Residual settings judged on both dev sets", "",
+             f"Reproduce: `python benchmarks/sweep_method.py --both {first} {second}` (each "
+             "sweep's score as in its own table; the mean weighs the two dev sets alike).", "",
+             f"| setting | {heads[0]} | {heads[1]} | mean |", "|---|---|---|---|"]
+    for k in names:
+        mark = " **best**" if k == best else ""
+        lines.append(f"| {k} | {scores[k][0]:.1f} | {scores[k][1]:.1f} | {mean[k]:.2f}{mark} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--both", nargs=2, type=Path, metavar="SWEEP_JSON",
+                    help="only judge, from two finished sweeps' JSON files, the settings both "
+                         "measured (writes --out, default results/sweep_method_both)")
     ap.add_argument("--facts", default=str(HERE.parent / "ndb/data/dev_counterfact.json"))
     ap.add_argument("--settings", default=",".join(SETTINGS),
                     help="comma-separated names from SETTINGS, in the order to run")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".scratch" / "sweep_method")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sweep_method")
     args = ap.parse_args()
+    if args.both:
+        out = args.out if args.out != ap.get_default("out") else HERE / "results/sweep_method_both"
+        both_dev_sets(*args.both, out)
+        return
     unknown = [name for name in args.settings.split(",") if name not in SETTINGS]
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")

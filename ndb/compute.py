@@ -98,6 +98,11 @@ class ComputeConfig:
     # residual carries all of a subject's edits; without this term a relation's prompt may
     # be answered with another relation's new object (cross-talk). 0: off
     contrast_weight: float = 0.0
+    # ndb, not the paper: each KL prompt also inside the model's chat template, a user turn
+    # naming the subject (CHAT_TURN) answered by the assistant with the KL prompt, the delta
+    # at both mentions, so that the subject stays itself in a chat too (an edited subject's
+    # chat answers tend to name another subject). Only for tokenizers with a chat template
+    chat_kl: bool = False
 
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
@@ -264,12 +269,14 @@ def encode_chat(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[i
 
 
 def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Sequence[str],
-          kl_prompts: Sequence[str], chat: bool = False) -> tuple[list[_Row], list[int]]:
+          kl_prompts: Sequence[str], chat: bool = False, chat_kl: bool = False
+          ) -> tuple[list[_Row], list[int]]:
     """Rows of a batch, ``_Row.fact`` being the fact's group (the delta it is optimized by):
     each fact's prompt in every context (and in a chat, with ``chat``), then each group's KL
-    prompts. Also returns, per group, its first bare-prompt row (where the residual stream's
-    norm is read)."""
-    chat = chat and bool(getattr(tokenizer, "chat_template", None))
+    prompts (also in a chat, with ``chat_kl``). Also returns, per group, its first
+    bare-prompt row (where the residual stream's norm is read)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    chat, chat_kl = chat and templated, chat_kl and templated
     rows, bare, subject = [], {}, {}
     targets = [target_ids(tokenizer, fact.target_new) for fact in facts]
     firsts: dict[int, set[int]] = {}
@@ -290,6 +297,9 @@ def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Seq
         for prompt in kl_prompts:
             ids, s = encode_prompt(tokenizer, "", prompt, name)
             rows.append(_Row(group, ids, s, None))
+            if chat_kl:
+                ids, mentions = encode_chat(tokenizer, prompt, name)
+                rows.append(_Row(group, ids, mentions[0], None, tuple(mentions[1:])))
     return rows, [bare[g] for g in sorted(bare)]
 
 
@@ -302,7 +312,7 @@ def check_encodable(facts: Sequence[Fact], model, tokenizer, prefixes: Sequence[
     for i, fact in enumerate(facts):
         try:
             rows, _ = _rows(tokenizer, [fact], [0], prefixes, config.kl_prompts,
-                            config.chat_context)
+                            config.chat_context, config.chat_kl)
         except ValueError:  # no token ends inside the subject's span
             raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): the subject "
                             f"{fact.subject!r} yields no token in its prompt") from None
@@ -648,7 +658,7 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
     ``advance`` gets the facts each step completed, in fractions (summing to len(facts))."""
     device = _device(model)
     rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts,
-                            config.chat_context)
+                            config.chat_context, config.chat_kl)
     batch = _Batch(rows, anchor_token_id(tokenizer)).to(device)
     runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
     n_groups = len(bare_rows)

@@ -224,6 +224,28 @@ def test_chat_context_changes_residuals_only_when_asked(llama):
     assert not torch.allclose(plain, chat)
 
 
+def test_chat_kl_adds_each_kl_prompt_in_a_chat_with_the_delta_at_both_mentions(tokenizer):
+    kl = ("{} is a", "{}. The name above is")
+    plain, _ = _rows(tokenizer, FACTS[:2], [0, 0], PREFIXES, kl)
+    rows, _ = _rows(tokenizer, FACTS[:2], [0, 0], PREFIXES, kl, chat_kl=True)
+    added = [r for r in rows if r not in plain]
+    assert len(rows) == len(plain) + len(kl) and len(added) == len(kl)
+    subject = FACTS[0].subject
+    for row, prompt in zip(added, kl):
+        assert row.targets is None and len(row.also) == 1  # a KL row, mentioned twice
+        text = tokenizer.decode(row.ids)
+        assert text.startswith("<|im_start|>") and text.endswith(prompt.format(subject))
+        assert subject.endswith(tokenizer.decode(row.ids[row.subject]).strip())
+
+
+def test_chat_kl_changes_residuals_only_when_asked(llama):
+    model, tok = llama
+    plain = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
+    chat = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES,
+                             ComputeConfig(**FAST_COMPUTE, chat_kl=True))
+    assert not torch.allclose(plain, chat)
+
+
 def test_fact_bar_never_runs_past_its_total():
     bar = FactBar(3, "facts")
     for _ in range(75):  # 25 steps of three facts: fractions that do not add up exactly
