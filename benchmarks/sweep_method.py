@@ -156,7 +156,9 @@ def main() -> None:
                       {"facts": args.facts, "n": len(facts), "settings": SETTINGS,
                        "scored": [*SCORED, *(f"100 - {k}" for k in INVERSE)], "rows": rows,
                        "best": best}, indent=2)
-    asked = "" if args.settings == ap.get_default("settings") else f' --settings "{args.settings}"'
+    asked = "" if args.facts == ap.get_default("facts") else f" --facts {args.facts}"
+    if args.settings != ap.get_default("settings"):
+        asked += f' --settings "{args.settings}"'
     lines = ["# Residual settings swept on the dev set, judged by real use", "",
              f"Reproduce: `python benchmarks/sweep_method.py{asked}` ({len(facts)} dev records of "
              f"`{Path(args.facts).name}`, default model, its default layer and gamma; "

@@ -55,9 +55,9 @@ class ComputeConfig:
     # ndb, not the paper, off: a residual shared by k facts of one subject may grow to
     # clamp * sqrt(k) * ||h||, the norm of k single-fact edits in independent directions.
     # With one fact's bound, the hardest groups' residuals ended their steps on the bound with
-    # their edits' NLL still falling; but a residual that large can also rename the subject
-    # in chat. With group_loss "sum" it won the groups dev set and lost the default one,
-    # and lost on both together (benchmarks/results/sweep_method_both.md)
+    # their edits' NLL still falling. With group_loss "sum" it won the groups dev set, lost
+    # the default one (by one group of five) and lost on both together
+    # (benchmarks/results/sweep_method_both.md)
     clamp_grows_with_group: bool = False
     # ndb, not the paper: how a shared residual weighs its edits' NLL against the KL term.
     # "mean": the group's edits share one weight, so each of k edits pulls k times less
