@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--retrain", action="store_true",
+                    help="retrain the index on all N keys before calibrating (default: the "
+                         "lists it was last trained with while the keys were added)")
     args = ap.parse_args()
     model, tok = ndb.load_model()
     layer, gamma = default_edit_settings(model)
@@ -97,6 +100,8 @@ def main() -> None:
     index = make_index("ivf", keys.shape[1])
     for s in range(0, len(keys), 65_536):
         index.add(keys[s:s + 65_536].astype(np.float32), ids[s:s + 65_536])
+    if args.retrain:
+        index.retrain()
     index_s = time.perf_counter() - start
     index.calibrate(calibration, gamma)
     margin = index.coarse_margin
