@@ -67,9 +67,24 @@ def measure_rows(facts_path: str, db_path: str, n: int) -> dict:
             "fluency_cases": min(settings.fluency_cases, len(facts))}
 
 
+def build_database(facts_path: str, db_path: str) -> None:
+    """Child process: ``db_path`` built from the facts by whichever ``ndb`` is first on the
+    path (the earlier revision's: it cannot read settings that later databases record)."""
+    from ndb import NeuralDB, load_model, read_facts
+
+    model, tok = load_model()
+    db = NeuralDB.create(db_path, model, tok)
+    db.add(read_facts(facts_path), model, tok, progress=True)
+    db.close()
+
+
+def _child_env(code_root: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(code_root),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
 def run_child(code_root: Path, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code_root),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = _child_env(code_root)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([sys.executable, __file__, "--child", out.name, "--facts", args.facts,
                         "--db", args.db, "--n", str(args.n)], env=env, check=True)
@@ -103,22 +118,30 @@ def differences(before: dict, now: dict) -> dict[str, dict[str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", required=True, help="CounterFact-schema facts (ndb data geo)")
-    ap.add_argument("--db", required=True, help="a NeuralDB built from those facts")
+    ap.add_argument("--db", required=True,
+                    help="a NeuralDB of those facts; built by the --before code if missing")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--before", default="eb1bf83",
                     help="git revision whose ndb package is the reference")
     ap.add_argument("--extrapolate", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "eval_speed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--build-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         Path(args.child).write_text(json.dumps(measure_rows(args.facts, args.db, args.n)))
         return
+    if args.build_child:
+        build_database(args.facts, args.db)
+        return
 
-    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"before": run_child(package_at(args.before, Path(tmp)), args),
-                "now": run_child(ROOT, args)}
+        before = package_at(args.before, Path(tmp))
+        if not Path(args.db).exists():
+            subprocess.run([sys.executable, __file__, "--build-child", "--facts", args.facts,
+                            "--db", args.db], env=_child_env(before), check=True)
+        load_before = os.getloadavg()
+        runs = {"before": run_child(before, args), "now": run_child(ROOT, args)}
     load_after = os.getloadavg()
     from ndb.eval.run import EvalSettings
 
