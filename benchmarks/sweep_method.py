@@ -59,6 +59,12 @@ SCORED = ("efficacy", "generalization", "specificity", "gen_efficacy", "chat_kno
 INVERSE = ("cross_talk", "spill_subject")  # lower is better: scored as 100 - value
 
 
+def best_of(scores: dict[str, float]) -> str:
+    """The setting with the best score (to two decimals); a tie keeps the default."""
+    default = next(iter(SETTINGS))
+    return max(scores, key=lambda k: (round(scores[k], 2), k == default))
+
+
 def score(row: dict[str, float]) -> float:
     values = [row[k] for k in SCORED] + [100 - row[k] for k in INVERSE]
     return sum(values) / len(values)
@@ -86,8 +92,7 @@ def both_dev_sets(first: Path, second: Path, out: Path) -> None:
     names = [k for k in runs[0]["rows"] if k in runs[1]["rows"] and k in SETTINGS]
     scores = {k: [run["rows"][k]["score"] for run in runs] for k in names}
     mean = {k: sum(v) / 2 for k, v in scores.items()}
-    default = next(iter(SETTINGS))
-    best = max(mean, key=lambda k: (round(mean[k], 2), k == default))
+    best = best_of(mean)
     write_strict_json(out.with_suffix(".json"), {"dev_sets": [str(first), str(second)],
                                                  "scores": scores, "mean": mean, "best": best},
                       indent=2)
@@ -150,8 +155,7 @@ def main() -> None:
         print(markdown_table({name: rows[name]}), flush=True)
 
     swept = {k: v for k, v in rows.items() if k in args.settings.split(",")}
-    default = next(iter(SETTINGS))
-    best = max(swept, key=lambda k: (round(swept[k]["score"], 2), k == default))
+    best = best_of({k: row["score"] for k, row in swept.items()})
     write_strict_json(args.out.with_suffix(".json"),
                       {"facts": args.facts, "n": len(facts), "settings": SETTINGS,
                        "scored": [*SCORED, *(f"100 - {k}" for k in INVERSE)], "rows": rows,

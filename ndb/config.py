@@ -241,10 +241,6 @@ class NeuralDBConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         data = dict(data)
-        parts = data.get("input_fingerprints", {})
-        if not (isinstance(parts, dict)
-                and all(isinstance(v, str) for v in [*parts, *parts.values()])):
-            raise ValueError("input_fingerprints must map part names to fingerprint strings")
         check_types(cls, data)
         if not isinstance(data.get("compute", {}), dict):
             raise ValueError("config field compute is not a mapping of settings")
