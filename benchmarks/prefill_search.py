@@ -31,10 +31,10 @@ import ndb
 from ndb.anchor import anchor_token_id
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.bench import KEY_TEMPLATES, exact_top1, load_scale_keys, token_queries
-from ndb.hook import GatedRetrieval
 from ndb.indexes import make_index
 from ndb.models import default_edit_settings, ffn_out_path, get_module
 from ndb.output import write_strict_json
+from ndb.retrieval import GatedRetrieval
 
 
 def fitted_keys(real: np.ndarray, n: int, seed: int = 0, rank: int = 256,

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ndb.anchor import fixed_first_ids
-from ndb.hook import GatedRetrieval
 from ndb.models import get_module
 from ndb.residual_cache import ResidualCache
+from ndb.retrieval import GatedRetrieval
 
 if TYPE_CHECKING:
     from ndb.database import NeuralDB

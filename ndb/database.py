@@ -31,11 +31,11 @@ from ndb.config import EditConfig, NeuralDBConfig
 from ndb.edits import AddResult, ProgressCallback
 from ndb.errors import FactNotFoundError
 from ndb.facts import Fact, as_facts
-from ndb.hook import GatedRetrieval
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
 from ndb.output import check_creatable
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
+from ndb.retrieval import GatedRetrieval
 from ndb.store import Store
 
 
@@ -132,9 +132,6 @@ class NeuralDB:
     def ids_about(self, subject: str) -> list[int]:
         """Ids of the facts about ``subject`` (exact match)."""
         return [i for i, f in self.facts().items() if f.subject == subject]
-
-    find = ids_about  # the name the README gave it first
-    lookup = ids_of  # the name ndb.eval knows it by
 
     def mates(self, ids: Iterable[int]) -> list[int]:
         """Stored facts (not in ``ids``) whose residual is shared with a fact in ``ids``.

@@ -47,7 +47,7 @@ def make_methods(names: Sequence[str], model, tok, facts: Sequence[Fact], db: Ne
         raise ValueError("MEMIT and AlphaEdit need generic text for their C0 statistics: "
                          "pass a text file (e.g. lambada_test.jsonl)")
     source = paper_db or db
-    residuals = (torch.from_numpy(source.store.read("residuals", source.lookup(facts))).float()
+    residuals = (torch.from_numpy(source.store.read("residuals", source.ids_of(facts))).float()
                  if weight_editors else None)
     texts = read_texts(stats_texts) if weight_editors else []
     for name in names:

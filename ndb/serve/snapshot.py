@@ -5,7 +5,7 @@ A request must see one database version from its first token to its last, while 
 commits new facts beside it. So the hook never reads the live database: every commit
 publishes an immutable :class:`Snapshot` (its own key index and residual table), each batch
 of requests pins the snapshot current when it starts, and the hook (an ordinary
-:class:`ndb.hook.GatedRetrieval`) searches whatever the calling thread pinned. A thread
+:class:`ndb.retrieval.GatedRetrieval`) searches whatever the calling thread pinned. A thread
 that pinned nothing (the job worker computing residuals) sees no facts at all.
 """
 
@@ -23,10 +23,10 @@ from torch import nn
 from ndb.anchor import fixed_first_ids
 from ndb.database import NeuralDB
 from ndb.facts import Fact
-from ndb.hook import GatedRetrieval, searchable_positions
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
 from ndb.models import get_module
+from ndb.retrieval import GatedRetrieval, searchable_positions
 
 
 @dataclass(frozen=True)
