@@ -247,7 +247,7 @@ class NeuralDBConfig:
         check_types(ComputeConfig, data.get("compute", {}), "compute.")
         # databases written before these settings existed edit as the paper does
         compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], "kl_weight": 0.0625,
-                   "clamp_grows_with_group": False, "group_loss": "mean",
+                   "clamp_grows_with_group": False, "group_loss": "mean", "extra_steps": 0,
                    **data.get("compute", {})}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)

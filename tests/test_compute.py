@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ndb import nethook
+from ndb import compute, nethook
 from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.compute import (
     ComputeConfig,
@@ -13,6 +13,7 @@ from ndb.compute import (
     compute_keys,
     compute_residuals,
     context_prefixes,
+    encode_prompt,
     suffix_chunks,
 )
 from ndb.facts import Fact
@@ -346,3 +347,52 @@ def test_residuals_leave_a_trainable_model_untouched(llama):
     finally:
         model.requires_grad_(False)
     torch.testing.assert_close(trainable, frozen)
+
+
+def _greedy_holds(model, tok, fact: Fact, layer: int, residual: torch.Tensor) -> bool:
+    """Whether, with ``residual`` added at the subject's last token, every token of the new
+    object is the greedy choice after the fact's prompt, in every context of PREFIXES."""
+    target = target_ids(tok, fact.target_new)
+    for prefix in PREFIXES:
+        ids, subject = encode_prompt(tok, prefix, fact.prompt, fact.subject)
+
+        def add(out, at=subject):
+            out = out.clone()
+            out[:, at] += residual
+            return out
+
+        with nethook.edit_output(get_module(model, ffn_out_path(model, layer)), add):
+            logits = model(input_ids=torch.tensor([ids + target[:-1]])).logits[0]
+        if logits[len(ids) - 1:].argmax(-1).tolist() != target:
+            return False
+    return True
+
+
+def test_extra_steps_run_until_the_new_object_holds_and_no_longer(llama, monkeypatch):
+    """After ``steps``, a fact keeps optimizing while its object is not every token's greedy
+    choice on its prompts, and stops at the first step where it is, within extra_steps."""
+    model, tok = llama
+    # the subject right before the object: a residual at layer 2 of a random model can
+    # make it the greedy choice there
+    fact = Fact("Paris", "We flew to {}", "Japan", "France")
+    checks = []
+    real_holds = compute._holds
+    monkeypatch.setattr(compute, "_holds", lambda *a: checks.append(real_holds(*a)) or checks[-1])
+    base = {**FAST_COMPUTE, "steps": 1, "lr": 0.05, "stop_loss": 0.0, "weight_decay": 0.0}
+
+    compute_residuals(model, tok, [fact], 2, PREFIXES, ComputeConfig(**base))
+    assert [bool(c) for c in checks] == [False]  # checked once, at the last step: not yet
+
+    checks.clear()
+    config = ComputeConfig(**{**base, "clamp": 100.0, "extra_steps": 300})
+    held = compute_residuals(model, tok, [fact], 2, PREFIXES, config)[0]
+    assert len(checks) < 301 and not bool(checks[0]) and bool(checks[-1])
+    assert not any(bool(c) for c in checks[:-1])  # it stopped at the first step that held
+    assert _greedy_holds(model, tok, fact, 2, held)
+    assert not _greedy_holds(model, tok, fact, 2, 0.5 * held)
+
+    checks.clear()  # a bound it cannot hold within: all the extra steps, then it stops
+    config = ComputeConfig(**{**base, "clamp": 1e-4, "extra_steps": 5})
+    bounded = compute_residuals(model, tok, [fact], 2, PREFIXES, config)[0]
+    assert [bool(c) for c in checks] == [False] * 6
+    assert not _greedy_holds(model, tok, fact, 2, bounded)

@@ -125,6 +125,12 @@ def test_a_database_keeps_the_compute_settings_it_was_written_with(tmp_path, lla
     del data["compute"]["clamp_grows_with_group"]
     older = NeuralDBConfig.from_dict(data).compute
     assert older.residual_scope == "subject" and older.clamp_grows_with_group is False
+    # written before extra steps existed: every fact took its 25 steps, no more
+    assert ComputeConfig().extra_steps > 0 and data["compute"]["extra_steps"] == 0
+    stored = {**data, "compute": {**data["compute"], "extra_steps": 40}}
+    assert NeuralDBConfig.from_dict(stored).compute.extra_steps == 40
+    del stored["compute"]["extra_steps"]
+    assert NeuralDBConfig.from_dict(stored).compute.extra_steps == 0
     # written before residual scopes existed: the paper's residuals
     oldest = NeuralDBConfig.from_dict({**data, "compute": {}}).compute
     assert (oldest.residual_scope, oldest.kl_weight) == ("fact", 0.0625)
