@@ -87,9 +87,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-# no extra steps: on a tiny random model an object rarely becomes the greedy choice, so
-# every fact would run them all (tests/test_compute.py tests them on their own)
-FAST_COMPUTE = dict(n_prefixes=2, prefix_tokens=5, steps=4, batch_size=4, extra_steps=0)
+FAST_COMPUTE = dict(n_prefixes=2, prefix_tokens=5, steps=4, batch_size=4)
 
 
 @pytest.fixture
