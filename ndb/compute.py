@@ -45,13 +45,13 @@ class ComputeConfig:
     n_prefixes: int = 5  # model-sampled context prefixes, beside the bare prompt
     prefix_tokens: int = 10  # length of each sampled prefix
     steps: int = 25  # Adam steps every fact takes (unless its loss falls below stop_loss)
-    # ndb, not the paper, off for now: after ``steps``, a group whose new objects are not
-    # yet the greedy choice at every token of every one of its prompts keeps optimizing, for
-    # at most this many more steps. The hardest groups (three or four rare multi-token
-    # objects in one residual) ended 25 steps with their NLL still falling and their objects
-    # garbled ("Kuwaiti dollar" for "Kuwaiti Dinar"); a fact that holds by then is not
-    # changed. 75 won the groups dev set (benchmarks/results/sweep_method_groups.md)
-    extra_steps: int = 0
+    # ndb, not the paper: after ``steps``, a group whose new objects are not yet the greedy
+    # choice at every token of every one of its prompts keeps optimizing, for at most this
+    # many more steps. The hardest groups (three or four rare multi-token objects in one
+    # residual) ended 25 steps with their NLL still falling and their objects garbled
+    # ("Kuwaiti dollar" for "Kuwaiti Dinar"); a fact that holds by then is not changed.
+    # 75 won the two dev sets together (benchmarks/results/sweep_method_both.md)
+    extra_steps: int = 75
     lr: float = 0.5
     # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone, the paper's). With the restatement probes
     # of kl_prompts, keeping who the subject is must weigh as much as the edit's NLL, or the

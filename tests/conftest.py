@@ -87,7 +87,11 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-FAST_COMPUTE = dict(n_prefixes=2, prefix_tokens=5, steps=4, batch_size=4)
+# A few steps and no extra ones: a tiny random model never makes its objects greedy, so every
+# fact would take all the extra steps, and over a hundred Adam steps the float noise between
+# batch compositions grows past the tolerances of the tests that compare residuals across
+# batches (extra steps have their own test, test_compute.py)
+FAST_COMPUTE = dict(n_prefixes=2, prefix_tokens=5, steps=4, extra_steps=0, batch_size=4)
 
 
 @pytest.fixture
