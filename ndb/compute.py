@@ -138,7 +138,11 @@ class ComputeConfig:
 
 class FactBar(tqdm):
     """A bar of facts that moves in fractions of a fact (per optimization step), shows
-    whole ones, and never runs past its total (fractions do not add up exactly)."""
+    whole ones, and never runs past its total (fractions do not add up exactly). A step
+    that completes nothing (an extra step, see ComputeConfig.extra_steps) still redraws
+    the clock, at most once a second, so that a long one does not look hung."""
+
+    drawn_at = 0.0  # when it was last drawn (set by refresh)
 
     def __init__(self, total: int, desc: str, disable: bool = False):
         super().__init__(total=total, desc=desc, unit="fact", disable=disable,
@@ -146,7 +150,15 @@ class FactBar(tqdm):
                                     "[{elapsed}<{remaining}, {rate_fmt}]")
 
     def update(self, n: float = 1) -> bool | None:
-        return super().update(min(n, self.total - self.n))
+        if n:
+            return super().update(min(n, self.total - self.n))
+        if not self.disable and self._time() - self.drawn_at >= 1.0:
+            self.refresh()
+        return None
+
+    def refresh(self, *args, **kwargs) -> None:
+        self.drawn_at = self._time()
+        super().refresh(*args, **kwargs)
 
 
 def _device(model) -> torch.device:
@@ -461,7 +473,8 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
     together (see ``ComputeConfig.residual_scope``); by default each fact is its own group.
     ``progress``: True shows a bar; a callable (a bar's ``update``) is called after every
     optimization step with the number of facts that step completed, in fractions of a batch,
-    so that a bar moves within a batch and an ETA exists after its first step.
+    so that a bar moves within a batch and an ETA exists after its first step (0 for the
+    extra steps, whose number is not known in advance).
     """
     config = config or ComputeConfig()
     if config.precision not in ("float32", "bfloat16"):
@@ -721,8 +734,7 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
         if step == last or bool(done.all()):
             advance(len(facts) - share * min(step - 1, config.steps - 1))
             break
-        if step < config.steps:
-            advance(share)
+        advance(share if step < config.steps else 0.0)  # extra steps complete nothing
         # the deltas' gradient alone: a user's model whose weights require grad gets no
         # .grad written into it and does not pay for the weights' gradients
         (grad,) = torch.autograd.grad(loss[~done].sum(), d)

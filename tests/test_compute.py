@@ -1,5 +1,6 @@
 import pytest
 import torch
+import tqdm.std
 
 from ndb import compute, nethook
 from ndb.anchor import anchor_token_id, encode_with_span
@@ -256,6 +257,22 @@ def test_fact_bar_never_runs_past_its_total():
     bar.close()
 
 
+def test_fact_bar_redraws_its_clock_on_steps_that_complete_nothing(monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the clock every tqdm reads
+    bar = FactBar(4, "edit")
+    bar.update(1.25)
+    capsys.readouterr()
+    now[0] += 0.5
+    bar.update(0)  # an extra step within a second of the last drawing: nothing drawn
+    assert capsys.readouterr().err == ""
+    now[0] += 64.5
+    bar.update(0)
+    drawn = capsys.readouterr().err
+    assert "01:05" in drawn and "1/4" in drawn and bar.n == 1.25
+    bar.close()
+
+
 def test_each_edit_of_a_group_avoids_the_others_first_object_token(tokenizer):
     rows, _ = _rows(tokenizer, SAME_SUBJECT, [0, 0, 1], PREFIXES, ("{} is a",))
     first = {f.target_new: target_ids(tokenizer, f.target_new)[0] for f in SAME_SUBJECT}
@@ -385,8 +402,12 @@ def test_extra_steps_run_until_the_new_object_holds_and_no_longer(llama, monkeyp
 
     checks.clear()
     config = ComputeConfig(**{**base, "clamp": 100.0, "extra_steps": 300})
-    held = compute_residuals(model, tok, [fact], 2, PREFIXES, config)[0]
+    advanced = []
+    held = compute_residuals(model, tok, [fact], 2, PREFIXES, config, advanced.append)[0]
     assert len(checks) < 301 and not bool(checks[0]) and bool(checks[-1])
+    # progress after every step (a bar's clock moves), the fact completed once, at the end
+    assert len(advanced) == len(checks) and advanced[:-1] == [0.0] * (len(checks) - 1)
+    assert advanced[-1] == pytest.approx(1)
     assert not any(bool(c) for c in checks[:-1])  # it stopped at the first step that held
     assert _greedy_holds(model, tok, fact, 2, held)
     assert not _greedy_holds(model, tok, fact, 2, 0.5 * held)
