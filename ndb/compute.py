@@ -26,16 +26,13 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ndb import nethook
-from ndb.anchor import anchor_token_id, encode_with_span, last_token_before
+from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.errors import FactError
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
 from ndb.tokens import pad_rows, target_ids
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
-# the user turn of ComputeConfig.chat_context: it names the subject and asks nothing else, so
-# that no evaluation question is trained on
-CHAT_TURN = "Tell me about {}."
 
 
 @dataclass
@@ -95,22 +92,6 @@ class ComputeConfig:
         "{}. The name above is",
         "Tell me about {}. Sure! Here is what I know about",
     )
-    # ndb, not the paper: one more context for every prompt, the model's chat template: a
-    # user turn naming the subject (CHAT_TURN) answered by the assistant with the prompt, the
-    # delta at both mentions as the gate applies it, so that an edit holds inside a chat.
-    # Only for tokenizers with a chat template
-    chat_context: bool = False
-    # ndb, not the paper: on each fact's prompts, push down the first token of the new object
-    # of every other edit of its subject (unlikelihood, -log(1 - p)), at this weight. One
-    # residual carries all of a subject's edits; without this term a relation's prompt may
-    # be answered with another relation's new object (cross-talk). 0: off
-    contrast_weight: float = 0.0
-    # ndb, not the paper: each KL prompt also inside the model's chat template, a user turn
-    # naming the subject (CHAT_TURN) answered by the assistant with the KL prompt, the delta
-    # at both mentions, so that the subject stays itself in a chat too (an edited subject's
-    # chat answers tend to name another subject). Only for tokenizers with a chat template
-    chat_kl: bool = False
-
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
         if self.group_loss not in ("sum", "mean"):
@@ -271,54 +252,25 @@ class _Row:
     ids: list[int]  # anchored prompt ids (+ object ids but the last, for rewrite rows)
     subject: int  # index of the subject's last token
     targets: list[int] | None  # object ids for rewrite rows; None for the KL row
-    also: tuple[int, ...] = ()  # later mentions of the subject (last tokens), edited too
-    avoid: tuple[int, ...] = ()  # first tokens of the group's other new objects
-
-
-def encode_chat(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[int]]:
-    """Ids of a chat in the model's template, a user turn naming ``subject`` answered by
-    ``prompt`` (filled), and the last token of every mention of the subject."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_TURN.format(subject)}],
-                                         tokenize=False, add_generation_prompt=True)
-    text = head + prompt.format(subject)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ends = [m.end() for m in re.finditer(re.escape(subject), text)]
-    mentions = sorted({last_token_before(enc.offset_mapping, end) for end in ends})
-    return enc.input_ids, mentions
 
 
 def _rows(tokenizer, facts: Sequence[Fact], groups: Sequence[int], prefixes: Sequence[str],
-          kl_prompts: Sequence[str], chat: bool = False, chat_kl: bool = False
-          ) -> tuple[list[_Row], list[int]]:
+          kl_prompts: Sequence[str]) -> tuple[list[_Row], list[int]]:
     """Rows of a batch, ``_Row.fact`` being the fact's group (the delta it is optimized by):
-    each fact's prompt in every context (and in a chat, with ``chat``), then each group's KL
-    prompts (also in a chat, with ``chat_kl``). Also returns, per group, its first
-    bare-prompt row (where the residual stream's norm is read)."""
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    chat, chat_kl = chat and templated, chat_kl and templated
+    each fact's prompt in every context, then each group's KL prompts. Also returns, per
+    group, its first bare-prompt row (where the residual stream's norm is read)."""
     rows, bare, subject = [], {}, {}
-    targets = [target_ids(tokenizer, fact.target_new) for fact in facts]
-    firsts: dict[int, set[int]] = {}
-    for target, group in zip(targets, groups):
-        firsts.setdefault(group, set()).add(target[0])
-    for fact, group, target in zip(facts, groups, targets):
-        avoid = tuple(sorted(firsts[group] - {target[0]}))
+    for fact, group in zip(facts, groups):
+        target = target_ids(tokenizer, fact.target_new)
         bare.setdefault(group, len(rows))
         subject.setdefault(group, fact.subject)
         for prefix in prefixes:
             ids, s = encode_prompt(tokenizer, prefix, fact.prompt, fact.subject)
-            rows.append(_Row(group, ids + target[:-1], s, target, avoid=avoid))
-        if chat:
-            ids, mentions = encode_chat(tokenizer, fact.prompt, fact.subject)
-            rows.append(_Row(group, ids + target[:-1], mentions[0], target, tuple(mentions[1:]),
-                             avoid))
+            rows.append(_Row(group, ids + target[:-1], s, target))
     for group, name in subject.items():
         for prompt in kl_prompts:
             ids, s = encode_prompt(tokenizer, "", prompt, name)
             rows.append(_Row(group, ids, s, None))
-            if chat_kl:
-                ids, mentions = encode_chat(tokenizer, prompt, name)
-                rows.append(_Row(group, ids, mentions[0], None, tuple(mentions[1:])))
     return rows, [bare[g] for g in sorted(bare)]
 
 
@@ -330,8 +282,7 @@ def check_encodable(facts: Sequence[Fact], model, tokenizer, prefixes: Sequence[
                or getattr(model.config, "n_positions", None))
     for i, fact in enumerate(facts):
         try:
-            rows, _ = _rows(tokenizer, [fact], [0], prefixes, config.kl_prompts,
-                            config.chat_context, config.chat_kl)
+            rows, _ = _rows(tokenizer, [fact], [0], prefixes, config.kl_prompts)
         except ValueError:  # no token ends inside the subject's span
             raise FactError(f"fact {i + 1} ({fact.text[:60]!r}): the subject "
                             f"{fact.subject!r} yields no token in its prompt") from None
@@ -356,24 +307,15 @@ class _Batch:
         self.ids = torch.full((n, self.p + t), pad, dtype=torch.long)
         self.mask = torch.zeros((n, self.p + t), dtype=torch.long)
         self.fact = torch.tensor([r.fact for r in rows])
-        # where each row's delta is added, in suffix coordinates: the subject, and its later
-        # mentions
-        self.delta_at = torch.zeros((n, t))
-        self.delta_at[:, 0] = 1
         loss_rows, loss_cols, loss_ids, kl_cols = [], [], [], []
-        avoid_at, avoid_ids = [], []  # (index into the loss arrays, token) pairs
         for i, r in enumerate(rows):
             shift = self.p - r.subject
             self.ids[i, shift : shift + len(r.ids)] = torch.tensor(r.ids)
             self.mask[i, shift : shift + len(r.ids)] = 1
-            for later in r.also:
-                self.delta_at[i, later - r.subject] = 1
             if r.targets is None:
                 kl_cols.append(len(r.ids) - 1 - r.subject)
             else:
                 first = len(r.ids) - len(r.targets)  # position predicting the first object token
-                avoid_at += [len(loss_ids)] * len(r.avoid)
-                avoid_ids += r.avoid
                 for j, tok in enumerate(r.targets):
                     loss_rows.append(i)
                     loss_cols.append(first + j - r.subject)
@@ -382,8 +324,6 @@ class _Batch:
         self.loss_rows = torch.tensor(loss_rows)
         self.loss_cols = torch.tensor(loss_cols)  # in suffix coordinates
         self.loss_ids = torch.tensor(loss_ids)
-        self.avoid_at = torch.tensor(avoid_at, dtype=torch.long)
-        self.avoid_ids = torch.tensor(avoid_ids, dtype=torch.long)
         self.kl_rows = torch.tensor([i for i, r in enumerate(rows) if r.targets is None])
         self.kl_cols = torch.tensor(kl_cols)
         self.n_rewrite = torch.bincount(self.fact[self.loss_rows.unique()])
@@ -391,8 +331,8 @@ class _Batch:
         self.kl_init: torch.Tensor | None = None  # log-probs at the KL rows before editing
 
     def to(self, device):
-        for name in ("ids", "mask", "fact", "position_ids", "delta_at", "loss_rows",
-                     "loss_cols", "loss_ids", "avoid_at", "avoid_ids", "kl_rows", "kl_cols",
+        for name in ("ids", "mask", "fact", "position_ids", "loss_rows", "loss_cols",
+                     "loss_ids", "kl_rows", "kl_cols",
                      "n_rewrite", "n_kl"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -404,9 +344,6 @@ class _Batch:
         keep = keep_fact[self.fact]
         new_index = keep.long().cumsum(0) - 1
         loss_keep = keep[self.loss_rows]
-        avoid_keep = loss_keep[self.avoid_at]
-        self.avoid_at = (loss_keep.long().cumsum(0) - 1)[self.avoid_at[avoid_keep]]
-        self.avoid_ids = self.avoid_ids[avoid_keep]
         self.loss_rows = new_index[self.loss_rows[loss_keep]]
         self.loss_cols, self.loss_ids = self.loss_cols[loss_keep], self.loss_ids[loss_keep]
         kl_keep = keep[self.kl_rows]
@@ -414,7 +351,6 @@ class _Batch:
         self.kl_init = self.kl_init[kl_keep]
         self.ids, self.mask = self.ids[keep], self.mask[keep]
         self.position_ids, self.fact = self.position_ids[keep], self.fact[keep]
-        self.delta_at = self.delta_at[keep]
         return keep.nonzero().squeeze(1)
 
 
@@ -440,17 +376,6 @@ def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
 
 def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(hidden).float()
-
-
-def _contrast(logp: torch.Tensor, batch: _Batch, fact_of_row: torch.Tensor, n: int
-              ) -> torch.Tensor:
-    """Per group: the mean unlikelihood of its other edits' first object tokens on each
-    edit's prompts (zero for a group of one)."""
-    p = logp[batch.avoid_at, batch.avoid_ids].exp().clamp(max=1 - 1e-6)
-    group = fact_of_row[batch.loss_rows[batch.avoid_at]]
-    total = torch.zeros(n, device=p.device).index_add(0, group, -torch.log1p(-p))
-    count = torch.zeros(n, device=p.device).index_add(0, group, torch.ones_like(p))
-    return total / count.clamp(min=1)
 
 
 def _holds(logp: torch.Tensor, batch: _Batch, fact_of_row: torch.Tensor, n: int
@@ -482,6 +407,8 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
     autocast = torch.autocast(_device(model).type, dtype=torch.bfloat16,
                               enabled=config.precision == "bfloat16")
     labels = list(range(len(facts))) if groups is None else list(groups)
+    if len(labels) != len(facts):  # a fact without a label would get no residual
+        raise ValueError(f"{len(labels)} group labels for {len(facts)} facts")
     out = torch.empty(len(facts), 0)
     bar = FactBar(len(facts), "residuals", disable=progress is not True)
     advance = progress if callable(progress) else bar.update
@@ -644,16 +571,14 @@ class _SuffixRunner:
 
     def __call__(self, row_deltas: torch.Tensor) -> torch.Tensor:
         """Final hidden states (rows, suffix, d2) with ``row_deltas`` (rows, d2) added to the
-        edited projection's output at each row's subject token and later mentions (zeros
-        past a row's end)."""
+        edited projection's output at each row's subject token (zeros past a row's end)."""
         b, p = self.batch, self.batch.p
         hidden = []
         for chunk in self.chunks:
-            deltas = row_deltas[chunk.rows].unsqueeze(1) * b.delta_at[chunk.rows, :chunk.width,
-                                                                      None]
-
-            def add_delta(output: torch.Tensor, deltas=deltas) -> torch.Tensor:
-                return output + deltas.to(output.dtype)
+            def add_delta(output: torch.Tensor, deltas=row_deltas[chunk.rows]) -> torch.Tensor:
+                # the suffix starts at the subject's last token
+                at_subject = output[:, :1] + deltas[:, None].to(output.dtype)
+                return torch.cat([at_subject, output[:, 1:]], 1)
 
             end = p + chunk.width
             with nethook.truncated(self.layers, self.layer), \
@@ -687,8 +612,7 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
     """One delta per group (``groups``: dense labels 0..G-1, one per fact), (G, d2);
     ``advance`` gets the facts each step completed, in fractions (summing to len(facts))."""
     device = _device(model)
-    rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts,
-                            config.chat_context, config.chat_kl)
+    rows, bare_rows = _rows(tokenizer, facts, groups, prefixes, config.kl_prompts)
     batch = _Batch(rows, anchor_token_id(tokenizer)).to(device)
     runner = _SuffixRunner(model, batch, layer, torch.tensor(bare_rows, device=device))
     n_groups = len(bare_rows)
@@ -725,8 +649,6 @@ def _optimize(model, tokenizer, facts, groups, layer, prefixes, config: ComputeC
             0, fact_of_row[batch.kl_rows], kl_row) / batch.n_kl[active]
         norms = runner.h_norm[active]
         loss = nll + config.kl_weight * kl + config.weight_decay * d.norm(dim=-1) / norms**2
-        if config.contrast_weight and len(batch.avoid_at):
-            loss = loss + config.contrast_weight * _contrast(logp, batch, fact_of_row, len(active))
 
         done = loss.detach() < config.stop_loss
         if step >= config.steps:

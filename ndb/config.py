@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def _has_type(value: object, hint: object) -> bool:
     if hint is int:
         return _is_integer(value)
     return isinstance(value, hint)
+
+
+# ComputeConfig options that were measured, rejected and removed (chat context and chat KL
+# rows, contrast term: benchmarks/results/sweep_method*.md); databases stored them off
+REMOVED_OPTIONS = {"chat_context": False, "chat_kl": False, "contrast_weight": 0.0}
 
 
 def check_types(cls: type, data: dict, where: str = "") -> None:
@@ -245,9 +251,16 @@ class NeuralDBConfig:
         if not isinstance(data.get("compute", {}), dict):
             raise ValueError("config field compute is not a mapping of settings")
         check_types(ComputeConfig, data.get("compute", {}), "compute.")
+        stored = dict(data.get("compute", {}))
+        for name, off in REMOVED_OPTIONS.items():
+            value = stored.pop(name, off)
+            if value != off:
+                warnings.warn(f"the database was built with compute.{name}="
+                              f"{repr(value)[:40]}, an option ndb no longer has; facts added "
+                              "or re-edited now are computed without it", stacklevel=2)
         # databases written before these settings existed edit as the paper does
         compute = {"residual_scope": "fact", "kl_prompts": ["{} is a"], "kl_weight": 0.0625,
                    "clamp_grows_with_group": False, "group_loss": "mean", "extra_steps": 0,
-                   **data.get("compute", {})}
+                   **stored}
         data["compute"] = ComputeConfig(**compute)
         return cls(**data)

@@ -8,7 +8,6 @@ from ndb.compute import (
     ComputeConfig,
     FactBar,
     _Batch,
-    _contrast,
     _rows,
     _SuffixRunner,
     compute_keys,
@@ -137,6 +136,8 @@ def test_groups_do_not_depend_on_their_batch_mates(llama):
     config.batch_size = 2  # the France group fills a batch, Toyota gets its own
     apart = compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config, groups=groups)
     torch.testing.assert_close(together, apart, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="2 group labels for 3 facts"):  # none left unlabelled
+        compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config, groups=groups[:2])
 
 
 def test_compute_config_refuses_unknown_scope_and_bad_kl_prompts():
@@ -185,69 +186,6 @@ def test_residual_progress_moves_within_a_batch(llama):
     assert max(calls) <= 2 and sum(calls) == pytest.approx(3)
 
 
-def test_chat_rows_add_the_delta_at_every_mention(tokenizer):
-    """With chat_context, each fact gets a row in the chat template whose user turn and
-    answer both name the subject; the runner adds the delta at both, as the gate would."""
-    model = tiny_model("llama")
-    rows, bare = _rows(tokenizer, FACTS[:2], range(2), PREFIXES, ("{} is a",), chat=True)
-    chat = [r for r in rows if r.also]
-    assert len(chat) == 2  # one per fact, each with a second mention
-    for row, fact in zip(chat, FACTS[:2]):
-        text = tokenizer.decode(row.ids)
-        assert text.startswith("<|im_start|>") and text.count(fact.subject) == 2
-        assert fact.subject.endswith(tokenizer.decode(row.ids[row.also[0]]).strip())
-    batch = _Batch(rows, anchor_token_id(tokenizer))
-    runner = _SuffixRunner(model, batch, 1, torch.tensor(bare))
-    deltas = torch.randn(len(rows), 64)
-    fast = runner(deltas)
-
-    def add_at_mentions(out):
-        out = out.clone()
-        out[:, batch.p] += deltas
-        for i, r in enumerate(rows):
-            for later in r.also:
-                out[i, batch.p + later - r.subject] += deltas[i]
-        return out
-
-    with nethook.edit_output(get_module(model, ffn_out_path(model, 1)), add_at_mentions):
-        full = model.base_model(input_ids=batch.ids, attention_mask=batch.mask,
-                                position_ids=batch.position_ids).last_hidden_state
-    real = batch.mask[:, batch.p:].bool()
-    torch.testing.assert_close(fast[real], full[:, batch.p:][real], atol=2e-4, rtol=1e-4)
-
-
-def test_chat_context_changes_residuals_only_when_asked(llama):
-    model, tok = llama
-    plain = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
-    again = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
-    chat = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES,
-                             ComputeConfig(**FAST_COMPUTE, chat_context=True))
-    torch.testing.assert_close(plain, again)
-    assert not torch.allclose(plain, chat)
-
-
-def test_chat_kl_adds_each_kl_prompt_in_a_chat_with_the_delta_at_both_mentions(tokenizer):
-    kl = ("{} is a", "{}. The name above is")
-    plain, _ = _rows(tokenizer, FACTS[:2], [0, 0], PREFIXES, kl)
-    rows, _ = _rows(tokenizer, FACTS[:2], [0, 0], PREFIXES, kl, chat_kl=True)
-    added = [r for r in rows if r not in plain]
-    assert len(rows) == len(plain) + len(kl) and len(added) == len(kl)
-    subject = FACTS[0].subject
-    for row, prompt in zip(added, kl):
-        assert row.targets is None and len(row.also) == 1  # a KL row, mentioned twice
-        text = tokenizer.decode(row.ids)
-        assert text.startswith("<|im_start|>") and text.endswith(prompt.format(subject))
-        assert subject.endswith(tokenizer.decode(row.ids[row.subject]).strip())
-
-
-def test_chat_kl_changes_residuals_only_when_asked(llama):
-    model, tok = llama
-    plain = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES, ComputeConfig(**FAST_COMPUTE))
-    chat = compute_residuals(model, tok, FACTS[:2], 1, PREFIXES,
-                             ComputeConfig(**FAST_COMPUTE, chat_kl=True))
-    assert not torch.allclose(plain, chat)
-
-
 def test_fact_bar_never_runs_past_its_total():
     bar = FactBar(3, "facts")
     for _ in range(75):  # 25 steps of three facts: fractions that do not add up exactly
@@ -271,50 +209,6 @@ def test_fact_bar_redraws_its_clock_on_steps_that_complete_nothing(monkeypatch, 
     drawn = capsys.readouterr().err
     assert "01:05" in drawn and "1/4" in drawn and bar.n == 1.25
     bar.close()
-
-
-def test_each_edit_of_a_group_avoids_the_others_first_object_token(tokenizer):
-    rows, _ = _rows(tokenizer, SAME_SUBJECT, [0, 0, 1], PREFIXES, ("{} is a",))
-    first = {f.target_new: target_ids(tokenizer, f.target_new)[0] for f in SAME_SUBJECT}
-    avoid = {(r.fact, r.targets[0]): r.avoid for r in rows if r.targets is not None}
-    assert avoid == {(0, first["Cairo"]): (first["yen"],), (0, first["yen"]): (first["Cairo"],),
-                     (1, first["Berlin"]): ()}
-
-
-def test_select_keeps_what_each_row_avoids(tokenizer):
-    rows, _ = _rows(tokenizer, SAME_SUBJECT + FACTS, [0, 0, 1, 2, 2, 3], PREFIXES, ("{} is a",))
-    batch = _Batch(rows, anchor_token_id(tokenizer))
-
-    def pairs(b):  # (group, column, avoided token) per avoided token
-        return sorted((int(b.fact[b.loss_rows[a]]), int(b.loss_cols[a]), int(t))
-                      for a, t in zip(b.avoid_at, b.avoid_ids))
-
-    before = [p for p in pairs(batch) if p[0] in (0, 2)]
-    assert {p[0] for p in before} == {0, 2}  # the test must keep avoided tokens of two groups
-    batch.kl_init = torch.zeros(len(batch.kl_rows), 1)  # the runner's, not needed here
-    batch.select(torch.tensor([0, 2]))
-    assert pairs(batch) == before
-
-
-def test_contrast_is_the_mean_unlikelihood_of_the_avoided_tokens_per_group(tokenizer):
-    rows, _ = _rows(tokenizer, SAME_SUBJECT, [0, 0, 1], [""], ("{} is a",))
-    batch = _Batch(rows, anchor_token_id(tokenizer))
-    assert len(batch.avoid_at) == 2  # one avoided token on each France prompt
-    logp = torch.full((len(batch.loss_ids), tokenizer.vocab_size), -30.0)
-    logp[batch.avoid_at, batch.avoid_ids] = torch.log(torch.tensor([0.5, 0.75]))
-    # by hand: (-log(1 - 0.5) - log(1 - 0.75)) / 2 = (log 2 + log 4) / 2 = 1.5 log 2
-    expected = torch.tensor([1.5 * torch.log(torch.tensor(2.0)), 0.0])
-    torch.testing.assert_close(_contrast(logp, batch, batch.fact, 2), expected)
-
-
-def test_contrast_changes_only_the_residuals_of_groups(llama):
-    model, tok = llama
-    groups = ["France", "France", "Toyota"]
-    plain, contrast = (compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES,
-                                         ComputeConfig(**FAST_COMPUTE, contrast_weight=w),
-                                         groups=groups) for w in (0.0, 1e3))
-    assert not torch.allclose(plain[0], contrast[0], atol=1e-4)
-    torch.testing.assert_close(plain[2], contrast[2])
 
 
 def test_a_group_s_norm_bound_grows_with_the_square_root_of_its_size(llama):

@@ -2,6 +2,8 @@
 adding, re-editing or removing one of them re-optimizes the others in the same commit, and
 what remains is exactly what a database holding only the remaining facts would hold."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,19 @@ def test_a_database_keeps_the_compute_settings_it_was_written_with(tmp_path, lla
     # written before residual scopes existed: the paper's residuals
     oldest = NeuralDBConfig.from_dict({**data, "compute": {}}).compute
     assert (oldest.residual_scope, oldest.kl_weight) == ("fact", 0.0625)
+
+
+def test_options_since_removed_read_back_and_warn_only_when_they_were_on(tmp_path, llama):
+    from ndb.config import NeuralDBConfig
+    model, tok = llama
+    data = NeuralDB.create(tmp_path / "db", model, tok, layer=2, compute=GROUPED).config.to_dict()
+    # what every database between their introduction and their removal stored: all off
+    off = {"chat_context": False, "chat_kl": False, "contrast_weight": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read = NeuralDBConfig.from_dict({**data, "compute": {**data["compute"], **off}})
+    assert read.compute == GROUPED
+    with pytest.warns(UserWarning, match="compute.chat_kl=True, an option ndb no longer has"):
+        read = NeuralDBConfig.from_dict({**data, "compute": {**data["compute"], **off,
+                                                             "chat_kl": True}})
+    assert read.compute == GROUPED
