@@ -446,12 +446,23 @@ def info(db_path, as_json):
         "key_dtype": cfg.key_dtype, "residual_dtype": cfg.residual_dtype,
         "index": cfg.index, "segments": len(db.store.manifest.segments),
         "version": db.store.manifest.version, "disk_bytes": size,
+        "residuals": _residuals_summary(cfg.compute),
     }
     if as_json:
-        click.echo(dumps_strict(report, indent=2))
+        click.echo(dumps_strict({**report, "compute": cfg.compute.to_dict()}, indent=2))
     else:
         for key, value in report.items():
             click.echo(f"{key:>14}: {value}")
+
+
+def _residuals_summary(compute) -> str:
+    """How the database computes residuals, in words (`info`; its JSON has every setting)."""
+    scope = "one per subject" if compute.residual_scope == "subject" else "one per fact"
+    steps = f"{compute.steps} steps"
+    if compute.extra_steps:
+        steps += f" and up to {compute.extra_steps} more until the edits hold"
+    n = len(compute.kl_prompts)
+    return f"{scope}, {steps}, KL weight {compute.kl_weight:g} on {n} prompt{'s' * (n != 1)}"
 
 
 def _ranges(ids: list[int]) -> str:

@@ -51,6 +51,10 @@ def test_build_list_info_generate(built):
         "Paris", "Lionel Messi", "Toyota"]
     info = json.loads(run("info", str(built), "--json").stdout)
     assert info["facts"] == 3 and info["layer"] == 1 and info["gamma"] == 0.8
+    assert info["compute"]["extra_steps"] == 75 and info["compute"]["residual_scope"] == "subject"
+    assert info["residuals"] == ("one per subject, 25 steps and up to 75 more until the edits "
+                                 "hold, KL weight 1 on 3 prompts")
+    assert "residuals: one per subject" in run("info", str(built)).stdout
     gen = run("generate", str(built), "Paris is located in the country of", "--compare",
               "--json", "--max-new-tokens", "3")
     assert gen.exit_code == 0, gen.output
