@@ -90,7 +90,7 @@ def main() -> None:
         before = compute_at(args.before, Path(tmp))
         # first calls allocate and warm caches; no row should pay for that
         compute.compute_residuals(model, tok, facts[:1], layer, prefixes,
-                                  ComputeConfig(steps=2))
+                                  ComputeConfig(steps=2, extra_steps=0))
         for name, module, precision in ((f"before ({args.before})", before, "float32"),
                                         ("now", compute, "float32"),
                                         ("now, bfloat16", compute, "bfloat16")):

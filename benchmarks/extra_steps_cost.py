@@ -51,7 +51,7 @@ def main() -> None:
     layer, _ = default_edit_settings(model)
     default = ComputeConfig()
     prefixes = context_prefixes(model, tok, default.n_prefixes, default.prefix_tokens, seed=0)
-    compute_residuals(model, tok, facts[:1], layer, prefixes, ComputeConfig(steps=2))
+    compute_residuals(model, tok, facts[:1], layer, prefixes, ComputeConfig(steps=2, extra_steps=0))
     load = os.getloadavg()
     rows = {}
     for name, config in ((f"extra_steps {default.extra_steps} (default)", default),

@@ -452,9 +452,10 @@ def auto_batch_size(model, tokenizer, facts: Sequence[Fact], layer: int,
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    # stop_loss 0: no fact leaves the probe before its backward pass
+    # two steps and no extra ones; stop_loss 0: no fact leaves the probe before its backward pass
     compute_residuals(model, tokenizer, sample, layer, prefixes,
-                      replace(config, steps=2, stop_loss=0.0, batch_size=len(sample)))
+                      replace(config, steps=2, extra_steps=0, stop_loss=0.0,
+                              batch_size=len(sample)))
     per_fact = (torch.cuda.max_memory_allocated(device) - before) / len(sample)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
