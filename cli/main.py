@@ -457,7 +457,11 @@ def info(db_path, as_json):
 
 def _residuals_summary(compute) -> str:
     """How the database computes residuals, in words (`info`; its JSON has every setting)."""
-    scope = "one per subject" if compute.residual_scope == "subject" else "one per fact"
+    scope = "one per fact"
+    if compute.residual_scope == "subject":
+        edits = "each edit in full" if compute.group_loss == "sum" else "edits averaged"
+        bound = "bound growing with the group" if compute.clamp_grows_with_group else "one bound"
+        scope = f"one per subject ({edits}, {bound})"
     steps = f"{compute.steps} steps"
     if compute.extra_steps:
         steps += f" and up to {compute.extra_steps} more until the edits hold"

@@ -56,17 +56,17 @@ class ComputeConfig:
     kl_weight: float = 1.0
     weight_decay: float = 0.5  # times ||delta|| / ||h||^2
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
-    # ndb, not the paper, off: a residual shared by k facts of one subject may grow to
+    # ndb, not the paper: a residual shared by k facts of one subject may grow to
     # clamp * sqrt(k) * ||h||, the norm of k single-fact edits in independent directions.
     # With one fact's bound, the hardest groups' residuals ended their steps on the bound with
-    # their edits' NLL still falling. With group_loss "sum" it won the groups dev set, lost
-    # the default one (by one group of five) and lost on both together
-    # (benchmarks/results/sweep_method_both.md)
-    clamp_grows_with_group: bool = False
+    # their edits' NLL still falling. Together with group_loss "sum" and the extra steps it
+    # won the two dev sets together (benchmarks/results/sweep_method_both.md); with 25 steps
+    # only it had lost on the default dev set by one group of five
+    clamp_grows_with_group: bool = True
     # ndb, not the paper: how a shared residual weighs its edits' NLL against the KL term.
-    # "mean": the group's edits share one weight, so each of k edits pulls k times less
-    # against the KL term than a fact alone; "sum": each edit weighs as a fact alone does
-    group_loss: str = "mean"
+    # "sum": each edit weighs as a fact alone does; "mean": the group's edits share one
+    # weight, so each of k edits pulls k times less against the KL term than a fact alone
+    group_loss: str = "sum"
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
     batch_size: int = 32  # facts optimized together
     # ndb, not the paper: keep the bare-prompt key (subject at the start of a text) and the

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from ndb import ComputeConfig, NeuralDB
-from ndb.cli.main import cli
+from ndb.cli.main import _residuals_summary, cli
 
 from conftest import FAST_COMPUTE, write_jsonl
 
@@ -52,14 +52,23 @@ def test_build_list_info_generate(built):
     info = json.loads(run("info", str(built), "--json").stdout)
     assert info["facts"] == 3 and info["layer"] == 1 and info["gamma"] == 0.8
     assert info["compute"]["extra_steps"] == 75 and info["compute"]["residual_scope"] == "subject"
-    assert info["residuals"] == ("one per subject, 25 steps and up to 75 more until the edits "
-                                 "hold, KL weight 1 on 3 prompts")
+    assert info["residuals"] == ("one per subject (each edit in full, bound growing with the "
+                                 "group), 25 steps and up to 75 more until the edits hold, "
+                                 "KL weight 1 on 3 prompts")
     assert "residuals: one per subject" in run("info", str(built)).stdout
     gen = run("generate", str(built), "Paris is located in the country of", "--compare",
               "--json", "--max-new-tokens", "3")
     assert gen.exit_code == 0, gen.output
     out = json.loads(gen.stdout)
     assert set(out) == {"prompt", "edited", "unedited", "gate_hits"} and out["gate_hits"] > 0
+
+
+def test_info_tells_the_paper_and_earlier_group_settings_apart():
+    assert _residuals_summary(ComputeConfig.paper()) == (
+        "one per fact, 25 steps, KL weight 0.0625 on 1 prompt")
+    earlier = ComputeConfig(group_loss="mean", clamp_grows_with_group=False, extra_steps=0)
+    assert _residuals_summary(earlier) == (
+        "one per subject (edits averaged, one bound), 25 steps, KL weight 1 on 3 prompts")
 
 
 def test_add_and_remove(built, tmp_path):
