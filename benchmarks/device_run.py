@@ -258,7 +258,8 @@ def compare_residuals(args, model, tok, rate: float, clock: Clock,
     )
 
     every = read_facts(str(args.group_facts))
-    settings = EvalSettings(batch_size=args.eval_batch_size, fluency_cases=args.fluency_cases)
+    settings = EvalSettings(batch_size=args.eval_batch_size, gen_batch_size=args.eval_batch_size,
+                            fluency_cases=args.fluency_cases)
     # seconds per fact of one row: the unedited model on one eval batch of the facts (fluency
     # is a fixed cost, a number of cases, so it is timed apart)
     probe = grouped_subset(every, min(args.eval_batch_size, len(every)))

@@ -181,8 +181,10 @@ def markdown(result: dict, args) -> str:
                          f"{f['teacher-forced']:.3f} | {f['chat']:.3f} | "
                          f"{f['generation']:.3f} | {c['fluency_per_prompt_s']:.3f} | "
                          f"{c['extrapolated_s'] / 60:.1f} |")
-    lines += ["", f"{result['before']}'s code times chat answers within generation.", "",
-              "Speed-up (extrapolated row time, before / now): " + ", ".join(
+    untimed_chat = not any(k.endswith("/chat") for k in result["seconds"]["before"])
+    if untimed_chat:
+        lines += ["", f"{result['before']}'s code times chat answers within generation."]
+    lines += ["", "Speed-up (extrapolated row time, before / now): " + ", ".join(
         f"{row} {r:.2f}x" for row, r in result["speedup"].items()), "",
         "Units (facts, groups, pairs) whose metric differs between the two runs: " + "; ".join(
             f"{row}: " + (", ".join(f"{k} {v}" for k, v in d.items() if v) or "none")

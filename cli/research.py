@@ -118,7 +118,9 @@ def _eval_legend() -> str:
                    "by the hash of the weights, facts, settings and metric code).")
 @click.option("--model", "model_name", default=None)
 @click.option("--device", type=DEVICE, default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="prompts run at once, scored and generated alike (default: 32 scored, "
+                   "64 generated greedily, 32 sampled for fluency)")
 @user_errors
 def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_lambda,
              alphaedit_threshold, general_dir, general_tasks, general_limit, mmlu_limit,
@@ -144,8 +146,10 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     lambada = Path(general_dir or "") / "lambada_test.jsonl"
     stats_text = list(stats_text) or ([lambada] if general_dir and lambada.is_file() else [])
     _check_eval_inputs(records, chosen, stats_text, general_dir, json_out)
+    sizes = {} if batch_size is None else {"batch_size": batch_size, "gen_batch_size": batch_size,
+                                           "fluency_batch_size": batch_size}
     settings = EvalSettings(
-        batch_size=batch_size, fluency_cases=fluency_cases, general_dir=general_dir,
+        **sizes, fluency_cases=fluency_cases, general_dir=general_dir,
         general_tasks=general_tasks.split(",") if general_tasks else None,
         general_limit=general_limit, mmlu_limit=mmlu_limit,
         generation=not no_generation, chat=not no_chat, gen_prompts=gen_neighbors,

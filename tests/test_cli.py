@@ -341,6 +341,27 @@ def test_eval_reports_generative_metrics(tmp_path, tiny_model_dir, monkeypatch):
     assert not generative & set(rows["neuraldb"]) and "efficacy" in rows["neuraldb"]
 
 
+def test_eval_batch_size_sets_scoring_and_generation_alike(tmp_path, tiny_model_dir,
+                                                            monkeypatch):
+    import ndb.eval.run
+
+    seen = []
+    monkeypatch.setattr(ndb.eval.run, "evaluate",
+                        lambda model, tok, facts, methods, settings, *a, **k: seen.append(
+                            settings) or {"pre-edited": {}})
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS[:1])
+    db = tmp_path / "db"
+    assert run("build", str(facts), "-o", str(db), "--model", str(tiny_model_dir),
+               "--layer", "1").exit_code == 0
+    for extra in ([], ["--batch-size", "5"]):
+        result = run("eval", str(facts), "--model", str(tiny_model_dir), "--db", str(db),
+                     "--no-cache", *extra)
+        assert result.exit_code == 0, result.output
+    default, given = seen
+    assert (default.batch_size, default.gen_batch_size, default.fluency_batch_size) == (32, 64, 32)
+    assert (given.batch_size, given.gen_batch_size, given.fluency_batch_size) == (5, 5, 5)
+
+
 def test_eval_help_explains_every_metric():
     from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
 
