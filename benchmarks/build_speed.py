@@ -1,7 +1,8 @@
 """How fast edits are computed: today's code against an earlier revision, in the same run.
 
 For the same facts and settings, keys and residuals are computed (a) by ndb/compute.py as it
-was at ``--before`` (read from git), (b) by today's code in float32 and (c) in bfloat16; each
+was at ``--before`` (read from git), (b) by today's code in float32, (c) in bfloat16 and (d)
+with each residual optimized in 2 of the 5 sampled prefixes (``residual_prefixes``); each
 result is then checked for quality (efficacy, paraphrases and neighbours of the edits when
 attached). Ratios come from one run, so a busy machine slows every row alike; the load
 average before and after is recorded.
@@ -91,13 +92,16 @@ def main() -> None:
         # first calls allocate and warm caches; no row should pay for that
         compute.compute_residuals(model, tok, facts[:1], layer, prefixes,
                                   ComputeConfig(steps=2, extra_steps=0))
-        for name, module, precision in ((f"before ({args.before})", before, "float32"),
-                                        ("now", compute, "float32"),
-                                        ("now, bfloat16", compute, "bfloat16")):
-            config.precision = precision
+        for name, module, changes in ((f"before ({args.before})", before, {}),
+                                      ("now", compute, {}),
+                                      ("now, bfloat16", compute, {"precision": "bfloat16"}),
+                                      ("now, 2 prefixes in the residual", compute,
+                                       {"residual_prefixes": 2})):
+            variant = dataclasses.replace(config, **changes)
             keys, residuals, seconds = timed_build(module, model, tok, facts, layer, prefixes,
-                                                   config)
-            runs[name] = {"batch_size": args.batch_size, "precision": precision,
+                                                   variant)
+            runs[name] = {"batch_size": args.batch_size, "precision": variant.precision,
+                          "residual_prefixes": variant.residual_prefixes,
                           "seconds": seconds, "s_per_fact": seconds / len(facts),
                           **quality(model, tok, facts, keys, residuals, layer)}
     ratio = runs[f"before ({args.before})"]["seconds"] / runs["now"]["seconds"]
@@ -112,13 +116,14 @@ def main() -> None:
              f"({len(facts)} dev facts, layer {layer}, batch {args.batch_size}, "
              f"{torch.get_num_threads()} torch threads, {result['cpu']}; load average "
              f"{load_before[0]:.1f} before, {result['load_average_after'][0]:.1f} after)",
-             "", "| run | batch | precision | s/fact | efficacy | generalization | specificity |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| run | batch | precision | s/fact | speed-up | efficacy | generalization | "
+             "specificity |", "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r['batch_size']} | {r['precision']} | {r['s_per_fact']:.2f} | "
-                     f"{r['efficacy']:.3f} | {r['generalization']:.3f} | "
-                     f"{r['specificity']:.3f} |")
-    lines += ["", f"Today's float32 build is {ratio:.2f}x as fast as {args.before}'s."]
+                     f"{runs['now']['seconds'] / r['seconds']:.2f}x | {r['efficacy']:.3f} | "
+                     f"{r['generalization']:.3f} | {r['specificity']:.3f} |")
+    lines += ["", f"Today's float32 build is {ratio:.2f}x as fast as {args.before}'s; speed-up: "
+              "against today's float32 build, in this run."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

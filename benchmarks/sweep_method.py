@@ -61,6 +61,14 @@ SETTINGS: dict[str, dict] = {
     "ndb holding from step 10": {**MEAN_GROUPS, "steps": 10, "extra_steps": 90},
     "subject scope and the paper's KL": {**STEPS_25, "kl_prompts": PAPER["kl_prompts"],
                                          "kl_weight": PAPER["kl_weight"]},
+    # the build's forward and backward passes under bfloat16 autocast (a CPU option): what
+    # does its speed cost in real use?
+    "ndb in bfloat16": {"precision": "bfloat16"},
+    # the residual optimized in the bare prompt and two of the five sampled prefixes (keys
+    # keep all five): 3 rows per fact instead of 6, for a faster build
+    "ndb with 2 prefixes in the residual": {"residual_prefixes": 2},
+    "ndb with 1 prefix in the residual": {"residual_prefixes": 1},
+    "ndb with the bare prompt only in the residual": {"residual_prefixes": 0},
 }
 # rows of the caches measured with options these sweeps rejected and ComputeConfig has since
 # lost (commit 7fb3ccd has them): listed with what they were measured with, no longer run

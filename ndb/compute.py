@@ -40,6 +40,11 @@ class ComputeConfig:
     """Hyper-parameters of key and residual computation (MEMIT's, unless noted)."""
 
     n_prefixes: int = 5  # model-sampled context prefixes, beside the bare prompt
+    # ndb, not the paper: how many of those prefixes the residual is optimized in (None: all);
+    # keys use them all. A faster build at a small price: 2 of 5 halves a fact's rows and
+    # built the dev sets 1.5x and 2.1x faster, scoring 87.8 against 88.0 on both together,
+    # with weaker chat answers about subjects with several edits (sweep_method_both.md)
+    residual_prefixes: int | None = None
     prefix_tokens: int = 10  # length of each sampled prefix
     steps: int = 25  # Adam steps every fact takes (unless its loss falls below stop_loss)
     # ndb, not the paper: after ``steps``, a group whose new objects are not yet the greedy
@@ -76,8 +81,9 @@ class ComputeConfig:
     # See benchmarks/results/sweep.md and key_guard.md.
     split_keys: bool = True
     # "bfloat16" runs the residual optimization's forward and backward passes under
-    # autocast: ~1.5x faster on a CPU with AVX512-BF16, residuals within cosine 0.99 of
-    # float32 (benchmarks/results/build_speed.md); the deltas themselves stay float32
+    # autocast; the deltas themselves stay float32. On this 2-core CPU with AVX512-BF16 the
+    # dev sets built 1.05x and 1.2x faster, scoring 87.7 against 88.0 on both together
+    # (benchmarks/results/sweep_method_both.md)
     precision: str = "float32"
     # ndb, not the paper: "subject" gives every fact about one subject one residual, optimized
     # on the prompts of all of them together (re-optimized when one is added, changed or
@@ -94,6 +100,10 @@ class ComputeConfig:
     )
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
+        if self.residual_prefixes is not None and not 0 <= self.residual_prefixes <= \
+                self.n_prefixes:
+            raise ValueError(f"residual_prefixes must be None or 0..n_prefixes "
+                             f"({self.n_prefixes}), got {self.residual_prefixes!r}")
         if self.group_loss not in ("sum", "mean"):
             raise ValueError(f"group_loss must be 'sum' or 'mean', got {self.group_loss!r}")
         if self.residual_scope not in ("subject", "fact"):
@@ -409,6 +419,8 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
     labels = list(range(len(facts))) if groups is None else list(groups)
     if len(labels) != len(facts):  # a fact without a label would get no residual
         raise ValueError(f"{len(labels)} group labels for {len(facts)} facts")
+    if config.residual_prefixes is not None:
+        prefixes = prefixes[: 1 + config.residual_prefixes]
     out = torch.empty(len(facts), 0)
     bar = FactBar(len(facts), "residuals", disable=progress is not True)
     advance = progress if callable(progress) else bar.update

@@ -69,6 +69,11 @@ def test_info_tells_the_paper_and_earlier_group_settings_apart():
     earlier = ComputeConfig(group_loss="mean", clamp_grows_with_group=False, extra_steps=0)
     assert _residuals_summary(earlier) == (
         "one per subject (edits averaged, one bound), 25 steps, KL weight 1 on 3 prompts")
+    assert _residuals_summary(ComputeConfig.paper(residual_prefixes=2)) == (
+        "one per fact, 25 steps, KL weight 0.0625 on 1 prompt, optimized in 2 of the 5 "
+        "sampled prefixes")
+    assert _residuals_summary(ComputeConfig(residual_prefixes=5)) == _residuals_summary(
+        ComputeConfig())
 
 
 def test_add_and_remove(built, tmp_path):

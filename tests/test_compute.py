@@ -140,6 +140,18 @@ def test_groups_do_not_depend_on_their_batch_mates(llama):
         compute_residuals(model, tok, SAME_SUBJECT, 2, PREFIXES, config, groups=groups[:2])
 
 
+def test_residual_prefixes_optimize_in_the_first_of_the_prefixes_only(llama):
+    model, tok = llama
+    fewer = ComputeConfig(**{**FAST_COMPUTE, "residual_prefixes": 1})
+    assert torch.equal(compute_residuals(model, tok, FACTS, 2, PREFIXES, fewer),
+                       compute_residuals(model, tok, FACTS, 2, PREFIXES[:2],
+                                         ComputeConfig(**FAST_COMPUTE)))
+    everything = compute_residuals(model, tok, FACTS, 2, PREFIXES, ComputeConfig(**FAST_COMPUTE))
+    assert not torch.equal(compute_residuals(model, tok, FACTS, 2, PREFIXES, fewer), everything)
+    with pytest.raises(ValueError, match="residual_prefixes"):
+        ComputeConfig(n_prefixes=2, residual_prefixes=3)
+
+
 def test_compute_config_refuses_unknown_scope_and_bad_kl_prompts():
     with pytest.raises(ValueError, match="residual_scope"):
         ComputeConfig(residual_scope="relation")

@@ -108,6 +108,9 @@ BAD_ARGUMENTS = [
     (("build", "{facts}", "-o", "{new}", "--device", "bogus"), "'bogus' is not a torch device"),
     (("build", "{facts}", "-o", "{new}", "--index", "nosuch"), "unknown index kind 'nosuch'"),
     (("build", "{facts}", "-o", "{new}", "--precision", "float8"), "--precision"),
+    (("build", "{facts}", "-o", "{new}", "--residual-prefixes", "-1"), "--residual-prefixes"),
+    (("build", "{facts}", "-o", "{new}", "--residual-prefixes", "6"),
+     "residual_prefixes must be None or 0..n_prefixes (5), got 6"),
     (("build", "{facts}", "-o", "{file}/db"), "is not a writable directory"),
     (("build", "{facts}", "-o", "{db}"), "already exists"),
     (("build", "{facts}", "-o", "{db}", "--resume", "--layer", "2", "--gamma", "0.5"),
@@ -281,9 +284,10 @@ def test_resume_names_a_changed_model_seed_index_and_precision(built, tmp_path):
     facts = write_jsonl(tmp_path / "facts.jsonl", [COUNTERFACT])
     result = CliRunner().invoke(cli, [
         "build", str(facts), "-o", str(built), "--resume", "--model", str(other), "--seed",
-        "3", "--index", "flat", "--precision", "bfloat16"])
+        "3", "--index", "flat", "--precision", "bfloat16", "--residual-prefixes", "2"])
     assert_one_line_refusal(result, "which --resume keeps")
-    for option in ("--model", "--seed 3", "--index flat", "--precision bfloat16"):
+    for option in ("--model", "--seed 3", "--index flat", "--precision bfloat16",
+                   "--residual-prefixes 2 (the database has None)"):
         assert option in result.stderr
 
 
