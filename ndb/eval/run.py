@@ -34,13 +34,13 @@ from ndb.store import atomic_write_json
 @dataclass
 class EvalSettings:
     batch_size: int = 32  # prompts scored at once (teacher-forced; no faster with more)
-    # texts generated at once: on this 2-core CPU greedy continuations run 1.4x faster in
-    # batches of 64 than of 32 (benchmarks/results/eval_speed.md), the same texts
+    # texts generated at once: on this 2-core CPU greedy texts came 1.28x faster per fact in
+    # batches of 64 than of 32, the same texts (benchmarks/results/eval_speed_batches.md)
     gen_batch_size: int = 64
     fluency_cases: int = 100  # cases whose first generation prompt is sampled from
     fluency_tokens: int = 100
-    # sampled 1.45x faster in batches of 32 than of 16 (the default before, whose samples
-    # differ: the seeded random stream is drawn per batch); every row samples alike
+    # fluency samples drawn at once: 1.22x faster than the 16 before, other samples (the
+    # seeded random stream is drawn per batch); every row samples alike
     fluency_batch_size: int = 32
     seed: int = 0
     consistency: TfidfReference | None = None
