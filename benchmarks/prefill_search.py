@@ -1,11 +1,14 @@
-"""The hook's IVF search at scale, before and after the coarse-margin skip, in one run.
+"""The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, and the scan by list,
+in one run.
 
 At N keys (real keys of ``ndb bench keys``, completed with synthetic ones drawn from a
 Gaussian fitted to them: mean, top principal directions, isotropic rest), an IVF index is
 calibrated as ``ndb bench run`` calibrates it (nprobe, then the coarse margin) on hit queries.
-Then, alternating: the unedited model, the hook with the calibrated nprobe alone (what
-``ndb bench`` measured before the skip), and the hook with the skip; each a 256-token prefill
-and greedy decoding. Gate decisions of both are compared with exact search over the stored
+Then, alternating: the unedited model, the hook with the calibrated nprobe alone and FAISS's
+per-query scan (what ``ndb bench`` measured before the skip), the hook with the skip, and the
+hook with the skip and a prompt's queries scanned list by list (``IVFIndex.scan_by_list_from``,
+today's default); each a 256-token prefill and greedy decoding. Gate decisions of each are
+compared with exact search over the stored
 keys on real token queries (LAMBADA passages and hit queries not used for calibration).
 Residuals: random vectors of the residuals' size (only their cost matters here). Writes
 OUT.json and OUT.md.
@@ -32,6 +35,7 @@ from ndb.anchor import anchor_token_id
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.bench import KEY_TEMPLATES, exact_top1, load_scale_keys, token_queries
 from ndb.indexes import make_index
+from ndb.indexes.ivf import SCAN_BY_LIST_FROM
 from ndb.models import default_edit_settings, ffn_out_path, get_module
 from ndb.output import write_strict_json
 from ndb.retrieval import GatedRetrieval
@@ -78,6 +82,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--nprobe", type=int, default=None,
+                    help="lists probed per query after calibration (default: calibrate's "
+                         "choice; the coarse margin stays calibrated)")
     ap.add_argument("--retrain", action="store_true",
                     help="retrain the index on all N keys before calibrating (default: the "
                          "lists it was last trained with while the keys were added)")
@@ -105,14 +112,37 @@ def main() -> None:
     index_s = time.perf_counter() - start
     index.calibrate(calibration, gamma)
     margin = index.coarse_margin
+    if args.nprobe is not None:
+        index.nprobe = args.nprobe
     print(f"index {index_s:.0f} s; nprobe {index.nprobe}/{index.nlist}, margin {margin}",
           flush=True)
     exact = decisions(*exact_top1(keys, ids, evaluation), gamma)
+    # mode -> (coarse margin, scan_by_list_from); None for the unedited model
+    modes = {"unedited": None, "nprobe_only": (None, None), "skip": (margin, None),
+             "skip_by_list": (margin, SCAN_BY_LIST_FROM)}
     differing = {}
-    for name, m in (("nprobe_only", None), ("skip", margin)):
-        index.coarse_margin = m
-        differing[name] = float(np.mean(decisions(*index.search(evaluation, gamma), gamma)
-                                        != exact))
+    for name, mode in modes.items():
+        if mode is not None:
+            index.coarse_margin, index.scan_by_list_from = mode
+            differing[name] = float(np.mean(decisions(*index.search(evaluation, gamma), gamma)
+                                            != exact))
+
+    # where the scan by list starts to pay: one search of T consecutive generic tokens (as a
+    # prompt's are), with the skip, each way
+    crossover = []
+    for t in (1, 2, 4, 8, 16, 32, 64, 256):
+        batch = generic[:t]
+        row = {"queries": t}
+        for name, first in (("faiss_ms", None), ("by_list_ms", 1)):
+            index.coarse_margin, index.scan_by_list_from = margin, first
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                index.search(batch, gamma)
+                times.append(1000 * (time.perf_counter() - start))
+            row[name] = statistics.median(times)
+        crossover.append(row)
+        print(row, flush=True)
 
     projection = get_module(model, ffn_out_path(model, layer))
     retrieval = GatedRetrieval(index, RandomResiduals(model.config.hidden_size), gamma,
@@ -134,12 +164,11 @@ def main() -> None:
                            pad_token_id=tok.pad_token_id)
         return args.new_tokens * len(prompts) / (time.perf_counter() - start)
 
-    modes = {"unedited": None, "nprobe_only": None, "skip": margin}
     rates: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in modes}
     for _ in range(args.repeats):
-        for name, m in modes.items():
-            if name != "unedited":
-                index.coarse_margin = m
+        for name, mode in modes.items():
+            if mode is not None:
+                index.coarse_margin, index.scan_by_list_from = mode
                 retrieval.attach(model.base_model, projection)
             rates[name]["prefill"].append(prefill())
             rates[name]["decode"].append(decode())
@@ -157,16 +186,19 @@ def main() -> None:
     result = {"command": command, "machine": machine, "n": args.n, "real_keys": len(real),
               "nlist": index.nlist, "nprobe": index.nprobe, "coarse_margin": margin,
               "gamma": gamma, "queries": len(evaluation), "index_build_s": index_s,
-              "rows": rows}
+              "rows": rows, "crossover": crossover}
     write_strict_json(args.out.with_suffix(".json"), result, indent=2)
     lines = [
-        "# The hook's IVF search at scale: before and after the coarse-margin skip", "",
+        "# The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, the scan by "
+        "list", "",
         f"Reproduce: `{command}`", "",
         f"{machine}. {args.n:,} keys: {len(real):,} real (`ndb bench keys`), the rest "
         f"synthetic (a Gaussian fitted to the real ones). IVF {index.nprobe}/{index.nlist} "
-        f"(calibrated as `ndb bench` does), coarse margin {margin}, gamma {gamma}. 256-token "
+        f"({'set by --nprobe' if args.nprobe else 'calibrated as `ndb bench` does'}), "
+        f"coarse margin {margin}, gamma {gamma}. 256-token "
         f"prefill and greedy decoding of {args.new_tokens} tokens from {len(prompts)} "
-        f"prompts, the three modes alternating, medians of {args.repeats}. Gate decisions "
+        f"prompts, the modes alternating, medians of {args.repeats}. Scan by list from "
+        f"{SCAN_BY_LIST_FROM} queries on (a prefill; decoding takes FAISS's scan). Gate decisions "
         f"against exact search on {len(evaluation)} real token queries (hit queries and "
         f"{args.n_texts} LAMBADA passages).", "",
         "| mode | prefill tok/s | prefill overhead | decode tok/s | decode overhead | "
@@ -176,6 +208,10 @@ def main() -> None:
         lines.append(f"| {r['mode']} | {r['prefill_tok_s']:.0f} | "
                      f"{100 * r['prefill_overhead']:+.1f}% | {r['decode_tok_s']:.1f} | "
                      f"{100 * r['decode_overhead']:+.1f}% | {differs} |")
+    lines += ["", "One search of the first T tokens of the LAMBADA passages, with the skip "
+              "(median of 5, ms):", "", "| T | FAISS's scan | scan by list |", "|---|---|---|"]
+    lines += [f"| {r['queries']} | {r['faiss_ms']:.1f} | {r['by_list_ms']:.1f} |"
+              for r in crossover]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

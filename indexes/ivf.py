@@ -28,6 +28,10 @@ the probed lists whose centroid scores above ``floor - coarse_margin``: for most
 ordinary text none, and the search costs the centroid scores alone (one matrix product for a
 whole prompt). ``calibrate`` sets the margin to the smallest that changes no gate decision on
 its queries; ``None`` (the default, and after a failed calibration) scans every probed list.
+
+A batch of queries (a prompt's prefill) is scanned list by list: each probed list is read once
+and scored against all the queries that probe it in one matrix product, where FAISS's scan
+reads it again for every query. Same lists, same scores, so the same decisions.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from ndb.indexes import fileio
 from ndb.indexes.base import IdSet, KeyIndex, as_ids, as_new_entries, as_queries, empty_result
@@ -49,6 +54,11 @@ RETRAIN_FACTOR = 4.0
 PROBE_FRACTION = 0.5
 CODECS = ("fp16", "fp32", "pq")
 MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
+# From this many queries on, lists are scanned list by list (see the module docstring). At 1M
+# keys, 32 of 1024 lists probed, one search of 16 tokens took 301 ms so against 361 with
+# FAISS's scan, 8 tokens 214 against 205 (prefill_search_1m_by_list_nprobe32.md in
+# benchmarks/results): a list that few queries probe is read about as often either way
+SCAN_BY_LIST_FROM = 16
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 
 
@@ -101,6 +111,7 @@ class IVFIndex(KeyIndex):
         self.points_per_list = points_per_list
         self.seed = seed
         self.coarse_margin = coarse_margin
+        self.scan_by_list_from: int | None = SCAN_BY_LIST_FROM  # None: FAISS's scan always
         self.n_trained = 0  # keys (or training points) at the last training
         self._ids = IdSet()
         self._buffer: FlatIndex | None = self._new_buffer()
@@ -308,25 +319,63 @@ class IVFIndex(KeyIndex):
 
     def _search_ivf(self, queries: np.ndarray, floor: float | None
                     ) -> tuple[np.ndarray, np.ndarray]:
+        by_list = self.scan_by_list_from is not None and self.codec != "pq"
+        if by_list and len(queries) >= self.scan_by_list_from:
+            return self._scan_by_list(queries, self._probed_lists(queries, floor)[1])
         scores, ids = self._probe(queries, 1, floor)
         scores, ids = scores[:, 0], ids[:, 0]
         scores[ids < 0] = -np.inf  # all probed lists empty (or skipped)
         return scores, ids
 
-    def _probe(self, queries: np.ndarray, k: int, floor: float | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's top-k (scores, internal ids) over the ``nprobe`` nearest lists.
+    def _probed_lists(self, queries: np.ndarray, floor: float | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(centroid scores, list numbers) of the ``nprobe`` nearest lists of each query,
+        list -1 where a list is skipped.
 
         A key that passes the gate sits close to the query, and so does its list's centroid:
         a list whose centroid scores at most ``floor - coarse_margin`` is not scanned. For
         most tokens of ordinary text that is every list, and the search costs only the
         centroid scores (one matrix product for a whole prompt); ``calibrate`` sets the margin.
         """
+        coarse, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)
+        if floor is not None and self.coarse_margin is not None:
+            lists[coarse <= floor - self.coarse_margin] = -1  # FAISS skips list -1
+        return coarse, lists
+
+    def _probe(self, queries: np.ndarray, k: int, floor: float | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's top-k (scores, internal ids) over the lists of ``_probed_lists``."""
         if floor is None or self.coarse_margin is None:
             return self._ivf.search(queries, k)
-        coarse, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)
-        lists[coarse <= floor - self.coarse_margin] = -1  # FAISS skips list -1
+        coarse, lists = self._probed_lists(queries, floor)
         return self._ivf.search_preassigned(queries, k, lists, coarse)
+
+    def _scan_by_list(self, queries: np.ndarray, lists: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-1 (scores, internal ids) of each query over its ``lists`` (-1: none), each
+        list read once and scored against all of its queries in one matrix product."""
+        best = np.full(len(queries), -np.inf, np.float32)
+        best_ids = np.full(len(queries), -1, np.int64)
+        flat = lists.ravel()
+        order = np.argsort(flat, kind="stable")
+        query_of, flat = order // lists.shape[1], flat[order]
+        starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+        invlists, dtype = self._ivf.invlists, np.float16 if self.codec == "fp16" else np.float32
+        q = torch.tensor(queries)  # a copy: ``queries`` may be read-only
+        for start, end in zip(starts, [*starts[1:], len(flat)]):
+            number = int(flat[start])
+            size = invlists.list_size(number) if number >= 0 else 0
+            if size == 0:
+                continue
+            codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
+            keys = torch.from_numpy(codes.view(dtype).reshape(size, self.dim)).float()
+            rows = query_of[start:end]
+            top, at = (q[torch.from_numpy(rows)] @ keys.T).max(1)
+            top, at = top.numpy(), at.numpy()
+            better = top > best[rows]
+            best[rows[better]] = top[better]
+            best_ids[rows[better]] = faiss.rev_swig_ptr(invlists.get_ids(number), size)[at[better]]
+        return best, best_ids
 
     # ids as FAISS sees them: the caller's ids here; row numbers of the disk store in ivf-pq
     def _assign(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -232,16 +232,18 @@ def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_keys(model, tokenizer, facts: Sequence[Fact], layer: int, prefixes: Sequence[str],
-                 batch_size: int = 64, progress: bool = False, split: bool = False
-                 ) -> torch.Tensor:
+                 batch_size: int = 64, progress: bool | Callable[[int], object] = False,
+                 split: bool = False) -> torch.Tensor:
     """Keys (n, d1), float32 on the CPU, not normalized; with ``split`` (and prefixes beyond
-    the bare one) two keys per fact, (n, 2, d1). Runs only the layers up to ``layer``."""
+    the bare one) two keys per fact, (n, 2, d1). Runs only the layers up to ``layer``.
+    ``progress``: True shows a bar of facts; a callable gets the facts of each batch done."""
     module = get_module(model, ffn_out_path(model, layer))
     device = _device(model)
     pad = anchor_token_id(tokenizer)
     keys = []
-    for i in tqdm(range(0, len(facts), batch_size), desc="keys", disable=not progress,
-                  unit_scale=batch_size):
+    bar = tqdm(total=len(facts), desc="keys", unit="fact", disable=progress is not True)
+    advance = progress if callable(progress) else bar.update
+    for i in range(0, len(facts), batch_size):
         rows, last = [], []
         for fact in facts[i : i + batch_size]:
             for prefix in prefixes:
@@ -253,6 +255,8 @@ def compute_keys(model, tokenizer, facts: Sequence[Fact], layer: int, prefixes: 
                               attention_mask=mask.to(device), use_cache=False)
         x = x[torch.arange(len(rows), device=device), torch.tensor(last, device=device)]
         keys.append(_group(x.float().cpu(), len(prefixes) - 1, split))
+        advance(len(facts[i : i + batch_size]))
+    bar.close()
     return torch.cat(keys)
 
 

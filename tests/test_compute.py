@@ -74,6 +74,14 @@ def test_keys_are_the_projection_input_at_the_subject(llama):
         torch.testing.assert_close(key, box["x"][0, last])
 
 
+def test_key_progress_moves_per_batch(llama):
+    """A progress callback hears the facts of every batch of keys, adding up to all."""
+    model, tok = llama
+    calls = []
+    keys = compute_keys(model, tok, FACTS[:3], 2, [""], batch_size=2, progress=calls.append)
+    assert calls == [2, 1] and len(keys) == 3
+
+
 def test_keys_average_bare_and_prefixed_halves(llama):
     model, tok = llama
     each = torch.stack([compute_keys(model, tok, FACTS[:1], 2, [p])[0] for p in PREFIXES])

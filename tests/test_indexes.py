@@ -308,6 +308,7 @@ def test_ivf_gate_skip(data):
     index.calibrate(queries, GAMMA)
     margin = index.coarse_margin
     assert margin is not None
+    index.scan_by_list_from = None  # FAISS's scan, whose statistics count the lists scanned
 
     def decide(floor=None):
         faiss.cvar.indexIVF_stats.reset()
@@ -323,3 +324,29 @@ def test_ivf_gate_skip(data):
     index.coarse_margin = 0.0
     scores, found = index.search(queries, floor=1.5)
     assert np.isneginf(scores).all() and (found == -1).all()
+
+
+@pytest.mark.parametrize("name", ["ivf", "ivf-fp32"])
+def test_ivf_scan_by_list_matches_faiss_scan(name, data):
+    """A batch of queries scanned list by list gets FAISS's per-query answers: the same
+    winners and scores, with and without the gate skip, and -inf / -1 where every probed list
+    is skipped; a batch below ``scan_by_list_from`` takes FAISS's scan."""
+    keys, ids, queries = data
+    index = build(name)
+    index.add(keys, ids)
+    index.calibrate(queries, GAMMA)
+    assert index.coarse_margin is not None
+    for floor in (None, GAMMA, 0.9):
+        index.scan_by_list_from = None
+        faiss_scores, faiss_ids = index.search(queries, floor=floor)
+        index.scan_by_list_from = 2
+        faiss.cvar.indexIVF_stats.reset()
+        scores, found = index.search(queries, floor=floor)
+        assert faiss.cvar.indexIVF_stats.nq == 0  # FAISS scanned nothing
+        np.testing.assert_array_equal(found, faiss_ids)
+        np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5, atol=1e-6)
+        if floor == 0.9:  # some queries skip every list
+            assert 0 < np.isneginf(scores).sum() < len(queries)
+    faiss.cvar.indexIVF_stats.reset()
+    index.search(queries[:1], floor=GAMMA)
+    assert faiss.cvar.indexIVF_stats.nq == 1

@@ -95,15 +95,19 @@ def write_scale_keys(model, tok, directory: Path, n: int, layer: int, chunk: int
         tmp.write_text("".join(json.dumps(f.to_json(), ensure_ascii=False) + "\n"
                                for f in facts))
         tmp.replace(listing)
-    for start in tqdm(range(0, len(facts), chunk), desc=f"keys at layer {layer}",
-                      disable=not progress):
+    bar = tqdm(total=len(facts), desc=f"keys at layer {layer}", unit="fact",
+               disable=not progress)
+    for start in range(0, len(facts), chunk):
         path = directory / f"keys-{layer}-{start:08d}.npy"
-        if not path.is_file():
+        if path.is_file():  # written by an earlier run
+            bar.update(len(facts[start : start + chunk]))
+        else:
             keys = compute_keys(model, tok, facts[start : start + chunk], layer, [""],
-                                batch_size=256)
+                                batch_size=256, progress=bar.update)
             tmp = path.with_name(f".{path.stem}.tmp.npy")
             np.save(tmp, torch.nn.functional.normalize(keys, dim=-1).numpy().astype(np.float16))
             tmp.replace(path)
+    bar.close()
     return facts
 
 
