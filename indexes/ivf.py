@@ -370,7 +370,8 @@ class IVFIndex(KeyIndex):
             codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
             keys = torch.from_numpy(codes.view(dtype).reshape(size, self.dim)).float()
             rows = query_of[start:end]
-            top, at = (q[torch.from_numpy(rows)] @ keys.T).max(1)
+            with torch.autocast("cpu", enabled=False):  # a caller's autocast would round scores
+                top, at = (q[torch.from_numpy(rows)] @ keys.T).max(1)
             top, at = top.numpy(), at.numpy()
             better = top > best[rows]
             best[rows[better]] = top[better]

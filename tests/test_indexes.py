@@ -330,7 +330,8 @@ def test_ivf_gate_skip(data):
 def test_ivf_scan_by_list_matches_faiss_scan(name, data):
     """A batch of queries scanned list by list gets FAISS's per-query answers: the same
     winners and scores, with and without the gate skip, and -inf / -1 where every probed list
-    is skipped; a batch below ``scan_by_list_from`` takes FAISS's scan."""
+    is skipped, also under a caller's autocast; a batch below ``scan_by_list_from`` takes
+    FAISS's scan."""
     keys, ids, queries = data
     index = build(name)
     index.add(keys, ids)
@@ -345,6 +346,8 @@ def test_ivf_scan_by_list_matches_faiss_scan(name, data):
         assert faiss.cvar.indexIVF_stats.nq == 0  # FAISS scanned nothing
         np.testing.assert_array_equal(found, faiss_ids)
         np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the hook may run under autocast
+            np.testing.assert_array_equal(index.search(queries, floor=floor)[0], scores)
         if floor == 0.9:  # some queries skip every list
             assert 0 < np.isneginf(scores).sum() < len(queries)
     faiss.cvar.indexIVF_stats.reset()
