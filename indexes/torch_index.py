@@ -119,7 +119,9 @@ class TorchIndex(KeyIndex):
         rows = torch.zeros(m, dtype=torch.int64, device=self.device)
         for start in range(0, self._n, chunk):
             block = self._keys[start:min(start + chunk, self._n)]
-            scores = q @ (block.float() if on_cpu else block).T
+            # a caller's autocast (a model run in bfloat16) would pick the top-1 in its dtype
+            with torch.autocast(self.device.type, enabled=False):
+                scores = q @ (block.float() if on_cpu else block).T
             top, arg = scores.max(dim=1)
             better = top.float() > best
             best = torch.where(better, top.float(), best)
