@@ -60,6 +60,7 @@ MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest f
 # benchmarks/results): a list that few queries probe is read about as often either way
 SCAN_BY_LIST_FROM = 16
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
+_SCAN_BLOCK = 8192  # keys of one list converted to float32 at a time by the scan by list
 
 
 def default_nlist(n: int) -> int:
@@ -367,15 +368,19 @@ class IVFIndex(KeyIndex):
             size = invlists.list_size(number) if number >= 0 else 0
             if size == 0:
                 continue
-            codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
-            keys = torch.from_numpy(codes.view(dtype).reshape(size, self.dim)).float()
             rows = query_of[start:end]
-            with torch.autocast("cpu", enabled=False):  # a caller's autocast would round scores
-                top, at = (q[torch.from_numpy(rows)] @ keys.T).max(1)
-            top, at = top.numpy(), at.numpy()
-            better = top > best[rows]
-            best[rows[better]] = top[better]
-            best_ids[rows[better]] = faiss.rev_swig_ptr(invlists.get_ids(number), size)[at[better]]
+            mine = q[torch.from_numpy(rows)]
+            codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
+            ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
+            keys = codes.view(dtype).reshape(size, self.dim)
+            for block in range(0, size, _SCAN_BLOCK):  # bounds the float32 copy of a long list
+                part = torch.from_numpy(keys[block:block + _SCAN_BLOCK]).float()
+                with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
+                    top, at = (mine @ part.T).max(1)
+                top, at = top.numpy(), at.numpy()
+                better = top > best[rows]
+                best[rows[better]] = top[better]
+                best_ids[rows[better]] = ids[block + at[better]]
         return best, best_ids
 
     # ids as FAISS sees them: the caller's ids here; row numbers of the disk store in ivf-pq

@@ -341,10 +341,12 @@ def test_ivf_gate_skip(data):
 
 
 @pytest.mark.parametrize("name", ["ivf", "ivf-fp32"])
-def test_ivf_scan_by_list_matches_faiss_scan(name, data):
+@pytest.mark.parametrize("block", [8192, 7])  # 7: every list is scanned in several blocks
+def test_ivf_scan_by_list_matches_faiss_scan(name, block, data, monkeypatch):
     """A batch of queries scanned list by list gets FAISS's per-query answers: the same
     winners and scores, with and without the gate skip, and -inf / -1 where every probed list
     is skipped; a batch below ``scan_by_list_from`` takes FAISS's scan."""
+    monkeypatch.setattr("ndb.indexes.ivf._SCAN_BLOCK", block)
     keys, ids, queries = data
     index = build(name)
     index.add(keys, ids)
