@@ -55,7 +55,7 @@ PROBE_FRACTION = 0.5
 CODECS = ("fp16", "fp32", "pq")
 MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
 # From this many queries on, lists are scanned list by list (see the module docstring). At 1M
-# keys, 32 of 1024 lists probed, one search of 16 tokens took 301 ms so against 361 with
+# keys, 32 of 1024 lists probed, one search of 16 tokens took 301 ms this way, 361 with
 # FAISS's scan, 8 tokens 214 against 205 (prefill_search_1m_by_list_nprobe32.md in
 # benchmarks/results): a list that few queries probe is read about as often either way
 SCAN_BY_LIST_FROM = 16
@@ -362,25 +362,24 @@ class IVFIndex(KeyIndex):
         query_of, flat = order // lists.shape[1], flat[order]
         starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
         invlists, dtype = self._ivf.invlists, np.float16 if self.codec == "fp16" else np.float32
-        q = torch.tensor(queries)  # a copy: ``queries`` may be read-only
-        for start, end in zip(starts, [*starts[1:], len(flat)]):
-            number = int(flat[start])
-            size = invlists.list_size(number) if number >= 0 else 0
-            if size == 0:
-                continue
-            rows = query_of[start:end]
-            mine = q[torch.from_numpy(rows)]
-            codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
-            ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
-            keys = codes.view(dtype).reshape(size, self.dim)
-            for block in range(0, size, _SCAN_BLOCK):  # bounds the float32 copy of a long list
-                part = torch.from_numpy(keys[block:block + _SCAN_BLOCK]).float()
-                with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
+        with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
+            for start, end in zip(starts, [*starts[1:], len(flat)]):
+                number = int(flat[start])
+                size = invlists.list_size(number) if number >= 0 else 0
+                if size == 0:
+                    continue
+                rows = query_of[start:end]
+                mine = torch.from_numpy(queries[rows])
+                codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
+                keys = codes.view(dtype).reshape(size, self.dim)
+                for block in range(0, size, _SCAN_BLOCK):  # bounds a long list's float32 copy
+                    part = torch.from_numpy(keys[block:block + _SCAN_BLOCK]).float()
                     top, at = (mine @ part.T).max(1)
-                top, at = top.numpy(), at.numpy()
-                better = top > best[rows]
-                best[rows[better]] = top[better]
-                best_ids[rows[better]] = ids[block + at[better]]
+                    top, at = top.numpy(), at.numpy()
+                    better = top > best[rows]
+                    best[rows[better]] = top[better]
+                    best_ids[rows[better]] = faiss.rev_swig_ptr(
+                        invlists.get_ids(number), size)[block + at[better]]
         return best, best_ids
 
     # ids as FAISS sees them: the caller's ids here; row numbers of the disk store in ivf-pq

@@ -250,7 +250,8 @@ class NeuralDB:
         self.keys.sync()
         if self._attachment is not None:
             self._attachment.catch_up(self._synced_version)
-        self._facts = None
+        if self._facts is not None:  # a mutation reads its own entries, not every fact
+            self._facts = edits.caught_up(self.store, self._facts, self._synced_version)
         self._synced_version = version
 
     @property

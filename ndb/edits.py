@@ -82,17 +82,32 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
     return new, changed, skipped
 
 
-def read_stored(store: Store) -> dict[int, Fact]:
-    """Every fact the store holds, by id, each checked like a facts file's record (the
-    directory may come from anyone)."""
-    records = store.read("facts") if len(store.entries) else []
+def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:
+    """The facts the store holds under ``ids`` (every one if None), by id, each checked
+    like a facts file's record (the directory may come from anyone)."""
+    ids = store.entries.ids if ids is None else ids
+    records = store.read("facts", ids) if len(ids) else []
     facts = {}
-    for fact_id, record in zip(store.entries.ids.tolist(), records):
+    for fact_id, record in zip(ids.tolist(), records):
         where = f"{store.path}: stored fact {fact_id}"
         try:
             facts[fact_id] = Fact.from_json(loads_json(record, where), where)
         except FactError as err:
             raise StoreError(str(err)) from None
+    return facts
+
+
+def caught_up(store: Store, stored: dict[int, Fact], version: int) -> dict[int, Fact] | None:
+    """``stored``, the facts as of manifest ``version``, brought up to the store's state by
+    reading only the entries written since (a new dict: callers may hold the old one); None
+    when a compaction since has folded deletions away (then read them all again)."""
+    if store.manifest.compacted_through > version:
+        return None
+    changed, deleted = store.read_entries_since(version)
+    facts = dict(stored)
+    for fact_id in deleted.tolist():
+        facts.pop(fact_id, None)
+    facts.update(read_stored(store, changed))
     return facts
 
 
