@@ -54,11 +54,14 @@ RETRAIN_FACTOR = 4.0
 PROBE_FRACTION = 0.5
 CODECS = ("fp16", "fp32", "pq")
 MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
-# From this many queries on, lists are scanned list by list (see the module docstring). At 1M
-# keys, 32 of 1024 lists probed, one search of 16 tokens took 301 ms this way, 361 with
-# FAISS's scan, 8 tokens 214 against 205 (prefill_search_1m_by_list_nprobe32.md in
-# benchmarks/results): a list that few queries probe is read about as often either way
-SCAN_BY_LIST_FROM = 16
+# From this many queries on, lists are scanned list by list (see the module docstring): it
+# pays once a list is probed by several queries and holds enough keys to amortize its
+# per-list cost. One search of T prompt tokens, ms, FAISS's scan / by list
+# (benchmarks/results/scan_crossover.md; prefill_search_1m_by_list_nprobe32.md for 1M):
+#   10k keys, 8/200 lists:   T=32 5.0 / 9.3,    T=64 7.4 / 12,    T=256 29 / 16
+#   100k keys, 8/632 lists:  T=32 22 / 23,      T=64 37 / 31,     T=256 136 / 62
+#   1M keys, 32/1024 lists:  T=32 563 / 441,    T=64 800 / 566,   T=256 2753 / 932
+SCAN_BY_LIST_FROM = 64
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 _SCAN_BLOCK = 8192  # keys of one list converted to float32 at a time by the scan by list
 

@@ -304,6 +304,7 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         db.detach()
         row = {
             "m": m, "index": idx.kind, "nprobe": nprobe, "build_s": build_s,
+            "residual_facts": len(residuals),
             "index_load_s": index_s, "gate_disagreement": disagreement,
             "queries": len(evaluation),
             "rss_delta_bytes": attached_rss - before, "index_bytes": idx.memory_bytes(),
@@ -336,13 +337,16 @@ def report(rows: list[dict], out: Path, command: str) -> None:
                f"{torch.__version__} with {torch.get_num_threads()} threads")
     write_strict_json(out.with_suffix(".json"),
                       {"command": command, "machine": machine, "rows": rows}, indent=2)
+    residual_facts = rows[0].get("residual_facts") if rows else None  # older files: none
+    source = (f"a real {residual_facts:,}-fact database" if residual_facts
+              else "a real database")
     lines = [
         "# Inference cost of a NeuralDB vs the unedited model", "",
         f"Reproduce: `{command}`", "",
         f"Measured on {machine}; batch-1 greedy decoding of 32 tokens from 4 prompts, and a "
         "256-token prefill, alternating attached and detached (medians of 3). Databases: "
         "real keys of real facts (`ndb bench keys`, one bare-prompt key per fact), "
-        "residuals of a real 2,000-fact database reused cyclically. Gate agreement: real "
+        f"residuals of {source} reused cyclically. Gate agreement: real "
         "token keys of 40 LAMBADA passages plus hit queries, against exact search over the "
         "stored float16 keys.", "",
         "| facts | index | decode tok/s (no db / db) | decode overhead | prefill overhead | "
