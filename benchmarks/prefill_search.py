@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scan_crossover import time_search  # the script beside this one
 
 import ndb
 from ndb.anchor import anchor_token_id
@@ -135,12 +136,7 @@ def main() -> None:
         row = {"queries": t}
         for name, first in (("faiss_ms", None), ("by_list_ms", 1)):
             index.coarse_margin, index.scan_by_list_from = margin, first
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                index.search(batch, gamma)
-                times.append(1000 * (time.perf_counter() - start))
-            row[name] = statistics.median(times)
+            row[name] = time_search(index, batch, gamma, repeats=5)
         crossover.append(row)
         print(row, flush=True)
 

@@ -49,10 +49,9 @@ class Attachment:
         if not isinstance(vars(self.projection).get("extra_repr"), _AttachedRepr):
             self.projection.extra_repr = _AttachedRepr(self.projection)
 
-    def catch_up(self, version: int) -> None:
-        """After commits since manifest ``version``: search the new keys, forget the
-        residuals that changed."""
-        changed, deleted = self.db.store.read_entries_since(version)
+    def catch_up(self, changed: np.ndarray, deleted: np.ndarray) -> None:
+        """After commits that wrote ``changed`` ids and deleted ``deleted`` ones (see
+        Store.read_entries_since): search the new keys, forget the residuals that changed."""
         self.residuals.forget(np.concatenate([changed, deleted]))
         self.retrieval.index = self.db.keys.index
 

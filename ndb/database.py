@@ -248,10 +248,13 @@ class NeuralDB:
         if version == self._synced_version:
             return
         self.keys.sync()
-        if self._attachment is not None:
-            self._attachment.catch_up(self._synced_version)
-        if self._facts is not None:  # a mutation reads its own entries, not every fact
-            self._facts = edits.caught_up(self.store, self._facts, self._synced_version)
+        if self._attachment is not None or self._facts is not None:
+            since = self.store.read_entries_since(self._synced_version)  # (changed, deleted)
+            if self._attachment is not None:
+                self._attachment.catch_up(*since)
+            if self._facts is not None:  # a mutation reads its own entries, not every fact
+                self._facts = edits.caught_up(self.store, self._facts, self._synced_version,
+                                              *since)
         self._synced_version = version
 
     @property

@@ -85,10 +85,10 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
 def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:
     """The facts the store holds under ``ids`` (every one if None), by id, each checked
     like a facts file's record (the directory may come from anyone)."""
-    ids = store.entries.ids if ids is None else ids
-    records = store.read("facts", ids) if len(ids) else []
+    wanted = store.entries.ids if ids is None else ids
+    records = store.read("facts", ids) if len(wanted) else []
     facts = {}
-    for fact_id, record in zip(ids.tolist(), records):
+    for fact_id, record in zip(wanted.tolist(), records):
         where = f"{store.path}: stored fact {fact_id}"
         try:
             facts[fact_id] = Fact.from_json(loads_json(record, where), where)
@@ -97,13 +97,14 @@ def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:
     return facts
 
 
-def caught_up(store: Store, stored: dict[int, Fact], version: int) -> dict[int, Fact] | None:
+def caught_up(store: Store, stored: dict[int, Fact], version: int, changed: np.ndarray,
+              deleted: np.ndarray) -> dict[int, Fact] | None:
     """``stored``, the facts as of manifest ``version``, brought up to the store's state by
-    reading only the entries written since (a new dict: callers may hold the old one); None
-    when a compaction since has folded deletions away (then read them all again)."""
+    reading only the ``changed`` entries written since (Store.read_entries_since), as a new
+    dict (callers may hold the old one); None when a compaction since has folded deletions
+    away (then read them all again)."""
     if store.manifest.compacted_through > version:
         return None
-    changed, deleted = store.read_entries_since(version)
     facts = dict(stored)
     for fact_id in deleted.tolist():
         facts.pop(fact_id, None)
