@@ -304,7 +304,8 @@ def run(model, tok, keys_dir: Path, residual_db: Path, sizes: Sequence[int], wor
         db.detach()
         row = {
             "m": m, "index": idx.kind, "nprobe": nprobe, "build_s": build_s,
-            "residual_facts": len(residuals),
+            "residual_facts": len(residuals), "new_tokens": new_tokens, "repeats": repeats,
+            "texts": len(texts),
             "index_load_s": index_s, "gate_disagreement": disagreement,
             "queries": len(evaluation),
             "rss_delta_bytes": attached_rss - before, "index_bytes": idx.memory_bytes(),
@@ -337,18 +338,19 @@ def report(rows: list[dict], out: Path, command: str) -> None:
                f"{torch.__version__} with {torch.get_num_threads()} threads")
     write_strict_json(out.with_suffix(".json"),
                       {"command": command, "machine": machine, "rows": rows}, indent=2)
-    residual_facts = rows[0].get("residual_facts") if rows else None  # older files: none
-    source = (f"a real {residual_facts:,}-fact database" if residual_facts
+    first = rows[0] if rows else {}  # files written before these were recorded lack them
+    source = (f"a real {first['residual_facts']:,}-fact database" if "residual_facts" in first
               else "a real database")
     lines = [
         "# Inference cost of a NeuralDB vs the unedited model", "",
         f"Reproduce: `{command}`", "",
-        f"Measured on {machine}; batch-1 greedy decoding of 32 tokens from 4 prompts, and a "
-        "256-token prefill, alternating attached and detached (medians of 3). Databases: "
+        f"Measured on {machine}; batch-1 greedy decoding of {first.get('new_tokens', 32)} "
+        "tokens from 4 prompts, and a 256-token prefill, alternating attached and detached "
+        f"(medians of {first.get('repeats', 3)}). Databases: "
         "real keys of real facts (`ndb bench keys`, one bare-prompt key per fact), "
-        f"residuals of {source} reused cyclically. Gate agreement: real "
-        "token keys of 40 LAMBADA passages plus hit queries, against exact search over the "
-        "stored float16 keys.", "",
+        f"residuals of {source} reused cyclically. Gate agreement: real token keys of "
+        f"{first.get('texts', 40)} LAMBADA passages plus hit queries, against exact search "
+        "over the stored float16 keys.", "",
         "| facts | index | decode tok/s (no db / db) | decode overhead | prefill overhead | "
         "gate decisions differing from exact | index MiB | RSS +MiB | disk B/fact | "
         "add 1 / remove 1 (ms) | add 1000 / remove 1000 (s) |",
