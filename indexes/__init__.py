@@ -7,6 +7,7 @@ flat           exact, FAISS IndexFlatIP, float32                                
 flat-fp16      exact, FAISS flat scalar quantizer, float16                       2*d + ~40 B
 ivf            approximate, FAISS IVF over float16 (``codec="fp32"`` possible)   2*d + ~40 B
 ivf-pq         approximate, FAISS IVF over PQ codes (``pq_m`` bytes, d/4)        d/4 + ~40 B
+ivf-pca        approximate, FAISS IVF over d/4-dim projections, exact rerank     2.5*d + ~40 B
 torch          exact, torch tensor on any device (fp32 on CPU, fp16 on CUDA)     2*d + 24 B
 gpu-flat       exact, FAISS GpuIndexFlatIP (optional faiss-gpu build)            2*d + 16 B
 =============  ================================================================  ===============
@@ -30,6 +31,7 @@ _CLASSES = {
     "flat-fp16": "ndb.indexes.flat:Fp16FlatIndex",
     "ivf": "ndb.indexes.ivf:IVFIndex",
     "ivf-pq": "ndb.indexes.ivf:IVFPQIndex",
+    "ivf-pca": "ndb.indexes.ivf:IVFPCAIndex",
     "torch": "ndb.indexes.torch_index:TorchIndex",
     "gpu-flat": "ndb.indexes.gpu:GpuFlatIndex",
 }

@@ -32,6 +32,10 @@ its queries; ``None`` (the default, and after a failed calibration) scans every 
 A batch of queries (a prompt's prefill) is scanned list by list: each probed list is read once
 and scored against all the queries that probe it in one matrix product, where FAISS's scan
 reads it again for every query. Same lists, same scores, so the same decisions.
+
+Two kinds re-rank: ``ivf-pq`` scans PQ codes, ``ivf-pca`` float16 projections of the keys on
+their principal directions; both re-score each query's best candidates exactly against
+float16 keys kept beside the IVF.
 """
 
 from __future__ import annotations
@@ -204,26 +208,29 @@ class IVFIndex(KeyIndex):
         limit = self.points_per_list * nlist
         if len(source) > limit:
             source = source[np.sort(rng.choice(len(source), limit, replace=False))]
-        ivf = self._train_ivf(nlist, self._as_float(source))
+        source = self._as_float(source)
+        self._fit_projection(source)
+        ivf = self._train_ivf(nlist, self._ivf_input(source))
         self._buffer = None
         self._ivf = ivf  # the old storage is released before the new one fills
         self._fill(ivf, payload, ids)
         self.n_trained = n_target
 
     def _train_ivf(self, nlist: int, sample: np.ndarray) -> faiss.IndexIVF:
-        kmeans = faiss.Kmeans(self.dim, nlist, niter=self.kmeans_iters, spherical=True,
+        dim = sample.shape[1]  # the keys' width, or the projection's in ivf-pca
+        kmeans = faiss.Kmeans(dim, nlist, niter=self.kmeans_iters, spherical=True,
                               seed=self.seed, max_points_per_centroid=len(sample), verbose=False)
         kmeans.train(sample)
-        quantizer = faiss.IndexFlatIP(self.dim)
+        quantizer = faiss.IndexFlatIP(dim)
         quantizer.add(kmeans.centroids)
         ip = faiss.METRIC_INNER_PRODUCT
         if self.codec == "fp32":
-            ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, ip)
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
         elif self.codec == "fp16":
-            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist,
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist,
                                                 faiss.ScalarQuantizer.QT_fp16, ip, False)
         else:
-            ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_m, 8, ip)
+            ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, self.pq_m, 8, ip)
             ivf.by_residual = False
             ivf.pq.cp.niter = self.kmeans_iters
             ivf.pq.cp.max_points_per_centroid = 128  # 32k points fit 256 codewords well
@@ -253,7 +260,7 @@ class IVFIndex(KeyIndex):
             if isinstance(target, FlatIndex):
                 target.add(keys, part)
             else:
-                target.add_with_ids(keys, part)
+                target.add_with_ids(self._ivf_input(keys), part)
 
     def _export(self) -> tuple[np.ndarray, np.ndarray]:
         """(payload, ids) of every stored key: float16/float32 keys, or uint8 PQ codes."""
@@ -282,6 +289,16 @@ class IVFIndex(KeyIndex):
             return faiss.downcast_index(self._ivf).pq.decode(payload)
         return np.ascontiguousarray(payload, dtype=np.float32)
 
+    # what the IVF holds of a key: the key itself here, its projection in ivf-pca
+    def _fit_projection(self, sample: np.ndarray) -> None:
+        return None
+
+    def _ivf_input(self, keys: np.ndarray) -> np.ndarray:
+        return keys
+
+    def _ivf_width(self) -> int:
+        return self.dim
+
     # ---- the interface --------------------------------------------------------------------
 
     def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
@@ -291,7 +308,7 @@ class IVFIndex(KeyIndex):
         if self._ivf is None:
             self._buffer.add(keys, internal)
         else:
-            self._ivf.add_with_ids(keys, internal)
+            self._ivf.add_with_ids(self._ivf_input(keys), internal)
         self._ids.insert(ids)
         self._maintain()
 
@@ -323,13 +340,19 @@ class IVFIndex(KeyIndex):
 
     def _search_ivf(self, queries: np.ndarray, floor: float | None
                     ) -> tuple[np.ndarray, np.ndarray]:
-        by_list = self.scan_by_list_from is not None and self.codec != "pq"
-        if by_list and len(queries) >= self.scan_by_list_from:
-            return self._scan_by_list(queries, self._probed_lists(queries, floor)[1])
-        scores, ids = self._probe(queries, 1, floor)
+        scores, ids = self._top(queries, 1, floor)
         scores, ids = scores[:, 0], ids[:, 0]
         scores[ids < 0] = -np.inf  # all probed lists empty (or skipped)
         return scores, ids
+
+    def _top(self, queries: np.ndarray, k: int, floor: float | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, internal ids) over the probed lists, a prompt's batch of queries
+        scanned list by list, a shorter one by FAISS."""
+        by_list = self.scan_by_list_from is not None and self.codec != "pq"
+        if by_list and len(queries) >= self.scan_by_list_from:
+            return self._scan_by_list(queries, self._probed_lists(queries, floor)[1], k)
+        return self._probe(queries, k, floor)
 
     def _probed_lists(self, queries: np.ndarray, floor: float | None
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -354,15 +377,19 @@ class IVFIndex(KeyIndex):
         coarse, lists = self._probed_lists(queries, floor)
         return self._ivf.search_preassigned(queries, k, lists, coarse)
 
-    def _scan_by_list(self, queries: np.ndarray, lists: np.ndarray
+    def _scan_by_list(self, queries: np.ndarray, lists: np.ndarray, k: int
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-1 (scores, internal ids) of each query over its ``lists`` (-1: none), each
-        list read once and scored against all of its queries in one matrix product."""
-        best = np.full(len(queries), -np.inf, np.float32)
-        best_ids = np.full(len(queries), -1, np.int64)
+        """Top-k (scores, internal ids; -inf and -1 where fewer) of each query over its
+        ``lists`` (-1: none), each list read once and scored against all of its queries in
+        one matrix product. Each list's top-k for a query goes to that query's slot for the
+        list; one selection over the slots ends it."""
+        nprobe = lists.shape[1]
+        found = torch.full((len(queries), nprobe, k), -torch.inf)
+        found_ids = torch.full((len(queries), nprobe, k), -1, dtype=torch.int64)
         flat = lists.ravel()
         order = np.argsort(flat, kind="stable")
-        query_of, flat = order // lists.shape[1], flat[order]
+        flat = flat[order]
+        query_of, slot_of = torch.from_numpy(order // nprobe), torch.from_numpy(order % nprobe)
         starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
         invlists, dtype = self._ivf.invlists, np.float16 if self.codec == "fp16" else np.float32
         with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
@@ -371,19 +398,26 @@ class IVFIndex(KeyIndex):
                 size = invlists.list_size(number) if number >= 0 else 0
                 if size == 0:
                     continue
-                rows = query_of[start:end]
-                mine = torch.from_numpy(queries[rows])
+                rows, slots = query_of[start:end], slot_of[start:end]
+                mine = torch.from_numpy(queries[rows.numpy()])
                 codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
-                keys = codes.view(dtype).reshape(size, self.dim)
+                keys = codes.view(dtype).reshape(size, self._ivf.d)
+                ids = torch.from_numpy(faiss.rev_swig_ptr(invlists.get_ids(number), size))
+                tops, ats = [], []
                 for block in range(0, size, _SCAN_BLOCK):  # bounds a long list's float32 copy
-                    part = torch.from_numpy(keys[block:block + _SCAN_BLOCK]).float()
-                    top, at = (mine @ part.T).max(1)
-                    top, at = top.numpy(), at.numpy()
-                    better = top > best[rows]
-                    best[rows[better]] = top[better]
-                    best_ids[rows[better]] = faiss.rev_swig_ptr(
-                        invlists.get_ids(number), size)[block + at[better]]
-        return best, best_ids
+                    scores = mine @ torch.from_numpy(keys[block:block + _SCAN_BLOCK]).float().T
+                    top, at = scores.topk(min(k, scores.shape[1]), 1)
+                    tops.append(top)
+                    ats.append(at + block)
+                top, at = torch.cat(tops, 1), torch.cat(ats, 1)
+                if top.shape[1] > k:  # several blocks
+                    top, pick = top.topk(k, 1)
+                    at = at.gather(1, pick)
+                found[rows, slots, :top.shape[1]] = top
+                found_ids[rows, slots, :top.shape[1]] = ids[at]
+        found = found.flatten(1)  # a tie for top-1 goes to the nearer list's key, as in FAISS
+        best, pick = found.max(1, keepdim=True) if k == 1 else found.topk(k, 1)
+        return best.numpy(), found_ids.flatten(1).gather(1, pick).numpy()
 
     # ids as FAISS sees them: the caller's ids here; row numbers of the disk store in ivf-pq
     def _assign(self, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -476,7 +510,13 @@ class IVFIndex(KeyIndex):
     @classmethod
     def load(cls, path: Path, dim: int) -> IVFIndex:
         with fileio.reader(path, cls.kind, dim) as (f, header):
-            index = cls(dim, **header["options"])
+            # where the key store's temporary file goes is this process's choice, not the
+            # file's: an index from elsewhere must not make ndb write outside its directory
+            options = {k: v for k, v in header["options"].items() if k != "store_dir"}
+            try:
+                index = cls(dim, **options)
+            except TypeError as e:
+                raise ValueError(f"{path}: index options not understood ({e})") from None
             stored = fileio.read_faiss(f)
             index._load_extra(f)
         index.n_trained = header["n_trained"]
@@ -485,6 +525,9 @@ class IVFIndex(KeyIndex):
             index._ivf = stored
         else:
             index._buffer = type(index._buffer)(dim, stored)
+        if stored.d != (index._ivf_width() if header["trained"] else dim):
+            raise ValueError(f"{path} holds a FAISS index of width {stored.d}, not the "
+                             f"{index._ivf_width()} its header implies")
         index._ids = IdSet(index._external(index._snapshot()[1]))
         return index
 
@@ -493,7 +536,7 @@ class IVFIndex(KeyIndex):
             return self._buffer.memory_bytes() + self._ids.nbytes()
         ivf = faiss.downcast_index(self._ivf)
         per_key = ivf.code_size + 8 + 16  # code, id in its list, hashtable entry (approx.)
-        fixed = ivf.nlist * self.dim * 4  # centroids
+        fixed = ivf.nlist * ivf.d * 4  # centroids
         if self.codec == "pq":
             fixed += ivf.pq.centroids.size() * 4
         return self.ntotal * per_key + fixed + self._ids.nbytes()
@@ -550,7 +593,7 @@ class IVFPQIndex(IVFIndex):
                     ) -> tuple[np.ndarray, np.ndarray]:
         if self._store is None:
             return super()._search_ivf(queries, floor)
-        _, rows = self._probe(queries, self.rerank, floor)
+        _, rows = self._top(self._ivf_input(queries), self.rerank, floor)
         valid = rows >= 0
         candidates = self._store.get(np.where(valid, rows, 0)).astype(np.float32)
         scores = np.einsum("md,mkd->mk", queries, candidates)
@@ -570,6 +613,71 @@ class IVFPQIndex(IVFIndex):
     def memory_bytes(self) -> int:
         extra = 0 if self._store is None else self._store.row_ids.nbytes
         return super().memory_bytes() + extra
+
+
+class IVFPCAIndex(IVFPQIndex):
+    """IVF over float16 projections of the keys on their top ``pca_dim`` principal directions
+    (default d/4, 384 of SmolLM2's 1536: 4x fewer bytes scanned per key than ``ivf``), the
+    ``rerank`` best candidates of each query re-scored exactly against float16 keys, as in
+    ``ivf-pq``.
+
+    The directions are fitted (without centering, so projected scores approximate the keys'
+    own) on the sample each (re)training draws. The default is the narrowest that kept every
+    hit in the candidates on our measurements: where the exact top-1 key of a real token
+    query that passes the gate ranks among all keys' projected scores, 847 such queries,
+    1M keys (101k real, the rest fitted synthetic ones): within the first 32 for all of them
+    at 384 dims, 99.5 % at 256 (all within 128). On the 101k real keys alone, 256 dims and 32
+    candidates already gave exact search's gate decisions on 99.94 % of 6,776 token queries.
+    """
+
+    kind = "ivf-pca"
+    default_codec = "fp16"
+
+    def __init__(self, dim: int, *, pca_dim: int | None = None, rerank: int = 32, **options):
+        options.setdefault("pq_m", None)
+        super().__init__(dim, rerank=rerank, **options)
+        if self.codec == "pq" or not self.rerank:
+            raise ValueError("ivf-pca needs a float codec and rerank > 0 (use ivf-pq for PQ)")
+        pca_dim = max(1, self.dim // 4) if pca_dim is None else pca_dim
+        if not 0 < pca_dim <= self.dim:
+            raise ValueError(f"pca_dim must be in [1, {self.dim}], got {pca_dim}")
+        self.pca_dim = int(pca_dim)
+        self._basis: np.ndarray | None = None  # (pca_dim, dim) float32, rows orthonormal
+
+    def _options(self) -> dict:
+        return {**super()._options(), "pca_dim": self.pca_dim}
+
+    def _fit_projection(self, sample: np.ndarray) -> None:
+        self._basis = np.linalg.svd(sample, full_matrices=False)[2][:self.pca_dim].copy()
+
+    def _ivf_input(self, keys: np.ndarray) -> np.ndarray:
+        # torch, not numpy: OpenBLAS's threads would spin on the cores the model runs on
+        with torch.autocast("cpu", enabled=False):
+            return (torch.from_numpy(keys) @ torch.from_numpy(self._basis).T).numpy()
+
+    def _ivf_width(self) -> int:
+        return -1 if self._basis is None else self.pca_dim  # trained without a basis: broken
+
+    def _move_to_buffer(self) -> None:
+        super()._move_to_buffer()
+        self._basis = None
+
+    def _save_extra(self, f) -> None:
+        fileio.write_array(f, np.empty((0, self.dim), np.float32) if self._basis is None
+                           else self._basis)
+        super()._save_extra(f)
+
+    def _load_extra(self, f) -> None:
+        basis = fileio.read_array(f)
+        if basis.dtype != np.float32 or basis.shape not in ((0, self.dim),
+                                                            (self.pca_dim, self.dim)):
+            raise ValueError(f"index file holds a projection of shape {basis.shape}, "
+                             f"not ({self.pca_dim}, {self.dim}) float32")
+        self._basis = basis if len(basis) else None
+        super()._load_extra(f)
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + (0 if self._basis is None else self._basis.nbytes)
 
 
 class _DiskKeys:
