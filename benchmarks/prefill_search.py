@@ -1,17 +1,16 @@
-"""The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, and the scan by list,
-in one run.
+"""The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, the scan by list,
+and the projected index (ivf-pca), in one run.
 
 At N keys (real keys of ``ndb bench keys``, completed with synthetic ones drawn from a
-Gaussian fitted to them: mean, top principal directions, isotropic rest), an IVF index is
-calibrated as ``ndb bench run`` calibrates it (nprobe, then the coarse margin) on hit queries.
-Then, alternating: the unedited model, the hook with the calibrated nprobe alone and FAISS's
-per-query scan (what ``ndb bench`` measured before the skip), the hook with the skip, and the
-hook with the skip and a prompt's queries scanned list by list (``IVFIndex.scan_by_list_from``,
-today's default); each a 256-token prefill and greedy decoding. Gate decisions of each are
-compared with exact search over the stored
-keys on real token queries (LAMBADA passages and hit queries not used for calibration).
-Residuals: random vectors of the residuals' size (only their cost matters here). Writes
-OUT.json and OUT.md.
+Gaussian fitted to them: mean, top principal directions, isotropic rest), an ``ivf`` and an
+``ivf-pca`` index are each calibrated as ``ndb bench run`` calibrates them (nprobe, then the
+coarse margin) on hit queries. Then, alternating: the unedited model; ``ivf`` with the
+skip and FAISS's per-query scan, and with the skip and a prompt's queries scanned list by list
+(``IVFIndex.scan_by_list_from``, its default); ``ivf-pca`` with the skip and FAISS's scan,
+and with the scan by list (its default); each a 256-token prefill and greedy decoding. Gate
+decisions of each are compared with exact search over the stored keys on real token queries
+(LAMBADA passages and hit queries not used for calibration). Residuals: random vectors of
+the residuals' size (only their cost matters here). Writes OUT.json and OUT.md.
 
     python benchmarks/prefill_search.py --real-keys scale-keys --n 1000000 \\
         --texts ../shared/data/general/lambada_test.jsonl --out benchmarks/results/prefill_search
@@ -35,7 +34,7 @@ import ndb
 from ndb.anchor import anchor_token_id
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.bench import KEY_TEMPLATES, exact_top1, load_scale_keys, token_queries
-from ndb.indexes import make_index
+from ndb.indexes import KeyIndex, make_index
 from ndb.indexes.ivf import SCAN_BY_LIST_FROM
 from ndb.models import default_edit_settings, ffn_out_path, get_module
 from ndb.output import write_strict_json
@@ -70,6 +69,9 @@ class RandomResiduals:
         return self.table[ids.clamp_min(0) % len(self.table)]
 
 
+TIMED = ("ivf skip", "ivf skip, by list", "ivf-pca skip", "ivf-pca skip, by list")
+
+
 def decisions(scores: np.ndarray, ids: np.ndarray, gamma: float) -> np.ndarray:
     return np.where(scores > gamma, ids, -1)
 
@@ -86,6 +88,9 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None,
                     help="lists probed per query after calibration (default: calibrate's "
                          "choice; the coarse margin stays calibrated)")
+    ap.add_argument("--pca-dim", type=int, default=None,
+                    help="ivf-pca's projection width (default: its own, d/4)")
+    ap.add_argument("--rerank", type=int, default=32, help="ivf-pca's candidates re-ranked")
     ap.add_argument("--retrain", action="store_true",
                     help="retrain the index on all N keys before calibrating (default: the "
                          "lists it was last trained with while the keys were added)")
@@ -104,45 +109,50 @@ def main() -> None:
     calibration, evaluation = hits[::2], np.concatenate([hits[1::2], generic])
     print(f"{len(keys)} keys, {len(evaluation)} evaluation queries", flush=True)
 
-    start = time.perf_counter()
-    index = make_index("ivf", keys.shape[1])
-    for s in range(0, len(keys), 65_536):
-        index.add(keys[s:s + 65_536].astype(np.float32), ids[s:s + 65_536])
-    if args.retrain:
-        index.retrain()
-    index_s = time.perf_counter() - start
-    index.calibrate(calibration, gamma)
-    margin = index.coarse_margin
-    if args.nprobe is not None:
-        index.nprobe = args.nprobe
-    print(f"index {index_s:.0f} s; nprobe {index.nprobe}/{index.nlist}, margin {margin}",
-          flush=True)
+    indexes, build_s = {}, {}
+    for kind, options in (("ivf", {}), ("ivf-pca", {"pca_dim": args.pca_dim,
+                                                     "rerank": args.rerank})):
+        start = time.perf_counter()
+        index = make_index(kind, keys.shape[1], **options)
+        for s in range(0, len(keys), 65_536):
+            index.add(keys[s:s + 65_536].astype(np.float32), ids[s:s + 65_536])
+        if args.retrain:
+            index.retrain()
+        build_s[kind] = time.perf_counter() - start
+        index.calibrate(calibration, gamma)
+        if args.nprobe is not None:
+            index.nprobe = args.nprobe
+        indexes[kind] = index
+        print(f"{kind}: built in {build_s[kind]:.0f} s; nprobe {index.nprobe}/{index.nlist}, "
+              f"margin {index.coarse_margin}", flush=True)
     exact = decisions(*exact_top1(keys, ids, evaluation), gamma)
-    # mode -> (coarse margin, scan_by_list_from); None for the unedited model
-    modes = {"unedited": None, "nprobe_only": (None, None), "skip": (margin, None),
-             "skip_by_list": (margin, SCAN_BY_LIST_FROM)}
-    differing = {}
-    for name, mode in modes.items():
-        if mode is not None:
-            index.coarse_margin, index.scan_by_list_from = mode
-            differing[name] = float(np.mean(decisions(*index.search(evaluation, gamma), gamma)
-                                            != exact))
+    ivf, pca = indexes["ivf"], indexes["ivf-pca"]
+    # mode -> (index, coarse margin, scan_by_list_from); None for the unedited model
+    modes = {"unedited": None, "ivf skip": (ivf, ivf.coarse_margin, None),
+             "ivf skip, by list": (ivf, ivf.coarse_margin, SCAN_BY_LIST_FROM),
+             "ivf-pca skip": (pca, pca.coarse_margin, None),
+             "ivf-pca skip, by list": (pca, pca.coarse_margin, SCAN_BY_LIST_FROM)}
+
+    def use(mode) -> KeyIndex:
+        index, index.coarse_margin, index.scan_by_list_from = mode
+        return index
+
+    differing = {name: float(np.mean(decisions(*use(mode).search(evaluation, gamma), gamma)
+                                     != exact))
+                 for name, mode in modes.items() if mode is not None}
 
     # where the scan by list starts to pay: one search of T consecutive generic tokens (as a
     # prompt's are), with the skip, each way
     crossover = []
     for t in (1, 2, 4, 8, 16, 32, 64, 256):
-        batch = generic[:t]
         row = {"queries": t}
-        for name, first in (("faiss_ms", None), ("by_list_ms", 1)):
-            index.coarse_margin, index.scan_by_list_from = margin, first
-            row[name] = time_search(index, batch, gamma, repeats=5)
+        for name in TIMED:
+            row[name] = time_search(use(modes[name]), generic[:t], gamma, repeats=5)
         crossover.append(row)
         print(row, flush=True)
 
     projection = get_module(model, ffn_out_path(model, layer))
-    retrieval = GatedRetrieval(index, RandomResiduals(model.config.hidden_size), gamma,
-                               anchor_token_id(tok))
+    residuals = RandomResiduals(model.config.hidden_size)
     long_text = tok(" ".join(texts[:8]), return_tensors="pt", truncation=True, max_length=256)
     prompts = [tok(t[:200], return_tensors="pt") for t in texts[:2]]
 
@@ -163,12 +173,14 @@ def main() -> None:
     rates: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in modes}
     for _ in range(args.repeats):
         for name, mode in modes.items():
+            retrieval = None
             if mode is not None:
-                index.coarse_margin, index.scan_by_list_from = mode
+                retrieval = GatedRetrieval(use(mode), residuals, gamma, anchor_token_id(tok))
                 retrieval.attach(model.base_model, projection)
             rates[name]["prefill"].append(prefill())
             rates[name]["decode"].append(decode())
-            retrieval.detach()
+            if retrieval is not None:
+                retrieval.detach()
     median = {k: {s: statistics.median(v) for s, v in r.items()} for k, r in rates.items()}
     rows = [{"mode": name, "prefill_tok_s": median[name]["prefill"],
              "decode_tok_s": median[name]["decode"],
@@ -179,19 +191,25 @@ def main() -> None:
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
                f"with {torch.get_num_threads()} threads; load average before "
                f"{os.getloadavg()[0]:.1f}")
+    settings = {kind: {"nlist": index.nlist, "nprobe": index.nprobe,
+                       "coarse_margin": index.coarse_margin, "build_s": build_s[kind]}
+                for kind, index in indexes.items()}
     result = {"command": command, "machine": machine, "n": args.n, "real_keys": len(real),
-              "nlist": index.nlist, "nprobe": index.nprobe, "coarse_margin": margin,
-              "gamma": gamma, "queries": len(evaluation), "index_build_s": index_s,
-              "rows": rows, "crossover": crossover}
+              "gamma": gamma, "queries": len(evaluation), "pca_dim": pca.pca_dim,
+              "rerank": pca.rerank, "indexes": settings, "rows": rows,
+              "crossover": crossover}
     write_strict_json(args.out.with_suffix(".json"), result, indent=2)
+    chosen = "set by --nprobe" if args.nprobe else "calibrated as `ndb bench` does"
+    described = "; ".join(f"{kind} {v['nprobe']}/{v['nlist']} lists, coarse margin "
+                          f"{v['coarse_margin']}" for kind, v in settings.items())
     lines = [
         "# The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, the scan by "
-        "list", "",
+        "list, the projected index", "",
         f"Reproduce: `{command}`", "",
         f"{machine}. {args.n:,} keys: {len(real):,} real (`ndb bench keys`), the rest "
-        f"synthetic (a Gaussian fitted to the real ones). IVF {index.nprobe}/{index.nlist} "
-        f"({'set by --nprobe' if args.nprobe else 'calibrated as `ndb bench` does'}), "
-        f"coarse margin {margin}, gamma {gamma}. 256-token "
+        f"synthetic (a Gaussian fitted to the real ones). {described} ({chosen}); ivf-pca "
+        f"projects on {pca.pca_dim} directions and re-ranks {pca.rerank} candidates; "
+        f"gamma {gamma}. 256-token "
         f"prefill and greedy decoding of {args.new_tokens} tokens from {len(prompts)} "
         f"prompts, the modes alternating, medians of {args.repeats}. Scan by list from "
         f"{SCAN_BY_LIST_FROM} queries on (a prefill; decoding takes FAISS's scan). Gate decisions "
@@ -205,8 +223,9 @@ def main() -> None:
                      f"{100 * r['prefill_overhead']:+.1f}% | {r['decode_tok_s']:.1f} | "
                      f"{100 * r['decode_overhead']:+.1f}% | {differs} |")
     lines += ["", "One search of the first T tokens of the LAMBADA passages, with the skip "
-              "(median of 5, ms):", "", "| T | FAISS's scan | scan by list |", "|---|---|---|"]
-    lines += [f"| {r['queries']} | {r['faiss_ms']:.1f} | {r['by_list_ms']:.1f} |"
+              "(median of 5, ms):", "", f"| T | {' | '.join(TIMED)} |",
+              "|---|" + "---|" * len(TIMED)]
+    lines += [f"| {r['queries']} | " + " | ".join(f"{r[name]:.1f}" for name in TIMED) + " |"
               for r in crossover]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
