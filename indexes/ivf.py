@@ -390,6 +390,7 @@ class IVFIndex(KeyIndex):
         order = np.argsort(flat, kind="stable")
         flat = flat[order]
         query_of, slot_of = torch.from_numpy(order // nprobe), torch.from_numpy(order % nprobe)
+        all_queries = torch.from_numpy(queries)
         starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
         invlists, dtype = self._ivf.invlists, np.float16 if self.codec == "fp16" else np.float32
         with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
@@ -399,7 +400,7 @@ class IVFIndex(KeyIndex):
                 if size == 0:
                     continue
                 rows, slots = query_of[start:end], slot_of[start:end]
-                mine = torch.from_numpy(queries[rows.numpy()])
+                mine = all_queries[rows]
                 codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * invlists.code_size)
                 keys = codes.view(dtype).reshape(size, self._ivf.d)
                 ids = torch.from_numpy(faiss.rev_swig_ptr(invlists.get_ids(number), size))
@@ -526,8 +527,8 @@ class IVFIndex(KeyIndex):
         else:
             index._buffer = type(index._buffer)(dim, stored)
         if stored.d != (index._ivf_width() if header["trained"] else dim):
-            raise ValueError(f"{path} holds a FAISS index of width {stored.d}, not the "
-                             f"{index._ivf_width()} its header implies")
+            raise ValueError(f"{path} holds a FAISS index of width {stored.d}, which does not "
+                             "fit its header")
         index._ids = IdSet(index._external(index._snapshot()[1]))
         return index
 

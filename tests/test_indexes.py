@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -206,7 +208,6 @@ def test_ivf_pca_projection_rerank_and_files(data, tmp_path):
     np.testing.assert_array_equal(loaded.search(queries)[1], index.search(queries)[1])
 
     def rewritten(header_change, name):
-        import json
         header = json.loads(raw[16:header_end])
         header_change(header)
         text = json.dumps(header).encode()
