@@ -170,9 +170,11 @@ def context_prefixes(model, tokenizer, n: int, length: int, seed: int) -> list[s
 
 
 @torch.no_grad()
-def sample_texts(model, tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
+def sample_texts(model, tokenizer, n: int, length: int, seed: int, progress: str | None = None
+                 ) -> list[list[int]]:
     """Token ids of ``n`` texts of ``length`` tokens sampled from the model (top-5, seeded),
-    starting from the words "The", "Therefore", "Because", "I", "You" in turn."""
+    starting from the words "The", "Therefore", "Because", "I", "You" in turn. ``progress``:
+    the label of a bar of the tokens sampled (None: no bar)."""
     device = _device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     starts = [tokenizer(PREFIX_SEEDS[i % len(PREFIX_SEEDS)], add_special_tokens=False).input_ids
@@ -186,7 +188,9 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int) -> list[list[
     sampled: list[list[int]] = [[] for _ in range(n)]
     past = None
     step_ids = ids
-    for _ in range(length - min(map(len, starts))):
+    steps = length - min(map(len, starts))
+    for _ in tqdm(range(steps), desc=progress, unit="token", disable=progress is None,
+                  leave=False):
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
         out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device),
                     position_ids=position_ids.to(device), cache=past, use_cache=True)
@@ -203,11 +207,13 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int) -> list[list[
 
 
 @torch.no_grad()
-def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length: int = 48
-                    ) -> torch.Tensor:
+def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length: int = 48,
+                    progress: bool = False) -> torch.Tensor:
     """Normalized keys of every token (but the anchor) of ``n`` texts the model writes
-    itself: a sample of what generic text looks like at ``layer``, with no data needed."""
-    texts = sample_texts(model, tokenizer, n, length, seed + 1)  # not the prefixes' seed
+    itself: a sample of what generic text looks like at ``layer``, with no data needed.
+    ``progress``: a bar of the tokens sampled."""
+    label = f"background text ({n} samples)" if progress else None
+    texts = sample_texts(model, tokenizer, n, length, seed + 1, label)  # not the prefixes' seed
     ids = torch.tensor([[anchor_token_id(tokenizer), *t] for t in texts])
     module = get_module(model, ffn_out_path(model, layer))
     x = nethook.run_until(model, module, input_ids=ids.to(_device(model)), use_cache=False)

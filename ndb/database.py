@@ -60,14 +60,17 @@ class NeuralDB:
     # -- creation and persistence ----------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, model: nn.Module, tokenizer,
-               config: EditConfig | None = None, **settings: Any) -> NeuralDB:
+               config: EditConfig | None = None, *, progress: bool = True,
+               **settings: Any) -> NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`. ``config``
-        (or its fields as keywords: ``layer=6, gamma=0.7``) says how it edits."""
+        (or its fields as keywords: ``layer=6, gamma=0.7``) says how it edits. ``progress``:
+        a bar while it samples the text its keys are compared with (seconds to minutes)."""
         check_creatable(path)  # before minutes of computation, not after
         if config is not None and settings:
             raise TypeError("pass either an EditConfig or its fields as keywords, not both")
         saved = NeuralDBConfig.for_model(model, tokenizer, config or EditConfig(**settings))
-        background = background_keys(model, tokenizer, saved.layer, saved.seed)
+        background = background_keys(model, tokenizer, saved.layer, saved.seed,
+                                     progress=progress)
         store_mod.create(Path(path), saved.to_dict(), background.numpy().astype(np.float16))
         return cls.from_pretrained(path, model, tokenizer)
 
@@ -141,7 +144,7 @@ class NeuralDB:
     # -- mutation ------------------------------------------------------------------------
     def add(self, facts: Iterable[Fact | dict], model: nn.Module | None = None, tokenizer=None,
             *, update: bool = False, skip_existing: bool = False,
-            progress: bool | ProgressCallback = False, commit_each_batch: bool = False
+            progress: bool | ProgressCallback = True, commit_each_batch: bool = False
             ) -> AddResult:
         """Compute keys and residuals of ``facts`` and commit them; returns the new ids (a
         list, in input order) with the ids ``skipped`` and ``updated``.
@@ -154,8 +157,9 @@ class NeuralDB:
         sharing a residual with the new ones (``ComputeConfig.residual_scope``) are
         re-edited with them. All is committed at once at the end, so a failed or
         interrupted add commits nothing; with ``commit_each_batch`` each batch is committed
-        as it is done (``ndb build --resume`` then finishes it). ``progress``: True shows a
-        bar; a callable gets ``(facts done, facts to do)`` after every optimization step.
+        as it is done (``ndb build --resume`` then finishes it). ``progress``: True (the
+        default) shows a bar while facts are computed, False none; a callable gets ``(facts
+        done, facts to do)`` after every optimization step.
         """
         facts = edits.unique(as_facts(facts))
         model, tokenizer = self._model_for(facts, model, tokenizer)
@@ -167,7 +171,7 @@ class NeuralDB:
         return AddResult(ids[len(changed):], skipped, ids[: len(changed)])
 
     def update(self, id_or_key: int | str, fact: Fact | dict, model: nn.Module | None = None,
-               tokenizer=None) -> int:
+               tokenizer=None, *, progress: bool | ProgressCallback = True) -> int:
         """Re-edit the fact with this database id (int) or key (str) as ``fact``; its id
         stays the same, and so does its key unless ``fact`` brings another. Returns the id."""
         (fact,) = as_facts([fact])
@@ -175,11 +179,11 @@ class NeuralDB:
         with self.store.writing():
             fact_id = self.id_of(id_or_key)
             fact = edits.rekeyed(self.facts(), fact_id, fact, self.path)
-            self._write([(fact_id, fact)], (), model, tokenizer)
+            self._write([(fact_id, fact)], (), model, tokenizer, progress=progress)
         return fact_id
 
     def update_by_key(self, facts: Iterable[Fact | dict], model: nn.Module | None = None,
-                      tokenizer=None, *, progress: bool | ProgressCallback = False) -> AddResult:
+                      tokenizer=None, *, progress: bool | ProgressCallback = True) -> AddResult:
         """Re-edit stored facts from ``facts``, each of which carries the key of a stored
         fact (checked for all before anything changes); identical ones are skipped."""
         facts = edits.unique(as_facts(facts))
@@ -188,7 +192,7 @@ class NeuralDB:
             return self.add(facts, model, tokenizer, update=True, progress=progress)
 
     def remove(self, ids: Iterable[int], model: nn.Module | None = None, tokenizer=None,
-               *, progress: bool | ProgressCallback = False) -> None:
+               *, progress: bool | ProgressCallback = True) -> None:
         """Remove the facts with these database ids (all of them, or none if one is absent).
         Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
         without it in the same commit; that needs the model (given, bound or attached)."""
@@ -201,17 +205,19 @@ class NeuralDB:
                 model, tokenizer = self._model_for([], model, tokenizer)
             self._write([], ids, model, tokenizer, progress=progress)
 
-    def remove_keys(self, keys: Iterable[str]) -> list[int]:
+    def remove_keys(self, keys: Iterable[str], *, progress: bool | ProgressCallback = True
+                    ) -> list[int]:
         """Remove the facts with these keys (all of them, or none if one is unknown)."""
         ids = [self.id_of(key) for key in keys]
-        self.remove(ids)
+        self.remove(ids, progress=progress)
         return ids
 
-    def remove_subject(self, subject: str) -> list[int]:
+    def remove_subject(self, subject: str, *, progress: bool | ProgressCallback = True
+                       ) -> list[int]:
         ids = self.ids_about(subject)
         if not ids:
             raise FactNotFoundError(f"no fact about subject {subject!r} in {self.path}")
-        self.remove(ids)
+        self.remove(ids, progress=progress)
         return ids
 
     def set_gamma(self, gamma: float) -> None:

@@ -252,7 +252,7 @@ class Writer:
             if callable(progress):
                 progress(done, len(todo))
 
-        with FactBar(len(todo), "edit", disable=progress is not True) as bar, \
+        with FactBar(len(todo), "edit", disable=progress is not True or not todo) as bar, \
                 self.store.appending() as pending:
             if len(removed):
                 pending.delete(np.asarray(removed, np.int64))

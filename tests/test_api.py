@@ -203,3 +203,22 @@ def test_add_reports_progress_to_a_callback(tmp_path, llama):
     assert len(heard) > 2 and heard[-1][0] == pytest.approx(3)
     assert all(a[0] <= b[0] for a, b in zip(heard, heard[1:]))  # it only moves forward
     assert len({done for done, _ in heard}) > 2 and max(done for done, _ in heard) <= 3
+
+
+def test_create_add_and_remove_show_bars_unless_told_not_to(tmp_path, llama, capsys):
+    """A library call that computes for seconds to minutes says so on stderr by default:
+    create while it samples background text, add while it computes facts; progress=False
+    keeps them quiet, and a call that computes nothing shows no bar."""
+    model, tok = llama
+    compute = ComputeConfig(**{**FAST_COMPUTE, "batch_size": 2})
+    db = NeuralDB.create(tmp_path / "db", model, tok, layer=1, compute=compute)
+    assert "background text" in capsys.readouterr().err
+    ids = db.add(FACTS[:2], model, tok)
+    assert "edit" in capsys.readouterr().err
+    db.remove(ids[:1])  # no fact shares its residual: nothing to compute
+    assert capsys.readouterr().err == ""
+
+    quiet = NeuralDB.create(tmp_path / "quiet", model, tok, layer=1, compute=compute,
+                            progress=False)
+    quiet.add(FACTS[:2], model, tok, progress=False)
+    assert capsys.readouterr().err == ""

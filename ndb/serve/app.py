@@ -332,8 +332,8 @@ class _Api:
         server = self.server
 
         def work(progress) -> dict:
-            progress(0, 1)
-            server.db.update(fact_id, fact, server.twin, server.twin_tokenizer)
+            server.db.update(fact_id, fact, server.twin, server.twin_tokenizer,
+                             progress=progress)
             return {"updated": [fact_id]}
 
         return self._queued("update", work)
