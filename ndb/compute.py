@@ -15,6 +15,7 @@ and computes logits only where the loss reads them. A fact leaves the batch once
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import re
 from collections.abc import Callable, Hashable, Sequence
@@ -80,10 +81,12 @@ class ComputeConfig:
     # reads like a function word is caught by the database's key guard (NeuralDBConfig).
     # See benchmarks/results/sweep.md and key_guard.md.
     split_keys: bool = True
-    # "bfloat16" runs the residual optimization's forward and backward passes under
-    # autocast; the deltas themselves stay float32. On this 2-core CPU with AVX512-BF16 the
-    # dev sets built 1.05x and 1.2x faster, scoring 87.7 against 88.0 on both together
-    # (benchmarks/results/sweep_method_both.md)
+    # "bfloat16" runs the residual optimization's FFNs from the edited layer up and its LM
+    # head in bfloat16 (autocast); attention and the deltas stay float32 (see _precision).
+    # Autocast everywhere, as before, had built the dev sets only 1.05x and 1.2x faster,
+    # scoring 87.7 against 88.0 on both together (benchmarks/results/sweep_method_both.md);
+    # FFNs and head only: 1.36x faster than float32 on 32 dev facts, the same teacher-forced
+    # scores (build_speed_bf16.md); the real-use scores are not measured yet
     precision: str = "float32"
     # ndb, not the paper: "subject" gives every fact about one subject one residual, optimized
     # on the prompts of all of them together (re-optimized when one is added, changed or
@@ -424,8 +427,6 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
     config = config or ComputeConfig()
     if config.precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16, got {config.precision!r}")
-    autocast = torch.autocast(_device(model).type, dtype=torch.bfloat16,
-                              enabled=config.precision == "bfloat16")
     labels = list(range(len(facts))) if groups is None else list(groups)
     if len(labels) != len(facts):  # a fact without a label would get no residual
         raise ValueError(f"{len(labels)} group labels for {len(facts)} facts")
@@ -440,7 +441,7 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
         # order in which its facts were added
         batch.sort(key=lambda i: (dense[labels[i]], facts[i].prompt, facts[i].target_new))
         groups_of = [dense[labels[i]] for i in batch]
-        with autocast:
+        with _precision(model, layer, config.precision):
             deltas = _optimize(model, tokenizer, [facts[i] for i in batch], groups_of, layer,
                                prefixes, config, advance)
         if out.shape[1] == 0:
@@ -448,6 +449,19 @@ def compute_residuals(model, tokenizer, facts: Sequence[Fact], layer: int,
         out[batch] = deltas[groups_of]
     bar.close()
     return out
+
+
+def _precision(model, layer: int, precision: str) -> contextlib.AbstractContextManager:
+    """With "bfloat16", the FFNs from ``layer`` up and the LM head under bfloat16 autocast;
+    attention stays float32: on CPU, bfloat16 products ran 3-4x faster than float32 (AMX),
+    but PyTorch's flash-attention backward in bfloat16 took half of a build with autocast
+    everywhere (benchmarks/results/bf16_build.md)."""
+    if precision != "bfloat16":
+        return contextlib.nullcontext()
+    modules = [get_module(model, ffn_out_path(model, i).rsplit(".", 1)[0])
+               for i in range(layer, len(decoder_layers(model)))]
+    return nethook.autocast_inside([*modules, model.get_output_embeddings()],
+                                   _device(model).type, torch.bfloat16)
 
 
 AUTO_BATCH_LIMIT = 4096  # the most facts auto optimizes at once (what --batch-size allows)

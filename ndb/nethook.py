@@ -76,6 +76,31 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
 
 
 @contextmanager
+def autocast_inside(modules: list[nn.Module], device_type: str, dtype: torch.dtype
+                    ) -> Iterator[None]:
+    """Run each of ``modules`` under ``torch.autocast(device_type, dtype)``, and nothing
+    else: the autocast region opens as a module's forward starts and closes as it ends."""
+    regions: list[torch.autocast] = []
+
+    def enter(_module, _args):
+        regions.append(torch.autocast(device_type, dtype=dtype))
+        regions[-1].__enter__()
+
+    def leave(_module, _args, _output):
+        regions.pop().__exit__(None, None, None)
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter),
+                                            m.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while regions:  # a forward that failed inside a module
+            regions.pop().__exit__(None, None, None)
+
+
+@contextmanager
 def truncated(layers: nn.ModuleList, start: int) -> Iterator[None]:
     """Run only ``layers[start:]``: the layers below are skipped while inside."""
     kept = list(layers)

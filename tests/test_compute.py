@@ -331,3 +331,31 @@ def test_extra_steps_run_until_the_new_object_holds_and_no_longer(llama, monkeyp
     bounded = compute_residuals(model, tok, [fact], 2, PREFIXES, config)[0]
     assert [bool(c) for c in checks] == [False] * 6
     assert not _greedy_holds(model, tok, fact, 2, bounded)
+
+
+def test_bfloat16_runs_the_ffns_and_head_in_bfloat16_and_attention_in_float32(llama):
+    """precision="bfloat16": the FFNs from the edited layer up and the LM head compute in
+    bfloat16, attention in float32 (its CPU backward is slow in bfloat16); the residuals
+    stay near float32's, and the model is left without hooks or autocast."""
+    model, tok = llama
+    layer = 1
+    seen: dict[str, set] = {"ffn": set(), "attention": set(), "head": set()}
+    watched = {"ffn": get_module(model, ffn_out_path(model, 2)),
+               "attention": model.model.layers[2].self_attn.q_proj,
+               "head": model.get_output_embeddings()}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, name=name: seen[name].add(out.dtype))
+             for name, m in watched.items()]
+    config = ComputeConfig(**{**FAST_COMPUTE, "precision": "bfloat16"})
+    try:
+        low = compute_residuals(model, tok, FACTS[:2], layer, PREFIXES, config)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"ffn": {torch.bfloat16}, "attention": {torch.float32},
+                    "head": {torch.bfloat16}}
+    full = compute_residuals(model, tok, FACTS[:2], layer, PREFIXES,
+                             ComputeConfig(**FAST_COMPUTE))
+    assert low.dtype == torch.float32
+    assert float((low - full).norm() / full.norm()) < 0.1
+    assert not torch.is_autocast_enabled("cpu")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
