@@ -373,3 +373,29 @@ def test_eval_help_explains_every_metric():
     text = run("eval", "--help").output
     for name in (*TEACHER_FORCED, *GENERATIVE):
         assert f"{name}: " in text
+
+
+def test_root_help_names_lazy_commands_as_they_do_without_loading_them():
+    """'ndb -h' describes the research and model commands from OneLineUsageErrors.LAZY_HELP,
+    loading none of them (nor torch); what it says is what each command's help says."""
+    import subprocess
+    import sys
+
+    import click
+
+    from ndb.cli.main import OneLineUsageErrors
+
+    ctx = click.Context(cli)
+    for name in OneLineUsageErrors.LAZY:
+        command = cli.get_command(ctx, name)
+        for limit in (20, 45, 80, 200):
+            described = click.Command(name, help=OneLineUsageErrors.LAZY_HELP[name])
+            assert described.get_short_help_str(limit) == command.get_short_help_str(limit)
+    script = ("import sys; from click.testing import CliRunner; from ndb.cli.main import cli; "
+              "result = CliRunner().invoke(cli, ['-h']); assert result.exit_code == 0; "
+              "assert 'tune' in result.output and 'serve' in result.output; "
+              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('ndb.cli.')))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["['ndb.cli.main']"]
