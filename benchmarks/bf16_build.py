@@ -65,8 +65,8 @@ def main() -> None:
     compute_residuals(model, tok, facts[:2], layer, prefixes,
                       ComputeConfig(steps=2, extra_steps=0))  # warm-up
     everywhere = torch.autocast("cpu", dtype=torch.bfloat16)
-    rows = {"float32": ("float32", lambda: contextlib.nullcontext()),
-            "bfloat16 (ndb: FFNs and LM head)": ("bfloat16", lambda: contextlib.nullcontext()),
+    rows = {"float32": ("float32", contextlib.nullcontext),
+            "bfloat16 (ndb: FFNs and LM head)": ("bfloat16", contextlib.nullcontext),
             "bfloat16 autocast everywhere": ("float32", lambda: everywhere),
             "bfloat16 autocast everywhere, math attention": ("float32", lambda: math_kernel())}
 

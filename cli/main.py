@@ -173,11 +173,9 @@ class OneLineUsageErrors(click.Group):
         limit = formatter.width - 6 - max(map(len, names))
         rows = []
         for name in names:
-            if name in self.LAZY:
-                described = click.Command(name, help=self.LAZY_HELP[name])
-                rows.append((name, described.get_short_help_str(limit)))
-            else:
-                rows.append((name, super().get_command(ctx, name).get_short_help_str(limit)))
+            command = (click.Command(name, help=self.LAZY_HELP[name]) if name in self.LAZY
+                       else super().get_command(ctx, name))
+            rows.append((name, command.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
