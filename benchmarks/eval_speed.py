@@ -3,7 +3,9 @@
 The same facts, database and settings (``ndb eval``'s defaults, fluency included) are
 measured by the whole ``ndb`` package as it was at ``--before`` (read from git into a
 temporary directory) and by today's, each in a child process of its own, one after the
-other: the unedited row and the NeuralDB row, with the time of each stage. Per-fact costs
+other: the unedited row and the NeuralDB row, with the time of each stage. ``--dtype``
+loads the model of today's run in another dtype (``--before HEAD --dtype bfloat16``: the same
+code in float32 against bfloat16). Per-fact costs
 are extrapolated to ``--extrapolate`` facts (fluency samples at most ``fluency_cases``
 prompts, so its cost is per sampled prompt, up to that cap). The two runs' metrics are
 compared per fact. The load average before and after is recorded: on a shared machine
@@ -40,7 +42,7 @@ def package_at(revision: str, into: Path) -> Path:
     return into
 
 
-def measure_rows(facts_path: str, db_path: str, n: int) -> dict:
+def measure_rows(facts_path: str, db_path: str, n: int, dtype: str = "float32") -> dict:
     """Child process: both rows, by whichever ``ndb`` is first on the path."""
     import numpy as np
     import torch
@@ -49,7 +51,7 @@ def measure_rows(facts_path: str, db_path: str, n: int) -> dict:
     from ndb import NeuralDB, load_model, read_facts
     from ndb.eval.run import EvalSettings, measure_cases
 
-    model, tok = load_model()
+    model, tok = load_model(**({} if dtype == "float32" else {"dtype": dtype}))
     facts = read_facts(facts_path)[:n]
     settings = EvalSettings()
     rows, per_case = {}, {}
@@ -83,11 +85,12 @@ def _child_env(code_root: Path) -> dict:
                                                          os.environ.get("PYTHONPATH", "")])}
 
 
-def run_child(code_root: Path, args) -> dict:
+def run_child(code_root: Path, args, dtype: str = "float32") -> dict:
     env = _child_env(code_root)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([sys.executable, __file__, "--child", out.name, "--facts", args.facts,
-                        "--db", args.db, "--n", str(args.n)], env=env, check=True)
+                        "--db", args.db, "--n", str(args.n), "--dtype", dtype], env=env,
+                       check=True)
         result = json.loads(Path(out.name).read_text())
     if Path(result["code"]).resolve() != (code_root / "ndb").resolve():
         raise RuntimeError(f"the child imported ndb from {result['code']}, not {code_root}")
@@ -123,13 +126,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--before", default="eb1bf83",
                     help="git revision whose ndb package is the reference")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the model's dtype in today's run (the earlier one: float32)")
     ap.add_argument("--extrapolate", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "eval_speed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--build-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        Path(args.child).write_text(json.dumps(measure_rows(args.facts, args.db, args.n)))
+        Path(args.child).write_text(json.dumps(measure_rows(args.facts, args.db, args.n,
+                                                            args.dtype)))
         return
     if args.build_child:
         build_database(args.facts, args.db)
@@ -141,7 +147,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--build-child", "--facts", args.facts,
                             "--db", args.db], env=_child_env(before), check=True)
         load_before = os.getloadavg()
-        runs = {"before": run_child(before, args), "now": run_child(ROOT, args)}
+        runs = {"before": run_child(before, args), "now": run_child(ROOT, args, args.dtype)}
     load_after = os.getloadavg()
     from ndb.eval.run import EvalSettings
 
@@ -150,7 +156,7 @@ def main() -> None:
              for name, run in runs.items()}
     ratio = {row: costs["before"][row]["extrapolated_s"] / costs["now"][row]["extrapolated_s"]
              for row in ROWS}
-    result = {"facts": args.facts, "n": args.n, "before": args.before,
+    result = {"facts": args.facts, "n": args.n, "before": args.before, "dtype": args.dtype,
               "extrapolate": args.extrapolate, "threads": runs["now"]["threads"],
               "cpu": platform.processor() or platform.machine(),
               "load_average_before": load_before, "load_average_after": load_after,
@@ -165,9 +171,12 @@ def main() -> None:
 
 
 def markdown(result: dict, args) -> str:
-    lines = ["# `ndb eval` speed: one row, today's code against an earlier revision's", "",
+    dtype = "" if args.dtype == "float32" else f" --dtype {args.dtype}"
+    against = (f"today's code with the model in {args.dtype} against {args.before}'s in float32"
+               if dtype else "today's code against an earlier revision's")
+    lines = [f"# `ndb eval` speed: one row, {against}", "",
              f"Reproduce: `python benchmarks/eval_speed.py --facts {args.facts} --db {args.db} "
-             f"--n {args.n} --before {args.before}` ({result['threads']} torch threads, "
+             f"--n {args.n} --before {args.before}{dtype}` ({result['threads']} torch threads, "
              f"{result['cpu']}; load average {result['load_average_before'][0]:.1f} before, "
              f"{result['load_average_after'][0]:.1f} after). Default settings: fluency on "
              "(100 prompts x 100 sampled tokens), generation and chat on, no general ability.",
