@@ -61,8 +61,9 @@ SETTINGS: dict[str, dict] = {
     "ndb holding from step 10": {**MEAN_GROUPS, "steps": 10, "extra_steps": 90},
     "subject scope and the paper's KL": {**STEPS_25, "kl_prompts": PAPER["kl_prompts"],
                                          "kl_weight": PAPER["kl_weight"]},
-    # the build's forward and backward passes under bfloat16 autocast (a CPU option): what
-    # does its speed cost in real use?
+    # the FFNs from the edited layer up and the LM head in bfloat16, attention in float32
+    # (a CPU option; sweep_method.md and _groups.md measured the earlier autocast over the
+    # whole optimization, sweep_method*_bf16.md this): what does its speed cost in real use?
     "ndb in bfloat16": {"precision": "bfloat16"},
     # the residual optimized in the bare prompt and two of the five sampled prefixes (keys
     # keep all five): 3 rows per fact instead of 6, for a faster build

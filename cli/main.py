@@ -221,7 +221,8 @@ def cli() -> None:
               help="Key index backend.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Of the residual optimization's FFNs and LM head "
-                                      "(bfloat16 measured 1.4x faster on a 2-core CPU).")
+                                      "(bfloat16 measured 1.4x faster on a 2-core CPU, "
+                                      "with fewer chat answers right).")
 @click.option("--residual-prefixes", type=click.IntRange(0), default=None,
               help="How many of the 5 sampled context prefixes each residual is optimized in "
                    "(default all): 2 builds about 1.5-2x faster on a CPU, with weaker chat "
