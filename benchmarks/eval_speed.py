@@ -4,10 +4,10 @@ The same facts, database and settings (``ndb eval``'s defaults, fluency included
 measured by the whole ``ndb`` package as it was at ``--before`` (read from git into a
 temporary directory) and by today's, each in a child process of its own, one after the
 other: the unedited row and the NeuralDB row, with the time of each stage. ``--dtype``
-loads the model of today's run in another dtype (``--before HEAD --dtype bfloat16``: the same
-code in float32 against bfloat16). Per-fact costs
-are extrapolated to ``--extrapolate`` facts (fluency samples at most ``fluency_cases``
-prompts, so its cost is per sampled prompt, up to that cap). The two runs' metrics are
+loads the model of today's run in another dtype (``--before HEAD --dtype bfloat16``: the
+same code in float32 against bfloat16). Per-fact costs are extrapolated to
+``--extrapolate`` facts (fluency samples at most ``fluency_cases`` prompts, so its cost is
+per sampled prompt, up to that cap). The two runs' metrics are
 compared per fact. The load average before and after is recorded: on a shared machine
 every row slows alike, so the ratio is the figure to read.
 
