@@ -20,11 +20,11 @@ import heapq
 import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from ndb import nethook
 from ndb.anchor import anchor_token_id, encode_with_span
@@ -32,6 +32,9 @@ from ndb.errors import FactError
 from ndb.facts import Fact
 from ndb.models import decoder_layers, ffn_out_path, get_module
 from ndb.tokens import pad_rows, target_ids
+
+if TYPE_CHECKING:  # loaded where residuals are computed: reading a database needs none of it
+    from transformers import DynamicCache
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -576,6 +579,8 @@ class _SuffixRunner:
         lengths = batch.mask[:, p:].sum(1).tolist()
         self.chunks = [_Chunk(torch.tensor(rows, device=device), max(lengths[i] for i in rows))
                        for rows in suffix_chunks(lengths)]
+        from transformers import DynamicCache
+
         hidden, at_subject = [], []
         with torch.no_grad():
             for chunk in self.chunks:

@@ -119,6 +119,25 @@ def test_a_one_process_build_does_not_load_the_distributed_build():
     assert "database.py" in core and "distributed.py" not in core
 
 
+def test_list_and_info_read_a_database_without_loading_transformers(db):
+    """transformers is loaded where residuals are computed; reading a database needs none
+    of it (about a second of imports)."""
+    body = f"""
+import sys
+from click.testing import CliRunner
+from ndb.cli.main import cli
+for args in (["list", {str(db.path)!r}], ["info", {str(db.path)!r}]):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+assert "Paris" in CliRunner().invoke(cli, ["list", {str(db.path)!r}]).output
+print("MODEL_LIBRARY", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+"""
+    run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MODEL_LIBRARY []" in run.stdout.splitlines(), run.stdout[-3000:]
+
+
 def test_research_commands_are_loaded_when_asked_for():
     eval_help = """
 from click.testing import CliRunner
