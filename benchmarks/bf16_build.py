@@ -48,6 +48,12 @@ def matmul_rate(shape: tuple[int, int, int], dtype: torch.dtype, repeats: int = 
     return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
 
 
+def machine_line() -> str:
+    """The CPU, its cores, torch and its threads, as the reports name them."""
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=16)
@@ -94,8 +100,7 @@ def main() -> None:
     with torch.profiler.profile() as prof:
         build("bfloat16 autocast everywhere")
     profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6)
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"with {torch.get_num_threads()} threads")
+    machine = machine_line()
     report = {"machine": machine, "facts": len(facts), "steps": args.steps,
               "matmul_gflops": rates, "seconds": times, "repeats": args.repeats,
               "bfloat16_profile": profile}

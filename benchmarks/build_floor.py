@@ -15,14 +15,12 @@ have to close.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bf16_build import SHAPES, matmul_rate
+from bf16_build import SHAPES, machine_line, matmul_rate
 from torch.utils.flop_counter import FlopCounterMode
 
 from ndb import NeuralDB, load_model, read_facts
@@ -54,8 +52,7 @@ def main() -> None:
     flops = counter.get_total_flops() / len(facts)
     best = max(rates.values())
     floor = flops / (best * 1e9)
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} "
-               f"with {torch.get_num_threads()} threads")
+    machine = machine_line()
     report = {"machine": machine, "facts": len(facts), "seconds_per_fact": seconds / len(facts),
               "gflop_per_fact": flops / 1e9, "gflop_per_fact_by_op":
                   {op: n / len(facts) / 1e9 for op, n in by_op.items()},

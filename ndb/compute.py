@@ -30,7 +30,7 @@ from ndb import nethook
 from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.errors import FactError
 from ndb.facts import Fact
-from ndb.models import decoder_layers, ffn_out_path, get_module
+from ndb.models import decoder_layers, ffn_out_path, get_module, num_layers
 from ndb.tokens import pad_rows, target_ids
 
 if TYPE_CHECKING:  # loaded where residuals are computed: reading a database needs none of it
@@ -463,7 +463,7 @@ def _precision(model, layer: int, precision: str) -> contextlib.AbstractContextM
     if precision != "bfloat16":
         return contextlib.nullcontext()
     modules = [get_module(model, ffn_out_path(model, i).rsplit(".", 1)[0])
-               for i in range(layer, len(decoder_layers(model)))]
+               for i in range(layer, num_layers(model))]
     return nethook.autocast_inside([*modules, model.get_output_embeddings()],
                                    _device(model).type, torch.bfloat16)
 

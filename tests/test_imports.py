@@ -126,10 +126,12 @@ def test_list_and_info_read_a_database_without_loading_transformers(db):
 import sys
 from click.testing import CliRunner
 from ndb.cli.main import cli
-for args in (["list", {str(db.path)!r}], ["info", {str(db.path)!r}]):
-    result = CliRunner().invoke(cli, args)
+output = {{}}
+for command in ("list", "info"):
+    result = CliRunner().invoke(cli, [command, {str(db.path)!r}])
     assert result.exit_code == 0, result.output
-assert "Paris" in CliRunner().invoke(cli, ["list", {str(db.path)!r}]).output
+    output[command] = result.output
+assert "Paris" in output["list"]
 print("MODEL_LIBRARY", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
 """
     run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True,
