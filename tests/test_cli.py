@@ -363,7 +363,7 @@ def test_eval_batch_size_sets_scoring_and_generation_alike(tmp_path, tiny_model_
                      "--no-cache", *extra)
         assert result.exit_code == 0, result.output
     default, given = seen
-    assert (default.batch_size, default.gen_batch_size, default.fluency_batch_size) == (32, 64, 32)
+    assert (default.batch_size, default.gen_batch_size, default.fluency_batch_size) == (32, 64, 100)
     assert (given.batch_size, given.gen_batch_size, given.fluency_batch_size) == (5, 5, 5)
 
 

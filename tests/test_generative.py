@@ -1,5 +1,5 @@
 """Generative metrics: the word match, each metric on a fake generator whose outputs are
-chosen by hand, and the batched greedy helper against one-at-a-time generation."""
+chosen by hand, the batched greedy helper against one-at-a-time generation, and sampling."""
 
 import re
 
@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from ndb.anchor import encode
-from ndb.eval.generation import chat_ids, greedy_generate, mentions, settled_mentions
+from ndb.eval.generation import (
+    chat_ids,
+    generate,
+    mentions,
+    sample_generations,
+    settled_mentions,
+)
 from ndb.eval.metrics import chat_question, generative_metrics, summarize
 from ndb.facts import Fact
 
@@ -185,7 +191,7 @@ def test_batched_greedy_equals_one_at_a_time(llama):
     prompts = ["Paris is located in", "The mother tongue of Danielle Darrieux is", "Hi"]
     inputs = [encode(tok, p) for p in prompts] + [chat_ids(tok, "What is the capital of Peru?")]
     side, seed = tok.padding_side, torch.initial_seed()
-    batched = greedy_generate(model, tok, inputs, max_new_tokens=6, batch_size=4)
+    batched = generate(model, tok, inputs, max_new_tokens=6, batch_size=4)
     assert tok.padding_side == side and torch.initial_seed() == seed
     for ids, text in zip(inputs, batched):
         ids_t = torch.tensor([ids])
@@ -195,16 +201,32 @@ def test_batched_greedy_equals_one_at_a_time(llama):
         assert text == tok.decode(alone[0, len(ids):], skip_special_tokens=True)
 
 
+def test_sampled_texts_are_seeded_top_k_draws(llama):
+    """Fluency samples: a seed gives the same texts again and the process's random state is
+    left alone; drawn from the single best token they are the greedy texts, from the 5 best
+    they are not."""
+    model, tok = llama
+    prompts = ["Paris is located in", "The mother tongue of Danielle Darrieux is", "Hi"]
+    state = torch.get_rng_state()
+    sampled = sample_generations(model, tok, prompts, 8, top_k=5, seed=3, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sample_generations(model, tok, prompts, 8, top_k=5, seed=3, batch_size=2) == sampled
+    greedy = [p + text for p, text in
+              zip(prompts, generate(model, tok, [tok(p).input_ids for p in prompts], 8))]
+    assert sample_generations(model, tok, prompts, 8, top_k=1, seed=3, batch_size=2) == greedy
+    assert sampled != greedy
+
+
 def test_rows_stop_once_what_they_are_watched_for_is_settled(llama):
     model, tok = llama
     prompts = ["Paris is located in", "The mother tongue of Danielle Darrieux is", "Hi",
                "Toyota is headquartered in"]
     inputs = [encode(tok, p) for p in prompts]
-    full = greedy_generate(model, tok, inputs, max_new_tokens=12, batch_size=4)
+    full = generate(model, tok, inputs, max_new_tokens=12, batch_size=4)
     # watch each text for its first word that something follows: it settles before the end
     firsts = [re.search(r"\w+(?=\W)", text) for text in full]
     watch = [[m.group()] if m else [] for m in firsts]
-    early = greedy_generate(model, tok, inputs, max_new_tokens=12, batch_size=4, watch=watch)
+    early = generate(model, tok, inputs, max_new_tokens=12, batch_size=4, watch=watch)
     assert sum(len(e) < len(f) for e, f in zip(early, full)) >= 2
     for e, f, names in zip(early, full, watch):
         assert f.startswith(e)

@@ -13,7 +13,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,24 +45,20 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
 @torch.no_grad()
 def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                        top_k: int = 5, seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Prompt + sampled continuation for each prompt (seeded, left-padded batches). The
-    caller's tokenizer and the process's random state are left as they were."""
+    """Prompt + sampled top-k continuation for each prompt, from a generator seeded with
+    ``seed`` (the process's random state is not used), decoded as the greedy texts are.
+    Only the k best tokens of a step are drawn from: transformers' ``generate`` drew over the
+    whole vocabulary for every row and step."""
     device = next(model.parameters()).device
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    out = []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            batch = list(prompts[i : i + batch_size])
-            ids, mask = pad_rows([tokenizer(p).input_ids for p in batch],
-                                 tokenizer.pad_token_id, left=True)
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       do_sample=True, top_k=top_k,
-                                       max_new_tokens=max_new_tokens,
-                                       pad_token_id=tokenizer.pad_token_id)
-            new = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
-            out.extend(p + n for p, n in zip(batch, new))
-    return out
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        top, at = logits.float().topk(top_k, -1)
+        return at.gather(-1, torch.multinomial(top.softmax(-1), 1, generator=generator))[:, 0]
+
+    new = generate(model, tokenizer, [tokenizer(p).input_ids for p in prompts],
+                   max_new_tokens, batch_size, choose=draw)
+    return [p + n for p, n in zip(prompts, new)]
 
 
 def _normalized(text: str) -> str:
@@ -112,10 +108,11 @@ def settled_mentions(text: str, names: Sequence[str]) -> bool:
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: int,
-                    batch_size: int = 16, watch: Sequence[Sequence[str]] | None = None
-                    ) -> list[str]:
-    """Greedy continuation (the new text only) of each token-id sequence.
+def generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: int,
+             batch_size: int = 16, watch: Sequence[Sequence[str]] | None = None,
+             choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
+    """Continuation (the new text only) of each token-id sequence, each next token picked
+    from the last logits by ``choose`` (default: the most likely).
 
     Batches are left-padded with an attention mask, so the hook skips the padding and each
     row's first real token; sequences of similar length share a batch. The tokenizer is
@@ -129,16 +126,22 @@ def greedy_generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_t
     out = [""] * len(inputs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        texts = _greedy_batch(model, tokenizer, [inputs[i] for i in rows], max_new_tokens,
-                              pad, None if watch is None else [watch[i] for i in rows])
+        texts = _decode_batch(model, tokenizer, [inputs[i] for i in rows], max_new_tokens,
+                              pad, None if watch is None else [watch[i] for i in rows],
+                              choose or _most_likely)
         for i, text in zip(rows, texts):
             out[i] = text
     return out
 
 
-def _greedy_batch(model, tokenizer, rows: list[Sequence[int]], max_new_tokens: int, pad: int,
-                  watch: list[Sequence[str]] | None) -> list[str]:
-    """One left-padded batch decoded greedily with a key-value cache; rows that are done
+def _most_likely(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _decode_batch(model, tokenizer, rows: list[Sequence[int]], max_new_tokens: int, pad: int,
+                  watch: list[Sequence[str]] | None,
+                  choose: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+    """One left-padded batch decoded with a key-value cache; rows that are done
     (end of sequence, or all their watched names settled) leave the batch, so they cost
     nothing more."""
     device = next(model.parameters()).device
@@ -153,7 +156,7 @@ def _greedy_batch(model, tokenizer, rows: list[Sequence[int]], max_new_tokens: i
     cache, live = out.cache, list(range(len(rows)))
     new: list[list[int]] = [[] for _ in rows]
     for step in range(max_new_tokens):
-        tokens = out.logits[:, -1].argmax(-1)
+        tokens = choose(out.logits[:, -1])
         keep = []
         for n, r in enumerate(live):
             token = int(tokens[n])
@@ -201,15 +204,14 @@ class ModelGenerator:
 
     def complete(self, prompts: Sequence[str], watch: Sequence[Sequence[str]] | None = None
                  ) -> list[str]:
-        return greedy_generate(self.model, self.tokenizer,
-                               [encode(self.tokenizer, p) for p in prompts],
-                               self.max_new_tokens, self.batch_size, watch)
+        return generate(self.model, self.tokenizer, [encode(self.tokenizer, p) for p in prompts],
+                        self.max_new_tokens, self.batch_size, watch)
 
     def chat(self, questions: Sequence[str], watch: Sequence[Sequence[str]] | None = None
              ) -> list[str]:
-        return greedy_generate(self.model, self.tokenizer,
-                               [chat_ids(self.tokenizer, q) for q in questions],
-                               self.chat_tokens, self.batch_size, watch)
+        return generate(self.model, self.tokenizer,
+                        [chat_ids(self.tokenizer, q) for q in questions],
+                        self.chat_tokens, self.batch_size, watch)
 
 
 class TfidfReference:

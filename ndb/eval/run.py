@@ -39,9 +39,11 @@ class EvalSettings:
     gen_batch_size: int = 64
     fluency_cases: int = 100  # cases whose first generation prompt is sampled from
     fluency_tokens: int = 100
-    # fluency samples drawn at once: 1.22x faster than the 16 before, other samples (the
-    # seeded random stream is drawn per batch); every row samples alike
-    fluency_batch_size: int = 32
+    # fluency samples drawn at once: every capped prompt in one batch, since a CPU reads the
+    # weights once per step whatever the batch (0.22 s per prompt against 0.32 at 64 and
+    # 0.45 at 32 on this 2-core CPU: benchmarks/results/decode_batch.md); the samples
+    # differ with the batches
+    fluency_batch_size: int = 100
     seed: int = 0
     consistency: TfidfReference | None = None
     general_dir: str | None = None
