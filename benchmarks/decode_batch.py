@@ -42,7 +42,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sample", default="32,64,100", help="fluency batch sizes")
     ap.add_argument("--greedy", default="64,128", help="greedy batch sizes")
-    ap.add_argument("--prompts", type=int, default=100, help="fluency prompts (greedy: 2.56x)")
+    ap.add_argument("--prompts", type=int, default=100, help="fluency prompts")
+    ap.add_argument("--greedy-prompts", type=int, default=256, help="chat questions and prompts")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "decode_batch")
     args = ap.parse_args()
@@ -50,9 +51,9 @@ def main() -> None:
     facts = read_facts(DEV)
     sampled = repeated([f.extra["generation_prompts"][0] for f in facts
                         if f.extra.get("generation_prompts")], args.prompts)
-    greedy_n = int(2.56 * args.prompts)
-    chats = repeated([chat_ids(tok, q) for f in facts if (q := chat_question(f))], greedy_n)
-    completions = repeated([encode(tok, f.prompt.format(f.subject)) for f in facts], greedy_n)
+    n = args.greedy_prompts
+    chats = repeated([chat_ids(tok, q) for f in facts if (q := chat_question(f))], n)
+    completions = repeated([encode(tok, f.prompt.format(f.subject)) for f in facts], n)
     runs: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
         for size in map(int, args.sample.split(",")):
@@ -71,9 +72,10 @@ def main() -> None:
                       indent=2)
     lines = [f"# Decoding batch sizes\n\nReproduce: `python benchmarks/decode_batch.py --sample "
              f"{args.sample} --greedy {args.greedy} --prompts {args.prompts} "
+             f"--greedy-prompts {args.greedy_prompts} "
              f"--rounds {args.rounds}` ({machine}; "
-             f"{len(sampled)} fluency prompts, {greedy_n} chat questions and prompts of the "
-             "dev set, repeated; unedited model; the best of the rounds).\n",
+             f"{len(sampled)} fluency prompts, {n} chat questions and prompts of the dev "
+             "set, repeated; unedited model; the best of the rounds).\n",
              "| texts | batch | s per text | each round |", "|---|---:|---:|---|"]
     lines += [f"| {r['kind']} | {r['batch']} | {r['s_per_text']:.3f} | "
               f"{', '.join(f'{x:.3f}' for x in r['rounds'])} |" for r in rows]

@@ -42,7 +42,6 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3),
     return float(np.mean(values))
 
 
-@torch.no_grad()
 def sample_generations(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 100,
                        top_k: int = 5, seed: int = 0, batch_size: int = 16) -> list[str]:
     """Prompt + sampled top-k continuation for each prompt, from a generator seeded with
@@ -107,10 +106,14 @@ def settled_mentions(text: str, names: Sequence[str]) -> bool:
                for needle in map(_normalized, names) if needle) and any(names)
 
 
+def _most_likely(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: int,
              batch_size: int = 16, watch: Sequence[Sequence[str]] | None = None,
-             choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
+             choose: Callable[[torch.Tensor], torch.Tensor] = _most_likely) -> list[str]:
     """Continuation (the new text only) of each token-id sequence, each next token picked
     from the last logits by ``choose`` (default: the most likely).
 
@@ -127,15 +130,10 @@ def generate(model, tokenizer, inputs: Sequence[Sequence[int]], max_new_tokens: 
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         texts = _decode_batch(model, tokenizer, [inputs[i] for i in rows], max_new_tokens,
-                              pad, None if watch is None else [watch[i] for i in rows],
-                              choose or _most_likely)
+                              pad, None if watch is None else [watch[i] for i in rows], choose)
         for i, text in zip(rows, texts):
             out[i] = text
     return out
-
-
-def _most_likely(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
 
 
 def _decode_batch(model, tokenizer, rows: list[Sequence[int]], max_new_tokens: int, pad: int,
