@@ -101,7 +101,7 @@ def bench_backend(kind: str, keys: np.ndarray, ids: np.ndarray, queries: np.ndar
     out: dict = {"kind": kind, "n": n, "build_s": build_s,
                  "memory_bytes_per_key": index.memory_bytes() / n,
                  "rss_bytes_per_key": rss_delta / n}
-    if kind in ("ivf", "ivf-pq"):
+    if kind.startswith("ivf"):
         out.update(nlist=index.nlist, nprobe=index.nprobe)
     index.search(queries[:8])  # warm-up
     single = timed(lambda i: index.search(queries[i % len(queries)][None]), 5.0, 200)

@@ -1,13 +1,14 @@
 """The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, the scan by list,
-and the projected index (ivf-pca), in one run.
+the projected index (ivf-pca) and the 4-bit fast-scan index (ivf-pq4), in one run.
 
 At N keys (real keys of ``ndb bench keys``, completed with synthetic ones drawn from a
-Gaussian fitted to them: mean, top principal directions, isotropic rest), an ``ivf`` and an
-``ivf-pca`` index are each calibrated as ``ndb bench run`` calibrates them (nprobe, then the
-coarse margin) on hit queries. Then, alternating: the unedited model; ``ivf`` with the
-skip and FAISS's per-query scan, and with the skip and a prompt's queries scanned list by list
-(``IVFIndex.scan_by_list_from``, its default); ``ivf-pca`` with the skip and FAISS's scan,
-and with the scan by list (its default); each a 256-token prefill and greedy decoding. Gate
+Gaussian fitted to them: mean, top principal directions, isotropic rest), an ``ivf``, an
+``ivf-pca`` and an ``ivf-pq4`` index (``--kinds``) are each calibrated as ``ndb bench run``
+calibrates them (nprobe, then the coarse margin) on hit queries. Then, alternating: the
+unedited model; ``ivf`` and ``ivf-pca`` with the skip and FAISS's per-query scan, and with
+the skip and a prompt's queries scanned list by list (``IVFIndex.scan_by_list_from``, their
+default); ``ivf-pq4`` with the skip and FAISS's fast scan; each a 256-token prefill and
+greedy decoding. Gate
 decisions of each are compared with exact search over the stored keys on real token queries
 (LAMBADA passages and hit queries not used for calibration). Residuals: random vectors of
 the residuals' size (only their cost matters here). Writes OUT.json and OUT.md.
@@ -69,7 +70,33 @@ class RandomResiduals:
         return self.table[ids.clamp_min(0) % len(self.table)]
 
 
-TIMED = ("ivf skip", "ivf skip, by list", "ivf-pca skip", "ivf-pca skip, by list")
+KINDS = ("ivf", "ivf-pca", "ivf-pq4")
+SCANNED_BY_LIST = ("ivf", "ivf-pca")  # ivf-pq4's fast scan is FAISS's own
+
+
+def add_scale_arguments(ap: argparse.ArgumentParser, n_texts: int) -> None:
+    """The options of ``scale_keys_and_queries``, and where results go."""
+    ap.add_argument("--real-keys", type=Path, required=True, help="'ndb bench keys' output")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--texts", type=Path, required=True)
+    ap.add_argument("--n-texts", type=int, default=n_texts, help="passages for generic queries")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+def scale_keys_and_queries(model, tok, layer: int, real_keys: Path, n: int,
+                           texts: list[str]) -> tuple[np.ndarray, ...]:
+    """(keys, real keys, calibration queries, evaluation queries, generic queries): ``n``
+    keys, the real ones of ``ndb bench keys`` completed with fitted synthetic ones; real token
+    queries: the facts' texts and a key template of 200 sampled facts (hits, halved between
+    calibration and evaluation), and every token of ``texts`` (generic, evaluation)."""
+    real_n = len((real_keys / "facts.jsonl").read_text().splitlines())
+    facts, real = load_scale_keys(real_keys, layer, min(real_n, n))
+    keys = np.concatenate([real, fitted_keys(real, n - len(real))])
+    generic = token_queries(model, tok, layer, texts)
+    sample = [facts[i] for i in np.random.default_rng(0).choice(len(facts), 200, replace=False)]
+    hits = token_queries(model, tok, layer, [f.text for f in sample] +
+                         [KEY_TEMPLATES[-1][0].format(f.subject) for f in sample])
+    return keys, real, hits[::2], np.concatenate([hits[1::2], generic]), generic
 
 
 def decisions(scores: np.ndarray, ids: np.ndarray, gamma: float) -> np.ndarray:
@@ -78,40 +105,32 @@ def decisions(scores: np.ndarray, ids: np.ndarray, gamma: float) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--real-keys", type=Path, required=True, help="'ndb bench keys' output")
-    ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--texts", type=Path, required=True)
-    ap.add_argument("--n-texts", type=int, default=40, help="passages for generic queries")
+    add_scale_arguments(ap, n_texts=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--nprobe", type=int, default=None,
                     help="lists probed per query after calibration (default: calibrate's "
                          "choice; the coarse margin stays calibrated)")
     ap.add_argument("--pca-dim", type=int, default=None,
                     help="ivf-pca's projection width (default: its own, d/4)")
     ap.add_argument("--rerank", type=int, default=32, help="ivf-pca's candidates re-ranked")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="the indexes compared")
     ap.add_argument("--retrain", action="store_true",
                     help="retrain the index on all N keys before calibrating (default: the "
                          "lists it was last trained with while the keys were added)")
     args = ap.parse_args()
     model, tok = ndb.load_model()
     layer, gamma = default_edit_settings(model)
-    real_n = len((args.real_keys / "facts.jsonl").read_text().splitlines())
-    facts, real = load_scale_keys(args.real_keys, layer, min(real_n, args.n))
-    keys = np.concatenate([real, fitted_keys(real, args.n - len(real))])
-    ids = np.arange(len(keys))
     texts = read_texts([args.texts])[:max(args.n_texts, 8)]
-    generic = token_queries(model, tok, layer, texts[:args.n_texts])
-    sample = [facts[i] for i in np.random.default_rng(0).choice(len(facts), 200, replace=False)]
-    hits = token_queries(model, tok, layer, [f.text for f in sample] +
-                         [KEY_TEMPLATES[-1][0].format(f.subject) for f in sample])
-    calibration, evaluation = hits[::2], np.concatenate([hits[1::2], generic])
+    keys, real, calibration, evaluation, generic = scale_keys_and_queries(
+        model, tok, layer, args.real_keys, args.n, texts[:args.n_texts])
+    ids = np.arange(len(keys))
     print(f"{len(keys)} keys, {len(evaluation)} evaluation queries", flush=True)
 
     indexes, build_s = {}, {}
-    for kind, options in (("ivf", {}), ("ivf-pca", {"pca_dim": args.pca_dim,
-                                                     "rerank": args.rerank})):
+    options_of = {"ivf-pca": {"pca_dim": args.pca_dim, "rerank": args.rerank}}
+    for kind in args.kinds.split(","):
+        options = options_of.get(kind, {})
         start = time.perf_counter()
         index = make_index(kind, keys.shape[1], **options)
         for s in range(0, len(keys), 65_536):
@@ -126,12 +145,13 @@ def main() -> None:
         print(f"{kind}: built in {build_s[kind]:.0f} s; nprobe {index.nprobe}/{index.nlist}, "
               f"margin {index.coarse_margin}", flush=True)
     exact = decisions(*exact_top1(keys, ids, evaluation), gamma)
-    ivf, pca = indexes["ivf"], indexes["ivf-pca"]
     # mode -> (index, coarse margin, scan_by_list_from); None for the unedited model
-    modes = {"unedited": None, "ivf skip": (ivf, ivf.coarse_margin, None),
-             "ivf skip, by list": (ivf, ivf.coarse_margin, SCAN_BY_LIST_FROM),
-             "ivf-pca skip": (pca, pca.coarse_margin, None),
-             "ivf-pca skip, by list": (pca, pca.coarse_margin, SCAN_BY_LIST_FROM)}
+    modes: dict[str, tuple | None] = {"unedited": None}
+    for kind, index in indexes.items():
+        modes[f"{kind} skip"] = (index, index.coarse_margin, None)
+        if kind in SCANNED_BY_LIST:
+            modes[f"{kind} skip, by list"] = (index, index.coarse_margin, SCAN_BY_LIST_FROM)
+    timed = [name for name in modes if name != "unedited"]
 
     def use(mode) -> KeyIndex:
         index, index.coarse_margin, index.scan_by_list_from = mode
@@ -146,7 +166,7 @@ def main() -> None:
     crossover = []
     for t in (1, 2, 4, 8, 16, 32, 64, 256):
         row = {"queries": t}
-        for name in TIMED:
+        for name in timed:
             row[name] = time_search(use(modes[name]), generic[:t], gamma, repeats=5)
         crossover.append(row)
         print(row, flush=True)
@@ -192,23 +212,25 @@ def main() -> None:
                f"with {torch.get_num_threads()} threads; load average before "
                f"{os.getloadavg()[0]:.1f}")
     settings = {kind: {"nlist": index.nlist, "nprobe": index.nprobe,
-                       "coarse_margin": index.coarse_margin, "build_s": build_s[kind]}
+                       "coarse_margin": index.coarse_margin, "build_s": build_s[kind],
+                       **{name: getattr(index, name) for name in ("pca_dim", "pq_m", "rerank")
+                          if getattr(index, name, None)}}
                 for kind, index in indexes.items()}
     result = {"command": command, "machine": machine, "n": args.n, "real_keys": len(real),
-              "gamma": gamma, "queries": len(evaluation), "pca_dim": pca.pca_dim,
-              "rerank": pca.rerank, "indexes": settings, "rows": rows,
+              "gamma": gamma, "queries": len(evaluation), "indexes": settings, "rows": rows,
               "crossover": crossover}
     write_strict_json(args.out.with_suffix(".json"), result, indent=2)
     chosen = "set by --nprobe" if args.nprobe else "calibrated as `ndb bench` does"
-    described = "; ".join(f"{kind} {v['nprobe']}/{v['nlist']} lists, coarse margin "
-                          f"{v['coarse_margin']}" for kind, v in settings.items())
+    described = "; ".join(
+        f"{kind} {v['nprobe']}/{v['nlist']} lists, coarse margin {v['coarse_margin']}"
+        + "".join(f", {name} {v[name]}" for name in ("pca_dim", "pq_m", "rerank") if name in v)
+        for kind, v in settings.items())
     lines = [
         "# The hook's IVF search at scale: FAISS's scan, the coarse-margin skip, the scan by "
-        "list, the projected index", "",
+        "list, the projected and the 4-bit fast-scan indexes", "",
         f"Reproduce: `{command}`", "",
         f"{machine}. {args.n:,} keys: {len(real):,} real (`ndb bench keys`), the rest "
-        f"synthetic (a Gaussian fitted to the real ones). {described} ({chosen}); ivf-pca "
-        f"projects on {pca.pca_dim} directions and re-ranks {pca.rerank} candidates; "
+        f"synthetic (a Gaussian fitted to the real ones). {described} ({chosen}); "
         f"gamma {gamma}. 256-token "
         f"prefill and greedy decoding of {args.new_tokens} tokens from {len(prompts)} "
         f"prompts, the modes alternating, medians of {args.repeats}. Scan by list from "
@@ -223,9 +245,9 @@ def main() -> None:
                      f"{100 * r['prefill_overhead']:+.1f}% | {r['decode_tok_s']:.1f} | "
                      f"{100 * r['decode_overhead']:+.1f}% | {differs} |")
     lines += ["", "One search of the first T tokens of the LAMBADA passages, with the skip "
-              "(median of 5, ms):", "", f"| T | {' | '.join(TIMED)} |",
-              "|---|" + "---|" * len(TIMED)]
-    lines += [f"| {r['queries']} | " + " | ".join(f"{r[name]:.1f}" for name in TIMED) + " |"
+              "(median of 5, ms):", "", f"| T | {' | '.join(timed)} |",
+              "|---|" + "---|" * len(timed)]
+    lines += [f"| {r['queries']} | " + " | ".join(f"{r[name]:.1f}" for name in timed) + " |"
               for r in crossover]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -7,6 +7,7 @@ flat           exact, FAISS IndexFlatIP, float32                                
 flat-fp16      exact, FAISS flat scalar quantizer, float16                       2*d + ~40 B
 ivf            approximate, FAISS IVF over float16 (``codec="fp32"`` possible)   2*d + ~40 B
 ivf-pq         approximate, FAISS IVF over PQ codes (``pq_m`` bytes, d/4)        d/4 + ~40 B
+ivf-pq4        approximate, fast-scan IVF over 4-bit PQ codes, exact rerank      2.06*d + ~40 B
 ivf-pca        approximate, FAISS IVF over d/4-dim projections, exact rerank     2.5*d + ~40 B
 torch          exact, torch tensor on any device (fp32 on CPU, fp16 on CUDA)     2*d + 24 B
 gpu-flat       exact, FAISS GpuIndexFlatIP (optional faiss-gpu build)            2*d + 16 B
@@ -31,6 +32,7 @@ _CLASSES = {
     "flat-fp16": "ndb.indexes.flat:Fp16FlatIndex",
     "ivf": "ndb.indexes.ivf:IVFIndex",
     "ivf-pq": "ndb.indexes.ivf:IVFPQIndex",
+    "ivf-pq4": "ndb.indexes.ivf:IVFPQ4Index",
     "ivf-pca": "ndb.indexes.ivf:IVFPCAIndex",
     "torch": "ndb.indexes.torch_index:TorchIndex",
     "gpu-flat": "ndb.indexes.gpu:GpuFlatIndex",
@@ -38,8 +40,8 @@ _CLASSES = {
 BACKENDS = tuple(_CLASSES)  # the kinds an index can be
 _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load take ``device``
 
-# Up to this many keys the CPU choice is exact search with torch, above it ivf (whose own exact
-# buffer covers the same range: min_train_keys = 8192). Measured on 1 thread of the shared
+# Up to this many keys the CPU choice is exact search with torch, above it ivf-pq4 (whose own
+# exact buffer covers the same range: min_train_keys = 8192). Measured on 1 thread of the shared
 # 2-core machine (benchmarks/results/bench_index.md), 1 query / 256 queries, in ms:
 #   10k keys:  torch 3.5 / 169,     flat-fp16 1.1 / 1125,  flat 11.6 / 334,   ivf 0.73 / 250
 #   100k keys: torch 53 / 1233,     flat-fp16 14 / 3710,   flat 35 / 1014,    ivf 8.6 / 2029
@@ -47,6 +49,10 @@ _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load tak
 # (ivf at nprobe = half the lists: gate disagreement <= 0.1 %, as float16 flat). For a
 # 256-token prompt plus 100 decoded tokens that is 0.5 s (torch) vs 1.2 s (flat-fp16) at 10k
 # keys, and ivf wins from ~10k on. FAISS's float16 flat index has no BLAS path: slow batches.
+# ivf-pq4 then beats ivf in the hook, calibrated, in one run each (prefill_search_*_pq4.md;
+# 256-token prefill / 16 decoded tokens over the unedited model, gate disagreement):
+#   101k real keys: ivf +33% / +27%, 0.047 %;   ivf-pq4 +15% / +4.5%, 0.071 %
+#   1M keys:        ivf +250% / +257%, 0.095 %; ivf-pq4 +13% / +9.8%, 0.095 %
 CPU_EXACT_MAX_KEYS = 8192
 
 
@@ -63,13 +69,13 @@ def choose_index_kind(n_keys: int, device: str = "cpu") -> str:
     On an accelerator the exact ``torch`` index: one fp16 matmul reads 2*d bytes per key, about
     3 GB at 1M keys, i.e. ~1 ms at H100 bandwidth (an estimate: not measured here), and it
     needs no extra package (``gpu-flat`` is an explicit choice). On CPU exact ``torch``
-    (float32) up to ``CPU_EXACT_MAX_KEYS``, ``ivf`` above.
+    (float32) up to ``CPU_EXACT_MAX_KEYS``, ``ivf-pq4`` above.
     """
     if n_keys < 0:
         raise ValueError(f"n_keys must be non-negative, got {n_keys}")
     if not str(device).startswith("cpu"):
         return "torch"
-    return "torch" if n_keys <= CPU_EXACT_MAX_KEYS else "ivf"
+    return "torch" if n_keys <= CPU_EXACT_MAX_KEYS else "ivf-pq4"
 
 
 def make_index(kind: str, dim: int, *, n_keys: int | None = None, device: str | None = None,
