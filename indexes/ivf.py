@@ -56,7 +56,7 @@ from ndb.indexes.flat import FlatIndex
 MIN_TRAIN_KEYS = 8192
 RETRAIN_FACTOR = 4.0
 PROBE_FRACTION = 0.5
-CODECS = ("fp16", "fp32", "pq", "pq4")  # pq: 8-bit PQ codes; pq4: 4-bit, fast scan
+CODECS = ("fp16", "fp32", "pq")  # pq: 8-bit PQ codes (ivf-pq4's 4-bit ones are its own)
 MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest first
 # From this many queries on, lists are scanned list by list (see the module docstring): it
 # pays once a list is probed by several queries and holds enough keys to amortize its
@@ -91,6 +91,7 @@ class IVFIndex(KeyIndex):
 
     kind = "ivf"
     default_codec = "fp16"
+    codecs = CODECS
 
     def __init__(self, dim: int, *, codec: str | None = None, nlist: int | None = None,
                  nprobe: int | None = None, probe_fraction: float = PROBE_FRACTION,
@@ -99,8 +100,8 @@ class IVFIndex(KeyIndex):
                  points_per_list: int = 64, seed: int = 0, coarse_margin: float | None = None):
         super().__init__(dim)
         codec = codec or self.default_codec
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+        if codec not in self.codecs:
+            raise ValueError(f"codec must be one of {self.codecs}, got {codec!r}")
         if retrain_factor <= 1.0:
             raise ValueError(f"retrain_factor must exceed 1, got {retrain_factor}")
         if not 0.0 < probe_fraction <= 1.0:
@@ -607,21 +608,47 @@ class IVFPQIndex(IVFIndex):
                     ) -> tuple[np.ndarray, np.ndarray]:
         if self._store is None:
             return super()._search_ivf(queries, floor)
-        _, rows = self._top(self._ivf_input(queries), self.rerank, floor)
-        valid = (rows >= 0) & (self._store.row_ids[np.maximum(rows, 0)] >= 0)  # not removed
+        rows = self._candidates(queries, floor)
+        valid = rows >= 0
         best_scores, best_rows = empty_result(len(queries))
         # only queries with a candidate: with the gate skip, most tokens of a prompt have none
         found = np.flatnonzero(valid.any(axis=1))
         if len(found):
-            rows, valid = rows[found], torch.from_numpy(valid[found])
+            rows, valid = rows[found], valid[found]
+            candidates = torch.from_numpy(self._store.get(np.where(valid, rows, 0)))
             with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
-                candidates = self._store.get_tensor(np.where(valid.numpy(), rows, 0)).float()
-                scores = (candidates @ torch.from_numpy(queries[found])[:, :, None])[..., 0]
-            scores[~valid] = -torch.inf
+                scores = (candidates.float() @ torch.from_numpy(queries[found])[:, :, None])
+            scores = scores[..., 0].masked_fill(torch.from_numpy(~valid), -torch.inf)
             top, at = scores.max(dim=1)
             best_scores[found] = top.numpy()
             best_rows[found] = rows[np.arange(len(found)), at.numpy()]
         return best_scores, best_rows
+
+    def _candidates(self, queries: np.ndarray, floor: float | None) -> np.ndarray:
+        """Store rows of each query's ``rerank`` best live candidates, -1 where fewer.
+
+        Removed keys that ivf-pq4 keeps in its lists can crowd a query's candidates (a fact
+        edited again and again leaves a copy of its key per edit): a query that lost one asks
+        for 4x as many, until it has ``rerank`` live ones or its probed lists hold no more.
+        """
+        rows, exhausted = self._live_top(queries, self.rerank, floor)
+        k, crowded = self.rerank, np.flatnonzero((rows < 0).any(axis=1) & ~exhausted)
+        while len(crowded):
+            k *= 4
+            more, exhausted = self._live_top(queries[crowded], k, floor)
+            live_first = np.argsort(more < 0, axis=1, kind="stable")[:, :self.rerank]
+            rows[crowded] = np.take_along_axis(more, live_first, axis=1)
+            crowded = crowded[(rows[crowded] < 0).any(axis=1) & ~exhausted]
+        return rows
+
+    def _live_top(self, queries: np.ndarray, k: int, floor: float | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, exhausted): each query's top-k store rows, removed ones as -1, and whether
+        its probed lists held fewer than k keys (removed ones included)."""
+        _, rows = self._top(self._ivf_input(queries), k, floor)
+        exhausted = (rows < 0).any(axis=1)
+        rows[(rows >= 0) & (self._store.row_ids[np.maximum(rows, 0)] < 0)] = -1
+        return rows, exhausted
 
     def _save_extra(self, f) -> None:
         if self._store is not None:
@@ -656,11 +683,12 @@ class IVFPQ4Index(IVFPQIndex):
 
     kind = "ivf-pq4"
     default_codec = "pq4"
+    codecs = ("pq4",)
 
     def __init__(self, dim: int, *, rerank: int = 32, **options):
         super().__init__(dim, rerank=rerank, **options)
-        if self.codec != "pq4" or not self.rerank:
-            raise ValueError("ivf-pq4 needs the pq4 codec and rerank > 0")
+        if not self.rerank:
+            raise ValueError("ivf-pq4 needs rerank > 0: its codes are not decoded")
 
     @property
     def ntotal(self) -> int:
@@ -774,21 +802,10 @@ class _DiskKeys:
         return np.where(rows >= 0, self.row_ids[np.maximum(rows, 0)], -1)
 
     def get(self, rows: np.ndarray) -> np.ndarray:
-        return self._mapped()[rows]
-
-    def get_tensor(self, rows: np.ndarray) -> torch.Tensor:
-        """The rows as a float16 tensor of rows.shape + (dim,): torch gathers a few thousand
-        rows of the map about 3x faster than numpy's fancy indexing."""
-        keys = torch.from_numpy(self._mapped())
-        return keys[torch.from_numpy(rows.ravel())].view(*rows.shape, self.dim)
-
-    def _mapped(self) -> np.ndarray:
         if self._map is None or len(self._map) < self.rows:
             self.file.flush()
-            # mapped for writing (copy-on-write, never flushed) because torch.from_numpy
-            # wants a writable array; nothing writes through it
-            self._map = np.memmap(self.file, np.float16, "c", shape=(self.rows, self.dim))
-        return self._map
+            self._map = np.memmap(self.file, np.float16, "r", shape=(self.rows, self.dim))
+        return self._map[rows]
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """(float16 keys, rows) of the rows not removed."""

@@ -218,6 +218,24 @@ def test_ivf_pq4_rerank_removal_and_rewrite(data, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="rerank"):
         make_index("ivf-pq4", DIM, rerank=0)
+    for kind in ("ivf", "ivf-pq"):  # their removals would mix up fast-scan lists
+        with pytest.raises(ValueError, match="codec"):
+            make_index(kind, DIM, codec="pq4")
+
+
+def test_ivf_pq4_key_edited_again_and_again(data):
+    """Each edit of a fact leaves a removed copy of its key in ivf-pq4's lists, which then
+    fill the fast scan's best candidates: the search asks for more until it has live ones."""
+    keys, ids, _ = data
+    index = make_index("ivf-pq4", DIM, **{**KINDS["ivf-pq4"], "rerank": 4})
+    index.add(keys, ids)
+    for _ in range(3 * index.rerank):
+        index.remove(ids[:1])
+        index.add(keys[:1], ids[:1])
+    assert index._ivf.ntotal == len(ids) + 3 * index.rerank  # no rewrite: few removed keys
+    scores, found = index.search(keys[:1])
+    assert found[0] == ids[0] and scores[0] == pytest.approx(1.0, abs=2e-3)
+    assert (index.search(keys)[1] == ids).mean() >= 0.99
 
 
 def test_ivf_pca_projection_rerank_and_files(data, tmp_path):
