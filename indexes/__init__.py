@@ -54,6 +54,7 @@ _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load tak
 #   101k real keys: ivf +33% / +27%, 0.047 %;   ivf-pq4 +15% / +4.5%, 0.071 %
 #   1M keys:        ivf +250% / +257%, 0.095 %; ivf-pq4 +13% / +9.8%, 0.095 %
 #                   (ivf-pq4 alone in a second run: +29% / +0.2%, prefill_search_1m_pq4_only.md)
+#                   (with torch's centroid scores: +10% / +3.2%, prefill_search_1m_pq4_torch.md)
 CPU_EXACT_MAX_KEYS = 8192
 
 

@@ -68,6 +68,9 @@ MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest f
 SCAN_BY_LIST_FROM = 64
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 _SCAN_BLOCK = 8192  # keys of one list converted to float32 at a time by the scan by list
+# queries whose float16 candidates are converted to float32 at a time at re-ranking: a
+# prompt's at once would leave the cache (256 tokens x 32 candidates: 22 ms against 4)
+_RERANK_BLOCK = 8
 
 
 def default_nlist(n: int) -> int:
@@ -130,7 +133,7 @@ class IVFIndex(KeyIndex):
         self.n_trained = 0  # keys (or training points) at the last training
         self._ids = IdSet()
         self._buffer: FlatIndex | None = self._new_buffer()
-        self._ivf: faiss.IndexIVF | None = None
+        self._ivf = None
 
     def _new_buffer(self) -> FlatIndex:
         # float32 whatever the codec: FAISS's float16 flat index has no BLAS path and is ~3x
@@ -138,6 +141,16 @@ class IVFIndex(KeyIndex):
         return FlatIndex(self.dim)
 
     # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def _ivf(self) -> faiss.IndexIVF | None:
+        """The trained FAISS IVF, None while keys are in the exact buffer."""
+        return self._trained_ivf
+
+    @_ivf.setter
+    def _ivf(self, ivf: faiss.IndexIVF | None) -> None:
+        # no reference to a replaced IVF may stay behind: its storage is released at once
+        self._trained_ivf, self._centroid_tensor = ivf, None
 
     @property
     def ntotal(self) -> int:
@@ -377,16 +390,25 @@ class IVFIndex(KeyIndex):
         most tokens of ordinary text that is every list, and the search costs only the
         centroid scores (one matrix product for a whole prompt); ``calibrate`` sets the margin.
         """
-        coarse, lists = self._ivf.quantizer.search(queries, self._ivf.nprobe)
+        with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
+            scores = torch.from_numpy(queries) @ self._centroids().T
+            coarse, lists = scores.topk(self._ivf.nprobe, 1)
+        coarse, lists = coarse.numpy(), lists.numpy()
         if floor is not None and self.coarse_margin is not None:
             lists[coarse <= floor - self.coarse_margin] = -1  # FAISS skips list -1
         return coarse, lists
 
+    def _centroids(self) -> torch.Tensor:
+        """The lists' centroids, read from the quantizer once per trained IVF: torch scores a
+        prompt's tokens against them 4x faster than the quantizer's own search (1M keys)."""
+        if self._centroid_tensor is None:
+            flat = faiss.downcast_index(self._ivf.quantizer)
+            self._centroid_tensor = torch.from_numpy(flat.reconstruct_n(0, flat.ntotal))
+        return self._centroid_tensor
+
     def _probe(self, queries: np.ndarray, k: int, floor: float | None
                ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's top-k (scores, internal ids) over the lists of ``_probed_lists``."""
-        if floor is None or self.coarse_margin is None:
-            return self._ivf.search(queries, k)
         coarse, lists = self._probed_lists(queries, floor)
         return self._ivf.search_preassigned(queries, k, lists, coarse)
 
@@ -537,6 +559,7 @@ class IVFIndex(KeyIndex):
         if header["trained"]:
             index._buffer = None
             index._ivf = stored
+            stored.nprobe = index._nprobe_for(stored.nlist)  # the file's own may exceed nlist
         else:
             index._buffer = type(index._buffer)(dim, stored)
         if stored.d != (index._ivf_width() if header["trained"] else dim):
@@ -551,7 +574,8 @@ class IVFIndex(KeyIndex):
         ivf = faiss.downcast_index(self._ivf)
         # code, id in its list, hashtable entry (approx.; fast-scan lists have none)
         per_key = ivf.code_size + 8 + (0 if self.codec == "pq4" else 16)
-        fixed = ivf.nlist * ivf.d * 4  # centroids
+        copies = 1 if self._centroid_tensor is None else 2  # the quantizer's, and torch's
+        fixed = copies * ivf.nlist * ivf.d * 4  # centroids
         if self.codec in ("pq", "pq4"):
             fixed += ivf.pq.centroids.size() * 4
         return ivf.ntotal * per_key + fixed + self._ids.nbytes()
@@ -616,9 +640,14 @@ class IVFPQIndex(IVFIndex):
         if len(found):
             rows, valid = rows[found], valid[found]
             candidates = torch.from_numpy(self._store.get(np.where(valid, rows, 0)))
+            found_queries = torch.from_numpy(queries[found])
+            scores = torch.empty(rows.shape)
             with torch.autocast("cpu", enabled=False):  # a caller's would round the scores
-                scores = (candidates.float() @ torch.from_numpy(queries[found])[:, :, None])
-            scores = scores[..., 0].masked_fill(torch.from_numpy(~valid), -torch.inf)
+                for s in range(0, len(found), _RERANK_BLOCK):
+                    block = slice(s, s + _RERANK_BLOCK)
+                    product = candidates[block].float() @ found_queries[block, :, None]
+                    scores[block] = product[..., 0]
+            scores = scores.masked_fill(torch.from_numpy(~valid), -torch.inf)
             top, at = scores.max(dim=1)
             best_scores[found] = top.numpy()
             best_rows[found] = rows[np.arange(len(found)), at.numpy()]

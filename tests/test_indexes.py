@@ -303,6 +303,20 @@ def test_ivf_calibrate(data):
     assert list(table) == sorted(table) and table[chosen] >= table[min(table)]
 
 
+def test_ivf_file_with_more_probes_than_lists(data, tmp_path):
+    """An index file is untrusted: a FAISS nprobe above nlist is the index's own again."""
+    keys, ids, queries = data
+    index = build("ivf-pq4")
+    index.add(keys, ids)
+    expected = index.search(queries)
+    index._ivf.nprobe = 10 * index.nlist
+    index.save(tmp_path / "index.bin")
+    loaded = load_index("ivf-pq4", tmp_path / "index.bin", DIM)
+    assert loaded.nprobe == index._nprobe_for(index.nlist) <= loaded.nlist
+    for a, b in zip(expected, loaded.search(queries), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ivf_buffer_then_train_then_retrain(data):
     keys, ids, _ = data
     index = IVFIndex(DIM, min_train_keys=200, retrain_factor=4.0, auto_train=False)
