@@ -149,8 +149,10 @@ class IVFIndex(KeyIndex):
 
     @_ivf.setter
     def _ivf(self, ivf: faiss.IndexIVF | None) -> None:
-        # no reference to a replaced IVF may stay behind: its storage is released at once
-        self._trained_ivf, self._centroid_tensor = ivf, None
+        # no reference to a replaced IVF may stay behind: its storage is released at once;
+        # the centroids cached are tagged with the IVF's generation (see _centroids)
+        self._trained_ivf, self._centroid_cache = ivf, None
+        self._generation = getattr(self, "_generation", 0) + 1
 
     @property
     def ntotal(self) -> int:
@@ -401,10 +403,14 @@ class IVFIndex(KeyIndex):
     def _centroids(self) -> torch.Tensor:
         """The lists' centroids, read from the quantizer once per trained IVF: torch scores a
         prompt's tokens against them 4x faster than the quantizer's own search (1M keys)."""
-        if self._centroid_tensor is None:
-            flat = faiss.downcast_index(self._ivf.quantizer)
-            self._centroid_tensor = torch.from_numpy(flat.reconstruct_n(0, flat.ntotal))
-        return self._centroid_tensor
+        generation, cached = self._centroid_cache or (None, None)
+        if generation == self._generation:
+            return cached
+        generation = self._generation  # a retrain meanwhile must not get these centroids
+        flat = faiss.downcast_index(self._ivf.quantizer)
+        centroids = torch.from_numpy(flat.reconstruct_n(0, flat.ntotal))
+        self._centroid_cache = (generation, centroids)
+        return centroids
 
     def _probe(self, queries: np.ndarray, k: int, floor: float | None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -557,6 +563,11 @@ class IVFIndex(KeyIndex):
             index._load_extra(f)
         index.n_trained = header["n_trained"]
         if header["trained"]:
+            quantizer = faiss.downcast_index(stored.quantizer)
+            if not isinstance(quantizer, faiss.IndexFlat) or \
+                    (quantizer.ntotal, quantizer.d) != (stored.nlist, stored.d):
+                raise ValueError(f"{path}: its coarse quantizer does not hold one centroid of "
+                                 "the index's width per list")
             index._buffer = None
             index._ivf = stored
             stored.nprobe = index._nprobe_for(stored.nlist)  # the file's own may exceed nlist
@@ -574,7 +585,7 @@ class IVFIndex(KeyIndex):
         ivf = faiss.downcast_index(self._ivf)
         # code, id in its list, hashtable entry (approx.; fast-scan lists have none)
         per_key = ivf.code_size + 8 + (0 if self.codec == "pq4" else 16)
-        copies = 1 if self._centroid_tensor is None else 2  # the quantizer's, and torch's
+        copies = 1 if self._centroid_cache is None else 2  # the quantizer's, and torch's
         fixed = copies * ivf.nlist * ivf.d * 4  # centroids
         if self.codec in ("pq", "pq4"):
             fixed += ivf.pq.centroids.size() * 4

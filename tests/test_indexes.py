@@ -174,6 +174,7 @@ def test_ivf_pq_rerank_and_memory(data, tmp_path):
 
     pure = make_index("ivf-pq", DIM, rerank=0, **KINDS["ivf-pq"])
     pure.add(keys, ids)
+    pure.search(queries)  # as index has: a search keeps a torch copy of the centroids
     half = make_index("flat-fp16", DIM)
     half.add(keys, ids)
     assert pure.memory_bytes() < 0.6 * half.memory_bytes()  # codebooks dominate at this size
@@ -315,6 +316,23 @@ def test_ivf_file_with_more_probes_than_lists(data, tmp_path):
     assert loaded.nprobe == index._nprobe_for(index.nlist) <= loaded.nlist
     for a, b in zip(expected, loaded.search(queries), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ivf_file_whose_quantizer_does_not_fit(data, tmp_path):
+    """An index file is untrusted: a quantizer with a centroid missing is refused at load,
+    not at every search."""
+    import faiss
+
+    keys, ids, _ = data
+    index = build("ivf-pq4")
+    index.add(keys, ids)
+    flat = faiss.downcast_index(index._ivf.quantizer)
+    centroids = flat.reconstruct_n(0, flat.ntotal)
+    flat.reset()
+    flat.add(centroids[:-1])
+    index.save(tmp_path / "index.bin")
+    with pytest.raises(ValueError, match="coarse quantizer"):
+        load_index("ivf-pq4", tmp_path / "index.bin", DIM)
 
 
 def test_ivf_buffer_then_train_then_retrain(data):
