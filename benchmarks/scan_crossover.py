@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import ndb
+from ndb.compute import token_queries
 from ndb.eval.baselines.stats import read_texts
-from ndb.eval.bench import token_queries
 from ndb.output import write_strict_json
 
 BATCHES = (1, 8, 16, 32, 64, 128, 256)

@@ -483,7 +483,8 @@ def info(db_path, as_json):
         "model_type": cfg.model_type, "fingerprint": cfg.fingerprint, "layer": cfg.layer,
         "module": cfg.module, "gamma": cfg.gamma, "d_key": cfg.d_key, "d_value": cfg.d_value,
         "key_dtype": cfg.key_dtype, "residual_dtype": cfg.residual_dtype,
-        "index": cfg.index, "segments": len(db.store.manifest.segments),
+        "index": cfg.index, "calibration": _calibration_summary(cfg.index_calibration),
+        "segments": len(db.store.manifest.segments),
         "version": db.store.manifest.version, "disk_bytes": size,
         "residuals": _residuals_summary(cfg.compute),
     }
@@ -492,6 +493,15 @@ def info(db_path, as_json):
     else:
         for key, value in report.items():
             click.echo(f"{key:>14}: {value}")
+
+
+def _calibration_summary(done: dict | None) -> str:
+    """How the last calibration tuned an approximate index (`info`), in words."""
+    if done is None:
+        return "none (an approximate index is calibrated by an add with the model)"
+    margin = "off" if done["coarse_margin"] is None else done["coarse_margin"]
+    return (f"{done['kind']} at {done['n_keys']} keys, gamma {done['gamma']}: probes "
+            f"{done['probe_fraction']:.4g} of its lists, gate-skip margin {margin}")
 
 
 def _residuals_summary(compute) -> str:

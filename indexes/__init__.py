@@ -38,6 +38,7 @@ _CLASSES = {
     "gpu-flat": "ndb.indexes.gpu:GpuFlatIndex",
 }
 BACKENDS = tuple(_CLASSES)  # the kinds an index can be
+APPROXIMATE = ("ivf", "ivf-pq", "ivf-pq4", "ivf-pca")  # kinds whose search ``calibrate`` tunes
 _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load take ``device``
 
 # Up to this many keys the CPU choice is exact search with torch, above it ivf-pq4 (whose own

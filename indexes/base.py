@@ -78,6 +78,14 @@ class KeyIndex(ABC):
         indexes have nothing to tune: {}."""
         return {}
 
+    def tuning(self) -> dict:
+        """What ``calibrate`` set, for ``tune`` to give a rebuilt index: {} here."""
+        return {}
+
+    def tune(self, settings: dict | None) -> None:
+        """Search as ``tuning()`` said, without calibrating again (None: as uncalibrated)."""
+        return None
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write the index to ``path`` (a single file)."""

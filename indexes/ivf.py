@@ -501,6 +501,16 @@ class IVFIndex(KeyIndex):
         """
         if self._ivf is None:
             raise ValueError("nothing to calibrate: the index is exact until it is trained")
+        before = self.fixed_nprobe, self.tuning()
+        try:
+            return self._calibrate(queries, gamma, target)
+        except BaseException:  # an interrupted calibration leaves no trial setting behind
+            self.tune(before[1])
+            self.fixed_nprobe = before[0]
+            self._ivf.nprobe = self._nprobe_for(self._ivf.nlist)
+            raise
+
+    def _calibrate(self, queries: np.ndarray, gamma: float, target: float) -> dict[int, float]:
         exact_scores, exact_ids = self.exact_search(queries)
         exact = np.where(exact_scores > gamma, exact_ids, -1)
         nlist = self._ivf.nlist
@@ -519,6 +529,17 @@ class IVFIndex(KeyIndex):
         self.coarse_margin = next((margin for margin in MARGINS if np.array_equal(
             self._decisions(queries, gamma, margin), decisions)), None)
         return table
+
+    def tuning(self) -> dict:
+        return {"probe_fraction": self.probe_fraction, "coarse_margin": self.coarse_margin}
+
+    def tune(self, settings: dict | None) -> None:
+        settings = settings or {"probe_fraction": PROBE_FRACTION, "coarse_margin": None}
+        self.fixed_nprobe = None
+        self.probe_fraction = float(settings["probe_fraction"])
+        self.coarse_margin = settings["coarse_margin"]
+        if self._ivf is not None:
+            self._ivf.nprobe = self._nprobe_for(self._ivf.nlist)
 
     def _decisions(self, queries: np.ndarray, gamma: float, margin: float | None
                    ) -> np.ndarray:

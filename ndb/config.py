@@ -4,6 +4,7 @@ plus what the model they were made for looks like), saved in the database's dire
 
 from __future__ import annotations
 
+import math
 import numbers
 import types
 import typing
@@ -17,7 +18,7 @@ from ndb import store
 from ndb.anchor import anchor_token_id
 from ndb.compute import ComputeConfig, context_prefixes
 from ndb.errors import ConfigError, ModelMismatchError, StoreError
-from ndb.indexes import check_kind
+from ndb.indexes import APPROXIMATE, check_kind
 from ndb.models import (
     decoder_layers,
     default_edit_settings,
@@ -74,6 +75,28 @@ def check_gamma(gamma: float) -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0 <= gamma <= 1:
         raise ConfigError(f"gamma must be a number in [0, 1] (a cosine threshold), "
                           f"got {gamma!r}")
+
+
+def check_calibration(calibration: dict | None) -> None:
+    """Refuse a stored index calibration whose settings an index could not search with."""
+    if calibration is None:
+        return
+    expected = {"kind", "gamma", "n_keys", "probe_fraction", "coarse_margin"}
+    if set(calibration) != expected:
+        raise ValueError(f"config field index_calibration must have the fields "
+                         f"{', '.join(sorted(expected))}")
+    values = calibration["gamma"], calibration["probe_fraction"], calibration["coarse_margin"]
+    gamma, fraction, margin = (v if _is_number(v) else math.nan for v in values)
+    n_keys = calibration["n_keys"]
+    if (calibration["kind"] not in APPROXIMATE or not 0 <= gamma <= 1
+            or not 0 < fraction <= 1 or not (values[2] is None or 0 <= margin <= 2)
+            or not _is_integer(n_keys) or not 1 <= n_keys <= 2 ** 62):
+        raise ValueError(f"config field index_calibration is {calibration!r}, which no "
+                         "approximate index can search with")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_integer(value: object) -> bool:
@@ -150,6 +173,9 @@ class NeuralDBConfig:
     # at least one key per fact; None turns the guard off
     guard_margin: float | None = 0.05
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # how the last calibration tuned an approximate index (see KeySet.calibrate): its kind,
+    # gamma and number of keys then, and the index's ``tuning()``; None before any
+    index_calibration: dict[str, str | float | None] | None = None
     # fingerprints of the embeddings and of layers 0..layer, all that keys depend on (see
     # input_fingerprints above); empty in databases written before them, which
     # recorded the edited layer's fingerprint only
@@ -248,6 +274,7 @@ class NeuralDBConfig:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         data = dict(data)
         check_types(cls, data)
+        check_calibration(data.get("index_calibration"))
         if not isinstance(data.get("compute", {}), dict):
             raise ValueError("config field compute is not a mapping of settings")
         check_types(ComputeConfig, data.get("compute", {}), "compute.")

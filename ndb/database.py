@@ -14,6 +14,7 @@ database into a model's forward pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -25,14 +26,14 @@ from torch import nn
 
 from ndb import edits
 from ndb import store as store_mod
-from ndb.attachment import Attachment, hooks_disabled
-from ndb.compute import background_keys
+from ndb.attachment import Attachment, hooks_disabled, unedited
+from ndb.compute import background_keys, token_queries
 from ndb.config import EditConfig, NeuralDBConfig
 from ndb.edits import AddResult, ProgressCallback
 from ndb.errors import FactNotFoundError
 from ndb.facts import Fact, as_facts
 from ndb.indexes import KeyIndex
-from ndb.keyset import KeySet
+from ndb.keyset import KeySet, calibration_texts
 from ndb.output import check_creatable
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.retrieval import GatedRetrieval
@@ -234,10 +235,32 @@ class NeuralDB:
         self.refresh()
         return written
 
+    def calibrate(self, model: nn.Module | None = None, tokenizer=None, *,
+                  progress: bool = False) -> dict[int, float]:
+        """Tune an approximate key index (the ivf kinds) on the unedited model's keys of texts
+        about stored subjects (see ndb.keyset); add, update and remove do it when due."""
+        model, tokenizer = self._model_for([], model, tokenizer)
+        with self.store.writing():
+            self.refresh()
+            if not self.keys.approximate:
+                return {}
+            texts = calibration_texts(list(self.facts().values()), self.config.seed)
+            label = "texts for calibrating the index" if progress else None
+            with unedited(model):
+                queries = token_queries(model, tokenizer, self.config.layer, texts, progress=label)
+            return self.keys.calibrate(queries)
+
     def _write(self, changes: list[tuple[int | None, Fact]], removed: list[int], model,
                tokenizer, **options: Any) -> list[int]:
         ids = self._writer.write(self.facts(), changes, removed, model, tokenizer, **options)
         self.refresh()
+        if model is not None and tokenizer is not None and self.keys.calibration_due():
+            try:  # the write is committed: a failed calibration must not look like its failure
+                self.calibrate(model, tokenizer, progress=options.get("progress") is True)
+            except Exception as err:  # reported; the index searches as it did before
+                warnings.warn(f"{self.path}: the key index was not calibrated "
+                              f"({type(err).__name__}: {err}); the next write with the model, "
+                              "or calibrate(), tries again", stacklevel=3)
         return ids
 
     def _model_for(self, facts: list[Fact], model, tokenizer):

@@ -12,7 +12,8 @@ import torch
 from ndb import store as store_mod
 from ndb.config import NeuralDBConfig, check_gamma
 from ndb.errors import StoreError
-from ndb.indexes import KeyIndex, choose_index_kind, load_index, make_index
+from ndb.facts import Fact
+from ndb.indexes import APPROXIMATE, KeyIndex, choose_index_kind, load_index, make_index
 from ndb.store import Store
 
 
@@ -57,7 +58,8 @@ class KeySet:
 
     def set_gamma(self, gamma: float) -> None:
         """Change the gate (committed to the config), and with it which keys the guard
-        keeps: the saved and in-memory index are dropped then."""
+        keeps: the saved and in-memory index are dropped then. A calibration made for the
+        old gamma is no longer applied (the next write with the model calibrates again)."""
         check_gamma(gamma)
         with self.store.writing():
             if self.config.compute.keys_per_fact > 1 and self.config.guard_margin is not None:
@@ -65,6 +67,8 @@ class KeySet:
                 self._index = None
             self.config.gamma = float(gamma)
             store_mod.write_config(self.store.path, self.config.to_dict())
+            if self._index is not None:
+                self._tune(self._index)  # calibrated for another gamma: uncalibrated until due
 
     def save(self) -> None:
         """Persist the index if it is newer than the saved copy, so that the next open
@@ -96,11 +100,55 @@ class KeySet:
         keep[none, scores[none].argmin(axis=1)] = True
         return keep
 
+    # -- calibrating approximate search ---------------------------------------------------
+    @property
+    def approximate(self) -> bool:
+        """Whether the index searches approximately: a kind that does, trained (an IVF
+        searches exactly until it has enough keys to train on)."""
+        return self._kind() in APPROXIMATE and not self.index.needs_training
+
+    def calibration_due(self) -> bool:
+        """Whether the index searches approximately and was last calibrated for another kind,
+        another gamma or a number of keys 2x away (an IVF retrains at 4x), or never."""
+        kind, done = self._kind(), self.config.index_calibration
+        due = kind in APPROXIMATE and (
+            done is None or done["kind"] != kind or done["gamma"] != self.config.gamma
+            or not done["n_keys"] / 2 <= self._n_keys() <= 2 * done["n_keys"])
+        return due and self.approximate  # the index is loaded only then
+
+    def calibrate(self, queries: np.ndarray) -> dict[int, float]:
+        """Tune the index on ``queries`` (token keys of text about stored subjects, see
+        ``calibration_texts``) until its gate decisions agree with exact search on 99.9% of
+        them, and record the tuning in the config, for an index rebuilt later; returns
+        {setting tried: agreement}; {} for an exact index, which has nothing to tune."""
+        if not self.approximate:
+            return {}
+        with self.store.writing():
+            index = self.index
+            table = index.calibrate(queries, self.config.gamma)
+            done = {"kind": index.kind, "gamma": self.config.gamma, "n_keys": self._n_keys(),
+                    **index.tuning()}
+            # the config on disk, not this process's copy of it, with the tuning in
+            on_disk = NeuralDBConfig.read(self.store.path).to_dict()
+            store_mod.write_config(self.store.path, {**on_disk, "index_calibration": done})
+            self.config.index_calibration = done
+        return table
+
+    def _tune(self, index: KeyIndex) -> None:
+        """Give ``index`` the recorded tuning if it was calibrated as it searches now (kind
+        and gamma), else the uncalibrated settings."""
+        done = self.config.index_calibration
+        matches = done is not None and (done["kind"], done["gamma"]) == (index.kind,
+                                                                          self.config.gamma)
+        index.tune(done if matches else None)
+
     # -- building and catching up --------------------------------------------------------
+    def _n_keys(self) -> int:
+        return len(self.store.entries) * self.config.compute.keys_per_fact
+
     def _kind(self) -> str:
         kind = self.config.index
-        n_keys = len(self.store.entries) * self.config.compute.keys_per_fact
-        return choose_index_kind(n_keys, self.device) if kind == "auto" else kind
+        return choose_index_kind(self._n_keys(), self.device) if kind == "auto" else kind
 
     def _entries(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Index rows of facts ``ids``: their keys, one row per key the guard keeps."""
@@ -122,6 +170,7 @@ class KeySet:
             if index.needs_training:
                 index.train(keys)
             index.add(keys, index_ids)
+        self._tune(index)
         self._index, self._version = index, self.store.manifest.version
 
     def _catch_up(self) -> None:
@@ -142,5 +191,19 @@ class KeySet:
             index = load_index(meta["kind"], path, self.config.d_key, device=self.device)
         except (FileNotFoundError, StoreError, ValueError, KeyError, RuntimeError):
             return False
+        self._tune(index)
         self._index, self._version = index, meta["version"]
         return True
+
+
+CALIBRATION_FACTS = 256  # facts whose texts calibrate an approximate index
+CALIBRATION_QUESTION = "Tell me about {}."  # other text around the subject than a fact's prompt
+
+
+def calibration_texts(facts: list[Fact], seed: int) -> list[str]:
+    """Texts that mention stored subjects, whose token keys calibrate the index: the prompts
+    of a seeded sample of facts, and a question about each of their subjects."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(facts), min(len(facts), CALIBRATION_FACTS), replace=False)
+    sample = [facts[i] for i in sorted(picked)]
+    return [f.text for f in sample] + [CALIBRATION_QUESTION.format(f.subject) for f in sample]

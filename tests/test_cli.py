@@ -51,6 +51,7 @@ def test_build_list_info_generate(built):
         "Paris", "Lionel Messi", "Toyota"]
     info = json.loads(run("info", str(built), "--json").stdout)
     assert info["facts"] == 3 and info["layer"] == 1 and info["gamma"] == 0.8
+    assert info["calibration"].startswith("none")  # an exact index: nothing to calibrate
     assert info["compute"]["extra_steps"] == 75 and info["compute"]["residual_scope"] == "subject"
     assert info["residuals"] == ("one per subject (each edit in full, bound growing with the "
                                  "group), 25 steps and up to 75 more until the edits hold, "

@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import numpy as np
@@ -213,3 +214,97 @@ def test_key_guard_drops_keys_that_generic_text_reaches(tmp_path, llama):
     db.config.guard_margin = None
     db.keys._index = None
     assert db.index.ntotal == 6
+
+
+def approximate_db(path, llama) -> NeuralDB:
+    """A database with just more keys than an exact index holds on CPU: ivf-pq4, trained,
+    never calibrated (its keys and residuals are random, committed without the model)."""
+    from ndb.indexes import CPU_EXACT_MAX_KEYS
+
+    model, tok = llama
+    db = NeuralDB.create(path, model, tok, layer=2, gamma=0.5, compute=EXACT)
+    n = CPU_EXACT_MAX_KEYS + 200
+    rng = np.random.default_rng(0)
+    facts = [Fact(f"Town {i}", "{} lies in the country of", f"Land {i % 50}") for i in range(n)]
+    db.add_vectors(facts, rng.standard_normal((n, db.config.d_key)),
+                   rng.standard_normal((n, db.config.d_value)))
+    return db
+
+
+def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
+    """Past what an exact index holds on CPU a database searches with ivf-pq4, which an add
+    with the model calibrates (nprobe and the gate skip, on its keys of texts about stored
+    subjects) and which keeps that tuning in its config: a rebuilt index searches with it."""
+    from click.testing import CliRunner
+
+    from ndb.cli.main import cli
+    from ndb.keyset import KeySet
+
+    model, tok = llama
+    db = approximate_db(tmp_path / "db", llama)
+    n = len(db)
+    uncalibrated = db.index.tuning()
+    assert db.index.kind == "ivf-pq4" and db.config.index_calibration is None
+    assert db.keys.calibration_due()  # add_vectors has no model to calibrate with
+    calls = []
+    calibrate = KeySet.calibrate
+    monkeypatch.setattr(KeySet, "calibrate", lambda self, q: calls.append(q) or calibrate(self, q))
+
+    db.add(FACTS[:1], model, tok)
+    done = db.config.index_calibration
+    assert len(calls) == 1 and len(calls[0]) > 256  # every token of 2 texts per sampled fact
+    assert done["kind"] == "ivf-pq4" and done["n_keys"] == n + 1 and done["gamma"] == 0.5
+    assert done == NeuralDB(db.path).config.index_calibration  # committed to the config
+    assert not db.keys.calibration_due()
+    tuned = db.index.tuning()
+    assert tuned == {k: done[k] for k in ("probe_fraction", "coarse_margin")} != uncalibrated
+
+    db.add(FACTS[1:2], model, tok)  # one more key: no new calibration
+    assert len(calls) == 1 and db.config.index_calibration == done
+
+    db.flush()
+    for saved_index in (True, False):  # loaded, then rebuilt from the segments
+        if not saved_index:
+            db.store.forget_saved_index()
+        reopened = NeuralDB(db.path)
+        assert reopened.index.tuning() == tuned
+        assert reopened.index.nprobe == db.index.nprobe
+
+    info = CliRunner().invoke(cli, ["info", str(db.path), "--json"])
+    assert json.loads(info.output)["calibration"].startswith(f"ivf-pq4 at {n + 1} keys")
+
+    db.set_gamma(0.6)  # tuned for another gamma: searched as uncalibrated until calibrated
+    assert db.keys.calibration_due() and db.index.tuning() == uncalibrated
+    assert NeuralDB(db.path).index.tuning() == uncalibrated
+
+
+def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypatch):
+    from ndb.keyset import KeySet
+
+    model, tok = llama
+    db = approximate_db(tmp_path / "db", llama)
+
+    def fail(self, queries):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(KeySet, "calibrate", fail)
+    with pytest.warns(UserWarning, match="not calibrated .RuntimeError: out of memory"):
+        (fact_id,) = db.add(FACTS[:1], model, tok)
+    assert NeuralDB(db.path).get(fact_id) == FACTS[0]
+    assert db.config.index_calibration is None and db.keys.calibration_due()
+
+
+@pytest.mark.parametrize("bad", [{"probe_fraction": 0.0}, {"probe_fraction": None},
+                                 {"n_keys": 10 ** 400}, {"n_keys": 0}, {"gamma": "0.7"},
+                                 {"coarse_margin": -0.1}, {"kind": "torch"}, {"extra": 1}])
+def test_hostile_index_calibration_is_refused(db, bad):
+    """A config is untrusted: a tuning no approximate index can search with is refused in one
+    line when the database opens, not at a search."""
+    from ndb.store import CONFIG
+
+    config = json.loads((db.path / CONFIG).read_text())
+    config["index_calibration"] = {"kind": "ivf-pq4", "gamma": 0.9, "n_keys": 10000,
+                                   "probe_fraction": 0.1, "coarse_margin": 0.6, **bad}
+    (db.path / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(StoreError, match="index_calibration"):
+        NeuralDB(db.path)

@@ -22,14 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ndb import nethook
-from ndb.anchor import encode
-from ndb.compute import ComputeConfig, compute_keys
+from ndb.compute import ComputeConfig, compute_keys, token_queries
 from ndb.database import NeuralDB
 from ndb.errors import ConfigError
 from ndb.facts import Fact
 from ndb.indexes import KeyIndex
-from ndb.models import ffn_out_path, get_module
 from ndb.output import write_strict_json
 from ndb.store import is_database
 
@@ -161,18 +158,6 @@ def build_database(path: Path, model, tok, facts: Sequence[Fact], keys: np.ndarr
 
 
 @torch.no_grad()
-def token_queries(model, tok, layer: int, texts: Sequence[str], max_tokens: int = 128
-                  ) -> np.ndarray:
-    """Normalized FFN keys of every searched token of ``texts``: real gate queries."""
-    module = get_module(model, ffn_out_path(model, layer))
-    out = []
-    for text in texts:
-        ids = torch.tensor([encode(tok, text)[:max_tokens]])
-        x = nethook.run_until(model, module, input_ids=ids)[0, 1:].float()
-        out.append(torch.nn.functional.normalize(x, dim=-1).numpy())
-    return np.concatenate(out)
-
-
 def exact_top1(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray,
                chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-1 (score, id) of each query, a chunk of keys at a time: exact search
