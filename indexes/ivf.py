@@ -68,6 +68,7 @@ MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)  # for calibrate, boldest f
 SCAN_BY_LIST_FROM = 64
 _CHUNK = 65536  # rows converted to float32 at a time when moving keys, to bound peak memory
 _SCAN_BLOCK = 8192  # keys of one list converted to float32 at a time by the scan by list
+_EXACT_SCORES = 1 << 26  # float32 scores at a time in exact_search (256 MB)
 # queries whose float16 candidates are converted to float32 at a time at re-ranking: a
 # prompt's at once would leave the cache (256 tokens x 32 candidates: 22 ms against 4)
 _RERANK_BLOCK = 8
@@ -472,7 +473,8 @@ class IVFIndex(KeyIndex):
         return internal
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """(payload, internal ids) of the stored keys, leaving the index as it is."""
+        """(payload, internal ids) of the stored keys, leaving the index as it is; an id of
+        -1 marks a removed key that is still stored."""
         return self._export()
 
     def exact_search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -481,8 +483,10 @@ class IVFIndex(KeyIndex):
         queries = as_queries(queries, self.dim)
         payload, internal = self._snapshot()
         best, best_ids = empty_result(len(queries))
-        for start in range(0, len(internal), _CHUNK):
-            scores = queries @ self._as_float(payload[start:start + _CHUNK]).T
+        step = max(1024, min(_CHUNK, _EXACT_SCORES // max(1, len(queries))))
+        for start in range(0, len(internal), step):
+            scores = queries @ self._as_float(payload[start:start + step]).T
+            scores[:, internal[start:start + step] < 0] = -np.inf
             top = scores.argmax(axis=1)
             top_scores = scores[np.arange(len(queries)), top]
             better = top_scores > best
@@ -597,7 +601,8 @@ class IVFIndex(KeyIndex):
         if stored.d != (index._ivf_width() if header["trained"] else dim):
             raise ValueError(f"{path} holds a FAISS index of width {stored.d}, which does not "
                              "fit its header")
-        index._ids = IdSet(index._external(index._snapshot()[1]))
+        internal = index._snapshot()[1]
+        index._ids = IdSet(index._external(internal[internal >= 0]))
         return index
 
     def memory_bytes(self) -> int:
@@ -654,7 +659,7 @@ class IVFPQIndex(IVFIndex):
         return internal if self._store is None else self._store.external(internal)
 
     def _snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        return super()._export() if self._store is None else self._store.live()
+        return super()._export() if self._store is None else self._store.snapshot()
 
     def _export(self) -> tuple[np.ndarray, np.ndarray]:
         # called only to rebuild the IVF from scratch: the moment to drop removed rows
@@ -872,6 +877,13 @@ class _DiskKeys:
         """(float16 keys, rows) of the rows not removed."""
         rows = np.flatnonzero(self.row_ids >= 0).astype(np.int64)
         return (self.get(rows) if len(rows) else np.empty((0, self.dim), np.float16)), rows
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float16 keys of every row, read through the memory map, not copied; rows, -1
+        where removed)."""
+        if not self.rows:
+            return np.empty((0, self.dim), np.float16), np.empty(0, np.int64)
+        return self.get(slice(None)), np.where(self.row_ids >= 0, np.arange(self.rows), -1)
 
     def compact(self) -> tuple[np.ndarray, np.ndarray]:
         """Rewrite the file with the live rows only; returns (keys, new rows 0..n-1)."""
