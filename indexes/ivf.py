@@ -134,6 +134,7 @@ class IVFIndex(KeyIndex):
         self.n_trained = 0  # keys (or training points) at the last training
         self._ids = IdSet()
         self._buffer: FlatIndex | None = self._new_buffer()
+        self._generation = 0  # of the trained IVF, counted by the _ivf setter
         self._ivf = None
 
     def _new_buffer(self) -> FlatIndex:
@@ -153,7 +154,7 @@ class IVFIndex(KeyIndex):
         # no reference to a replaced IVF may stay behind: its storage is released at once;
         # the centroids cached are tagged with the IVF's generation (see _centroids)
         self._trained_ivf, self._centroid_cache = ivf, None
-        self._generation = getattr(self, "_generation", 0) + 1
+        self._generation += 1
 
     @property
     def ntotal(self) -> int:
@@ -505,12 +506,11 @@ class IVFIndex(KeyIndex):
         """
         if self._ivf is None:
             raise ValueError("nothing to calibrate: the index is exact until it is trained")
-        before = self.fixed_nprobe, self.tuning()
+        before = self.fixed_nprobe, self.probe_fraction, self.coarse_margin
         try:
             return self._calibrate(queries, gamma, target)
         except BaseException:  # an interrupted calibration leaves no trial setting behind
-            self.tune(before[1])
-            self.fixed_nprobe = before[0]
+            self.fixed_nprobe, self.probe_fraction, self.coarse_margin = before
             self._ivf.nprobe = self._nprobe_for(self._ivf.nlist)
             raise
 
@@ -526,10 +526,7 @@ class IVFIndex(KeyIndex):
             table[nprobe] = float(np.mean(decisions == exact))
             if table[nprobe] >= target:
                 break
-        chosen = nprobe
-        self.fixed_nprobe = None
-        self.probe_fraction = chosen / nlist
-        self._ivf.nprobe = chosen
+        self.tune({"probe_fraction": nprobe / nlist, "coarse_margin": None})
         self.coarse_margin = next((margin for margin in MARGINS if np.array_equal(
             self._decisions(queries, gamma, margin), decisions)), None)
         return table

@@ -86,17 +86,13 @@ def check_calibration(calibration: dict | None) -> None:
         raise ValueError(f"config field index_calibration must have the fields "
                          f"{', '.join(sorted(expected))}")
     values = calibration["gamma"], calibration["probe_fraction"], calibration["coarse_margin"]
-    gamma, fraction, margin = (v if _is_number(v) else math.nan for v in values)
+    gamma, fraction, margin = (v if _has_type(v, float) else math.nan for v in values)
     n_keys = calibration["n_keys"]
     if (calibration["kind"] not in APPROXIMATE or not 0 <= gamma <= 1
             or not 0 < fraction <= 1 or not (values[2] is None or 0 <= margin <= 2)
             or not _is_integer(n_keys) or not 1 <= n_keys <= 2 ** 62):
         raise ValueError(f"config field index_calibration is {calibration!r}, which no "
                          "approximate index can search with")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_integer(value: object) -> bool:
