@@ -55,6 +55,11 @@ class Attachment:
         self.residuals.forget(np.concatenate([changed, deleted]))
         self.retrieval.index = self.db.keys.index
 
+    def follow_gate(self) -> None:
+        """After the database's gamma changed: gate with it, on the index kept for it."""
+        self.retrieval.gamma = float(self.db.config.gamma)
+        self.retrieval.index = self.db.index
+
     def detach(self) -> None:
         self.retrieval.detach()
         others = _ATTACHED.get(self.model, [])

@@ -14,7 +14,6 @@ database into a model's forward pass.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,14 +25,13 @@ from torch import nn
 
 from ndb import edits
 from ndb import store as store_mod
-from ndb.attachment import Attachment, hooks_disabled, unedited
-from ndb.compute import background_keys, token_queries
+from ndb.attachment import Attachment, hooks_disabled
+from ndb.compute import background_keys
 from ndb.config import EditConfig, NeuralDBConfig
 from ndb.edits import AddResult, ProgressCallback
-from ndb.errors import FactNotFoundError
 from ndb.facts import Fact, as_facts
 from ndb.indexes import KeyIndex
-from ndb.keyset import KeySet, calibration_texts
+from ndb.keyset import KeySet
 from ndb.output import check_creatable
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.retrieval import GatedRetrieval
@@ -70,8 +68,7 @@ class NeuralDB:
         if config is not None and settings:
             raise TypeError("pass either an EditConfig or its fields as keywords, not both")
         saved = NeuralDBConfig.for_model(model, tokenizer, config or EditConfig(**settings))
-        background = background_keys(model, tokenizer, saved.layer, saved.seed,
-                                     progress=progress)
+        background = background_keys(model, tokenizer, saved.layer, saved.seed, progress=progress)
         store_mod.create(Path(path), saved.to_dict(), background.numpy().astype(np.float16))
         return cls.from_pretrained(path, model, tokenizer)
 
@@ -147,19 +144,16 @@ class NeuralDB:
             *, update: bool = False, skip_existing: bool = False,
             progress: bool | ProgressCallback = True, commit_each_batch: bool = False
             ) -> AddResult:
-        """Compute keys and residuals of ``facts`` and commit them; returns the new ids (a
-        list, in input order) with the ids ``skipped`` and ``updated``.
+        """Compute keys and residuals of ``facts`` and commit them all at once at the end
+        (with ``commit_each_batch``, batch by batch: ``ndb build --resume`` finishes them);
+        returns the new ids, in input order, with the ids ``skipped`` and ``updated``.
 
-        A fact the database holds (same subject, prompt and new object, and the same key;
-        a fact without a key matches whatever the stored key) is skipped, and so is a
-        repeat within ``facts``. A fact whose key is stored with another edit is refused,
-        unless ``update``: then it is re-edited under its id. With ``skip_existing`` a keyed
-        fact whose edit is stored under another key (or none) is skipped too. Stored facts
-        sharing a residual with the new ones (``ComputeConfig.residual_scope``) are
-        re-edited with them. All is committed at once at the end, so a failed or
-        interrupted add commits nothing; with ``commit_each_batch`` each batch is committed
-        as it is done (``ndb build --resume`` then finishes it). ``progress``: True (the
-        default) shows a bar while facts are computed, False none; a callable gets ``(facts
+        A fact the database holds (same subject, prompt and new object, and the same key, or
+        no key) is skipped, and so is a repeat. A fact whose key is stored with another edit
+        is refused, unless ``update``: then it is re-edited under its id. ``skip_existing``
+        skips a keyed fact whose edit is stored under another key (or none) too. Stored
+        facts sharing a residual with new ones (``ComputeConfig.residual_scope``) are
+        re-edited with them. ``progress``: True, a bar; False, none; a callable gets ``(facts
         done, facts to do)`` after every optimization step.
         """
         facts = edits.unique(as_facts(facts))
@@ -192,40 +186,24 @@ class NeuralDB:
             edits.check_keyed(self.facts(), facts, self.path)
             return self.add(facts, model, tokenizer, update=True, progress=progress)
 
-    def remove(self, ids: Iterable[int], model: nn.Module | None = None, tokenizer=None,
-               *, progress: bool | ProgressCallback = True) -> None:
-        """Remove the facts with these database ids (all of them, or none if one is absent).
-        Facts sharing a residual with a removed one (see :meth:`mates`) are re-edited
-        without it in the same commit; that needs the model (given, bound or attached)."""
-        ids = list(ids)
-        if not ids:
-            return
+    def remove(self, ids: Iterable[int | str], model: nn.Module | None = None, tokenizer=None,
+               *, progress: bool | ProgressCallback = True) -> list[int]:
+        """Remove the facts with these ids (int) or keys (str), all or none; returns their
+        ids. Facts sharing a residual with a removed one (:meth:`mates`) are re-edited
+        without it in the same commit, with the model (given, bound or attached)."""
         with self.store.writing():
             ids = edits.removable(self.facts(), ids, self.path)
+            if not ids:
+                return ids
             if self.mates(ids):
                 model, tokenizer = self._model_for([], model, tokenizer)
             self._write([], ids, model, tokenizer, progress=progress)
-
-    def remove_keys(self, keys: Iterable[str], *, progress: bool | ProgressCallback = True
-                    ) -> list[int]:
-        """Remove the facts with these keys (all of them, or none if one is unknown)."""
-        ids = [self.id_of(key) for key in keys]
-        self.remove(ids, progress=progress)
-        return ids
-
-    def remove_subject(self, subject: str, *, progress: bool | ProgressCallback = True
-                       ) -> list[int]:
-        ids = self.ids_about(subject)
-        if not ids:
-            raise FactNotFoundError(f"no fact about subject {subject!r} in {self.path}")
-        self.remove(ids, progress=progress)
         return ids
 
     def set_gamma(self, gamma: float) -> None:
         self.keys.set_gamma(gamma)
         if self._attachment is not None:
-            self._attachment.retrieval.gamma = float(gamma)
-            self._attachment.retrieval.index = self.index
+            self._attachment.follow_gate()
 
     def add_vectors(self, facts: Iterable[Fact | dict], keys: torch.Tensor | np.ndarray,
                     residuals: torch.Tensor | np.ndarray) -> list[int]:
@@ -237,30 +215,19 @@ class NeuralDB:
 
     def calibrate(self, model: nn.Module | None = None, tokenizer=None, *,
                   progress: bool = False) -> dict[int, float]:
-        """Tune an approximate key index (the ivf kinds) on the unedited model's keys of texts
-        about stored subjects (see ndb.keyset); add, update and remove do it when due."""
+        """Tune an approximate key index (ivf kinds) on texts about stored subjects (see
+        KeySet.calibrate); add, update and remove do it when due."""
         model, tokenizer = self._model_for([], model, tokenizer)
         with self.store.writing():
             self.refresh()
-            if not self.keys.approximate:
-                return {}
-            texts = calibration_texts(list(self.facts().values()), self.config.seed)
-            label = "texts for calibrating the index" if progress else None
-            with unedited(model):
-                queries = token_queries(model, tokenizer, self.config.layer, texts, progress=label)
-            return self.keys.calibrate(queries)
+            return self.keys.calibrate(model, tokenizer, list(self.facts().values()), progress)
 
     def _write(self, changes: list[tuple[int | None, Fact]], removed: list[int], model,
                tokenizer, **options: Any) -> list[int]:
         ids = self._writer.write(self.facts(), changes, removed, model, tokenizer, **options)
         self.refresh()
-        if model is not None and tokenizer is not None and self.keys.calibration_due():
-            try:  # the write is committed: a failed calibration must not look like its failure
-                self.calibrate(model, tokenizer, progress=options.get("progress") is True)
-            except Exception as err:  # reported; the index searches as it did before
-                warnings.warn(f"{self.path}: the key index was not calibrated "
-                              f"({type(err).__name__}: {err}); the next write with the model, "
-                              "or calibrate(), tries again", stacklevel=3)
+        self.keys.calibrate_if_due(model, tokenizer, list(self.facts().values()),
+                                   progress=options.get("progress") is True)
         return ids
 
     def _model_for(self, facts: list[Fact], model, tokenizer):

@@ -135,13 +135,14 @@ def id_of(stored: dict[int, Fact], id_or_key: int | str, where: object) -> int:
     return fact_id
 
 
-def removable(stored: dict[int, Fact], ids: Iterable[int], where: object) -> list[int]:
-    """``ids`` to remove, sorted and unique, once every one of them is stored."""
-    ids = sorted({as_fact_id(i) for i in ids})
-    missing = [i for i in ids if i not in stored]
-    if missing:
-        raise FactNotFoundError(f"no fact with id {missing[0]} in {where}; nothing was removed")
-    return ids
+def removable(stored: dict[int, Fact], ids_or_keys: Iterable[int | str], where: object
+              ) -> list[int]:
+    """The ids of the stored facts with these database ids (int) or keys (str), sorted and
+    unique, once every one of them is found."""
+    try:
+        return sorted({id_of(stored, i, where) for i in ids_or_keys})
+    except FactNotFoundError as err:
+        raise FactNotFoundError(f"{err}; nothing was removed") from None
 
 
 def ids_of_edits(stored: dict[int, Fact], facts: Iterable[Fact], where: object) -> list[int]:

@@ -6,10 +6,14 @@ Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from ndb import store as store_mod
+from ndb.attachment import unedited
+from ndb.compute import token_queries
 from ndb.config import NeuralDBConfig, check_gamma
 from ndb.errors import StoreError
 from ndb.facts import Fact
@@ -116,14 +120,20 @@ class KeySet:
             or not done["n_keys"] / 2 <= self._n_keys() <= 2 * done["n_keys"])
         return due and self.approximate  # the index is loaded only then
 
-    def calibrate(self, queries: np.ndarray) -> dict[int, float]:
-        """Tune the index on ``queries`` (token keys of text about stored subjects, see
-        ``calibration_texts``) until its gate decisions agree with exact search on 99.9% of
-        them, and record the tuning in the config, for an index rebuilt later; returns
-        {setting tried: agreement}; {} for an exact index, which has nothing to tune."""
-        if not self.approximate:
-            return {}
+    def calibrate(self, model, tokenizer, facts: list[Fact], progress: bool = False
+                  ) -> dict[int, float]:
+        """Tune the index on the unedited ``model``'s token keys of texts about ``facts``
+        (see ``calibration_texts``) until its gate decisions agree with exact search on
+        99.9% of them, and record the tuning in the config, for an index rebuilt later;
+        returns {setting tried: agreement}; {} for an exact index, with nothing to tune."""
         with self.store.writing():
+            if not self.approximate:
+                return {}
+            texts = calibration_texts(facts, self.config.seed)
+            with unedited(model):
+                queries = token_queries(model, tokenizer, self.config.layer, texts,
+                                        progress="texts for calibrating the index" if progress
+                                        else None)
             index = self.index
             table = index.calibrate(queries, self.config.gamma)
             done = {"kind": index.kind, "gamma": self.config.gamma, "n_keys": self._n_keys(),
@@ -133,6 +143,18 @@ class KeySet:
             store_mod.write_config(self.store.path, {**on_disk, "index_calibration": done})
             self.config.index_calibration = done
         return table
+
+    def calibrate_if_due(self, model, tokenizer, facts: list[Fact], progress: bool) -> None:
+        """Calibrate after a committed write, if due; a failure is a warning, not the
+        write's failure (the index searches as it did before)."""
+        if model is None or tokenizer is None or not self.calibration_due():
+            return
+        try:
+            self.calibrate(model, tokenizer, facts, progress)
+        except Exception as err:  # reported, and the next write tries again
+            warnings.warn(f"{self.store.path}: the key index was not calibrated "
+                          f"({type(err).__name__}: {err}); the next write with the model, "
+                          "or calibrate(), tries again", stacklevel=4)
 
     def _tune(self, index: KeyIndex) -> None:
         """Give ``index`` the recorded tuning if it was calibrated as it searches now (kind

@@ -91,7 +91,7 @@ def test_remove_reverts_and_keeps_the_rest(db, llama):
     assert torch.equal(logits(model, tok, [EDITED[0]])[0], plain[0])
     for i in range(1, len(EDITED)):
         assert torch.equal(logits(model, tok, [EDITED[i]])[0], edited[i])
-    assert db.remove_subject("Toyota") == [2]
+    assert db.remove(db.ids_about("Toyota")) == [2]
     assert torch.equal(logits(model, tok, [EDITED[2]])[0], plain[2])
     with pytest.raises(FactNotFoundError, match="no fact with id 0"):
         db.remove([0, 1])
@@ -237,8 +237,8 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
     subjects) and which keeps that tuning in its config: a rebuilt index searches with it."""
     from click.testing import CliRunner
 
+    from ndb import keyset
     from ndb.cli.main import cli
-    from ndb.keyset import KeySet
 
     model, tok = llama
     db = approximate_db(tmp_path / "db", llama)
@@ -246,9 +246,10 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
     uncalibrated = db.index.tuning()
     assert db.index.kind == "ivf-pq4" and db.config.index_calibration is None
     assert db.keys.calibration_due()  # add_vectors has no model to calibrate with
-    calls = []
-    calibrate = KeySet.calibrate
-    monkeypatch.setattr(KeySet, "calibrate", lambda self, q: calls.append(q) or calibrate(self, q))
+    calls = []  # the queries computed for calibrating
+    queries = keyset.token_queries
+    monkeypatch.setattr(keyset, "token_queries",
+                        lambda *args, **kw: calls.append(q := queries(*args, **kw)) or q)
 
     db.add(FACTS[:1], model, tok)
     done = db.config.index_calibration
@@ -284,7 +285,7 @@ def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypat
     model, tok = llama
     db = approximate_db(tmp_path / "db", llama)
 
-    def fail(self, queries):
+    def fail(self, *args):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(KeySet, "calibrate", fail)
