@@ -8,10 +8,13 @@ first). Only top-1 search is needed: the gate reads the best match alone.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+Progress = Callable[[int, int], None]  # told (done, total) as a long call goes on
 
 
 class GpuUnavailableError(RuntimeError):
@@ -71,11 +74,12 @@ class KeyIndex(ABC):
         scores, ids = self.search(queries.detach().float().cpu().numpy(), floor)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
-    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999
-                  ) -> dict[int, float]:
+    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999,
+                  progress: Progress | None = None) -> dict[int, float]:
         """Tune approximate search until its gate decisions agree with exact search on
         ``target`` of ``queries``; returns what was tried ({setting: agreement}). Exact
-        indexes have nothing to tune: {}."""
+        indexes have nothing to tune: {}. ``progress(done, total)`` is told how far the
+        exact search that decisions are checked against has got."""
         return {}
 
     def tuning(self) -> dict:

@@ -50,7 +50,15 @@ import numpy as np
 import torch
 
 from ndb.indexes import fileio
-from ndb.indexes.base import IdSet, KeyIndex, as_ids, as_new_entries, as_queries, empty_result
+from ndb.indexes.base import (
+    IdSet,
+    KeyIndex,
+    Progress,
+    as_ids,
+    as_new_entries,
+    as_queries,
+    empty_result,
+)
 from ndb.indexes.flat import FlatIndex
 
 MIN_TRAIN_KEYS = 8192
@@ -478,9 +486,11 @@ class IVFIndex(KeyIndex):
         -1 marks a removed key that is still stored."""
         return self._export()
 
-    def exact_search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def exact_search(self, queries: np.ndarray, progress: Progress | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-1 over the stored keys (as stored: float16, or PQ codes decoded
-        without re-ranking); for checks and calibration."""
+        without re-ranking); for checks and calibration. ``progress(keys scanned, keys)``
+        is told after each block of keys (a calibration at 1M keys scans for 40 s)."""
         queries = as_queries(queries, self.dim)
         payload, internal = self._snapshot()
         best, best_ids = empty_result(len(queries))
@@ -493,10 +503,12 @@ class IVFIndex(KeyIndex):
             better = top_scores > best
             best[better] = top_scores[better]
             best_ids[better] = internal[start + top[better]]
+            if progress is not None:
+                progress(min(start + step, len(internal)), len(internal))
         return best, self._external(best_ids)
 
-    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999
-                  ) -> dict[int, float]:
+    def calibrate(self, queries: np.ndarray, gamma: float, target: float = 0.999,
+                  progress: Progress | None = None) -> dict[int, float]:
         """Set nprobe to the smallest power of two (or all lists) whose gate decisions agree
         with exact search on at least ``target`` of ``queries``, then ``coarse_margin`` to the
         smallest of ``MARGINS`` that changes none of those decisions (None if each does);
@@ -508,14 +520,15 @@ class IVFIndex(KeyIndex):
             raise ValueError("nothing to calibrate: the index is exact until it is trained")
         before = self.fixed_nprobe, self.probe_fraction, self.coarse_margin
         try:
-            return self._calibrate(queries, gamma, target)
+            return self._calibrate(queries, gamma, target, progress)
         except BaseException:  # an interrupted calibration leaves no trial setting behind
             self.fixed_nprobe, self.probe_fraction, self.coarse_margin = before
             self._ivf.nprobe = self._nprobe_for(self._ivf.nlist)
             raise
 
-    def _calibrate(self, queries: np.ndarray, gamma: float, target: float) -> dict[int, float]:
-        exact_scores, exact_ids = self.exact_search(queries)
+    def _calibrate(self, queries: np.ndarray, gamma: float, target: float,
+                   progress: Progress | None) -> dict[int, float]:
+        exact_scores, exact_ids = self.exact_search(queries, progress)
         exact = np.where(exact_scores > gamma, exact_ids, -1)
         nlist = self._ivf.nlist
         candidates = sorted({*(2 ** i for i in range(int(math.log2(nlist)) + 1)), nlist})

@@ -236,7 +236,7 @@ def token_queries(model, tokenizer, layer: int, texts: Sequence[str], max_tokens
     bar of the texts read (None: no bar)."""
     module = get_module(model, ffn_out_path(model, layer))
     out = []
-    for text in tqdm(texts, desc=progress, disable=progress is None, leave=False):
+    for text in tqdm(texts, desc=progress, unit="text", disable=progress is None, leave=False):
         ids = torch.tensor([encode(tokenizer, text)[:max_tokens]], device=_device(model))
         x = nethook.run_until(model, module, input_ids=ids)[0, 1:].float().cpu()
         out.append(F.normalize(x, dim=-1).numpy())

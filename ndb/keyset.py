@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ndb import store as store_mod
 from ndb.attachment import unedited
@@ -135,7 +136,13 @@ class KeySet:
                                         progress="texts for calibrating the index" if progress
                                         else None)
             index = self.index
-            table = index.calibrate(queries, self.config.gamma)
+            with tqdm(desc="calibrating the key index", unit="key", unit_scale=True,
+                      disable=not progress, leave=False) as bar:
+                def scanned(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                table = index.calibrate(queries, self.config.gamma, progress=scanned)
             done = {"kind": index.kind, "gamma": self.config.gamma, "n_keys": self._n_keys(),
                     **index.tuning()}
             # the config on disk, not this process's copy of it, with the tuning in

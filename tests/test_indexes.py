@@ -15,6 +15,7 @@ from ndb.indexes import (
     CPU_EXACT_MAX_KEYS,
     GpuUnavailableError,
     choose_index_kind,
+    ivf,
     load_index,
     make_index,
 )
@@ -293,11 +294,14 @@ def test_ivf_pca_projection_rerank_and_files(data, tmp_path):
         make_index("ivf-pca", DIM, pca_dim=DIM + 1)
 
 
-def test_ivf_calibrate(data):
+def test_ivf_calibrate(data, monkeypatch):
     keys, ids, queries = data
     index = build("ivf")
     index.add(keys, ids)
-    table = index.calibrate(queries, GAMMA, target=0.999)
+    monkeypatch.setattr(ivf, "_EXACT_SCORES", 1)  # blocks of 1024 keys: 2 for 2000
+    told = []
+    table = index.calibrate(queries, GAMMA, target=0.999, progress=lambda *at: told.append(at))
+    assert told == [(1024, len(keys)), (len(keys), len(keys))]
     chosen = max(table)
     assert index.nprobe == chosen
     assert table[chosen] >= 0.999 or chosen == index.nlist
