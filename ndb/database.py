@@ -8,8 +8,8 @@
 
 Every mutation is committed to disk before it returns (see ndb.store), and the weights of
 the model are never changed. The parts: ndb.store owns the directory's files, ndb.keyset
-the key index and the guard, ndb.edits turns facts into entries, ndb.attachment puts the
-database into a model's forward pass.
+the key index, its calibration and the guard, ndb.edits turns facts into entries,
+ndb.attachment puts the database into a model's forward pass.
 """
 
 from __future__ import annotations
@@ -191,10 +191,10 @@ class NeuralDB:
         """Remove the facts with these ids (int) or keys (str), all or none; returns their
         ids. Facts sharing a residual with a removed one (:meth:`mates`) are re-edited
         without it in the same commit, with the model (given, bound or attached)."""
+        if not isinstance(ids, (str, bytes)) and not (ids := list(ids)):
+            return []
         with self.store.writing():
             ids = edits.removable(self.facts(), ids, self.path)
-            if not ids:
-                return ids
             if self.mates(ids):
                 model, tokenizer = self._model_for([], model, tokenizer)
             self._write([], ids, model, tokenizer, progress=progress)
@@ -226,7 +226,7 @@ class NeuralDB:
                tokenizer, **options: Any) -> list[int]:
         ids = self._writer.write(self.facts(), changes, removed, model, tokenizer, **options)
         self.refresh()
-        self.keys.calibrate_if_due(model, tokenizer, list(self.facts().values()),
+        self.keys.calibrate_if_due(model, tokenizer, lambda: list(self.facts().values()),
                                    progress=options.get("progress") is True)
         return ids
 

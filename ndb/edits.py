@@ -139,6 +139,9 @@ def removable(stored: dict[int, Fact], ids_or_keys: Iterable[int | str], where: 
               ) -> list[int]:
     """The ids of the stored facts with these database ids (int) or keys (str), sorted and
     unique, once every one of them is found."""
+    if isinstance(ids_or_keys, (str, bytes)):  # not a list of one-letter keys
+        raise TypeError(f"remove takes a list of ids or keys; for one key: "
+                        f"remove([{ids_or_keys!r}])")
     try:
         return sorted({id_of(stored, i, where) for i in ids_or_keys})
     except FactNotFoundError as err:

@@ -1,5 +1,6 @@
 """The keys of a database as the hook searches them: the key index's lifecycle (built,
-saved beside the segments, loaded and caught up with later commits) and the key guard.
+saved beside the segments, loaded and caught up with later commits, calibrated on the
+model's keys of texts about stored subjects) and the key guard.
 
 Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact back.
 """
@@ -7,6 +8,7 @@ Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -151,13 +153,14 @@ class KeySet:
             self.config.index_calibration = done
         return table
 
-    def calibrate_if_due(self, model, tokenizer, facts: list[Fact], progress: bool) -> None:
-        """Calibrate after a committed write, if due; a failure is a warning, not the
-        write's failure (the index searches as it did before)."""
+    def calibrate_if_due(self, model, tokenizer, facts: Callable[[], list[Fact]],
+                         progress: bool) -> None:
+        """Calibrate after a committed write, if due, on ``facts()``; a failure is a warning,
+        not the write's failure (the index searches as it did before)."""
         if model is None or tokenizer is None or not self.calibration_due():
             return
         try:
-            self.calibrate(model, tokenizer, facts, progress)
+            self.calibrate(model, tokenizer, facts(), progress)
         except Exception as err:  # reported, and the next write tries again
             warnings.warn(f"{self.store.path}: the key index was not calibrated "
                           f"({type(err).__name__}: {err}); the next write with the model, "

@@ -135,6 +135,21 @@ def test_config_file_is_named_for_ndb_and_the_old_name_still_opens(db, llama, tm
     old.detach()
 
 
+def test_set_gamma_reaches_the_attached_hook(db, llama):
+    """The live hook gates with the new gamma at once, on the index kept for it (the guard
+    keeps keys by gamma, so the index is rebuilt); the old gamma edits as before."""
+    model, tok = llama
+    db.attach(model)
+    edited = logits(model, tok, EDITED)
+    gamma = db.config.gamma
+    db.set_gamma(0.99)
+    assert db.retrieval.gamma == 0.99 and db.retrieval.index is db.index
+    db.set_gamma(gamma)
+    assert db.retrieval.gamma == gamma and db.retrieval.index is db.index
+    torch.testing.assert_close(logits(model, tok, EDITED), edited)
+    db.detach()
+
+
 def test_one_model_in_two_threads(db, llama):
     """Each forward pass reads the tokens it may search from its own call: a second call
     that starts in another thread while the first is under way does not change them."""

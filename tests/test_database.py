@@ -280,15 +280,15 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
 
 
 def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypatch):
-    from ndb.keyset import KeySet
+    from ndb import keyset
 
     model, tok = llama
     db = approximate_db(tmp_path / "db", llama)
 
-    def fail(self, *args):
+    def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(KeySet, "calibrate", fail)
+    monkeypatch.setattr(keyset, "token_queries", fail)  # inside KeySet.calibrate
     with pytest.warns(UserWarning, match="not calibrated .RuntimeError: out of memory"):
         (fact_id,) = db.add(FACTS[:1], model, tok)
     assert NeuralDB(db.path).get(fact_id) == FACTS[0]

@@ -96,8 +96,12 @@ def test_update_by_key_checks_every_key_first(db):
 
 def test_remove_by_id_or_key_resolves_all_first(db):
     db.add([ROME])
-    with pytest.raises(FactNotFoundError, match="no fact with key 'nope'"):
+    with pytest.raises(FactNotFoundError, match="no fact with key 'nope' .*; nothing was removed"):
         db.remove(["it-capital", "nope"])
+    db.add([Fact("Oslo", "{} is in", "Peru", key="i")])  # a key "it-capital" would start with
+    with pytest.raises(TypeError, match=r"for one key: remove\(\['it-capital'\]\)"):
+        db.remove("it-capital")  # not the keys "i", "t", ...
+    assert db.remove([]) == [] and db.remove(["i"]) == [5]
     with pytest.raises(FactNotFoundError, match="no fact with id 99999999999999999999"):
         db.remove([0, 99999999999999999999])
     with pytest.raises(ValueError, match="fact ids are integers"):
