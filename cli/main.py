@@ -495,10 +495,28 @@ def info(db_path, as_json):
             click.echo(f"{key:>14}: {value}")
 
 
+@cli.command()
+@click.argument("db_path", metavar="DB")
+@click.option("--model", "model_name", default=None, help="Override the model to load.")
+@click.option("--device", type=DEVICE, default=None)
+@user_errors
+def calibrate(db_path, model_name, device):
+    """Tune DB's approximate key index (lists probed, gate-skip margin) on its model's keys
+    of texts about stored subjects; add, update and remove do it when it is due."""
+    db = _open(db_path)
+    model, tokenizer = _model_of(db, model_name, device)
+    if not db.calibrate(model, tokenizer, progress=True):
+        click.echo(f"{db_path}: its {db.index.kind} index searches exactly; nothing to tune")
+        return
+    db.flush()
+    click.echo(f"calibrated: {_calibration_summary(db.config.index_calibration)}")
+
+
 def _calibration_summary(done: dict | None) -> str:
     """How the last calibration tuned an approximate index (`info`), in words."""
     if done is None:
-        return "none (an approximate index is calibrated by an add with the model)"
+        return ("none (an approximate index is calibrated by an add with the model, or by "
+                "'ndb calibrate')")
     margin = "off" if done["coarse_margin"] is None else done["coarse_margin"]
     return (f"{done['kind']} at {done['n_keys']} keys, gamma {done['gamma']}: probes "
             f"{done['probe_fraction']:.4g} of its lists, gate-skip margin {margin}")

@@ -279,6 +279,25 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
     assert NeuralDB(db.path).index.tuning() == uncalibrated
 
 
+def test_calibrate_command(tmp_path, llama, tiny_model_dir):
+    """'ndb calibrate' tunes an approximate index and says how; an exact one has nothing."""
+    from click.testing import CliRunner
+
+    from ndb.cli.main import cli
+
+    db = approximate_db(tmp_path / "db", llama)
+    model = ["--model", str(tiny_model_dir)]
+    result = CliRunner().invoke(cli, ["calibrate", str(db.path), *model])
+    assert result.exit_code == 0, result.output
+    done = NeuralDB(db.path).config.index_calibration
+    assert done["kind"] == "ivf-pq4" and done["n_keys"] == len(db)
+    assert f"calibrated: ivf-pq4 at {len(db)} keys, gamma 0.5: probes" in result.output
+    small = NeuralDB.create(tmp_path / "small", *llama, layer=2, gamma=0.5, compute=EXACT)
+    result = CliRunner().invoke(cli, ["calibrate", str(small.path), *model])
+    assert result.exit_code == 0 and "searches exactly; nothing to tune" in result.output
+    assert NeuralDB(small.path).config.index_calibration is None
+
+
 def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypatch):
     from ndb import keyset
 
