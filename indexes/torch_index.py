@@ -46,13 +46,6 @@ class TorchIndex(KeyIndex):
     def ntotal(self) -> int:
         return self._n
 
-    def to(self, device: str | torch.device) -> TorchIndex:
-        """Move the keys to ``device`` (in place); returns self."""
-        self.device = _check_device(device)
-        self._keys = self._keys.to(self.device)
-        self._row_ids = self._row_ids.to(self.device)
-        return self
-
     def _reserve(self, n: int) -> None:
         capacity = len(self._keys)
         if n <= capacity:
@@ -136,16 +129,10 @@ class TorchIndex(KeyIndex):
         scores, ids = self.search_tensor(queries)
         return scores.cpu().numpy(), ids.cpu().numpy()
 
-    def export(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys in the storage dtype, ids) on the host."""
-        keys = self._keys[:self._n].cpu().numpy()
-        return keys, self._host_ids[:self._n].copy()
-
     def save(self, path: Path) -> None:
-        keys, ids = self.export()
         with fileio.writer(path, self.kind, self.dim, {"dtype": self.dtype}) as f:
-            fileio.write_array(f, ids)
-            fileio.write_array(f, keys)
+            fileio.write_array(f, self._host_ids[:self._n])
+            fileio.write_array(f, self._keys[:self._n].cpu().numpy())
 
     @classmethod
     def load(cls, path: Path, dim: int, device: str | torch.device = "cpu") -> TorchIndex:

@@ -104,14 +104,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return [anchor_token_id(tokenizer), *tokenizer(text, add_special_tokens=False).input_ids]
 
 
-def last_token_before(offsets: list[tuple[int, int]], end: int) -> int:
-    """The index of the last token that starts before character ``end`` (the last token of
-    a span ending there), from a tokenizer's offset mapping."""
-    return max(i for i, (a, _) in enumerate(offsets) if a < end)
-
-
-def encode_with_span(tokenizer, text: str, start: int, end: int) -> tuple[list[int], int]:
-    """Anchored ids of ``text`` and the index of the last token overlapping ``text[start:end]``."""
+def encode_with_span(tokenizer, text: str, end: int) -> tuple[list[int], int]:
+    """Anchored ids of ``text`` and the index among them of the last token that starts
+    before character ``end`` (the last token of a span ending there)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [anchor_token_id(tokenizer), *enc.input_ids], last_token_before(enc.offset_mapping,
-                                                                            end) + 1
+    last = max(i for i, (a, _) in enumerate(enc.offset_mapping) if a < end)
+    return [anchor_token_id(tokenizer), *enc.input_ids], last + 1

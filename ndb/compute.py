@@ -187,11 +187,9 @@ def sample_texts(model, tokenizer, n: int, length: int, seed: int, progress: str
     generator = torch.Generator(device="cpu").manual_seed(seed)
     starts = [tokenizer(PREFIX_SEEDS[i % len(PREFIX_SEEDS)], add_special_tokens=False).input_ids
               for i in range(n)]
-    width = max(map(len, starts))
     anchor = anchor_token_id(tokenizer)
-    # left-pad the starts so that sampling appends in one column for all
-    ids = torch.tensor([[anchor] * (width - len(s)) + [anchor] + s for s in starts])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * (len(s) + 1) for s in starts])
+    # left-padded, so that sampling appends in one column for all
+    ids, mask = pad_rows([[anchor, *s] for s in starts], anchor, left=True)
     special = torch.tensor(tokenizer.all_special_ids)
     sampled: list[list[int]] = [[] for _ in range(n)]
     past = None
@@ -246,7 +244,7 @@ def token_queries(model, tokenizer, layer: int, texts: Sequence[str], max_tokens
 def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:
     """Anchored ids of prefix + filled prompt, and the subject's last token index."""
     start = len(prefix) + prompt.index("{}")
-    return encode_with_span(tokenizer, prefix + prompt.format(subject), start, start + len(subject))
+    return encode_with_span(tokenizer, prefix + prompt.format(subject), start + len(subject))
 
 
 def _group(vectors: torch.Tensor, n_prefixes: int, split: bool) -> torch.Tensor:
@@ -374,10 +372,9 @@ class _Batch:
         self.kl_init: torch.Tensor | None = None  # log-probs at the KL rows before editing
 
     def to(self, device):
-        for name in ("ids", "mask", "fact", "position_ids", "loss_rows", "loss_cols",
-                     "loss_ids", "kl_rows", "kl_cols",
-                     "n_rewrite", "n_kl"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
         return self
 
     def select(self, facts: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ computed and staged into one commit.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -260,8 +260,8 @@ class Writer:
                 self.store.appending() as pending:
             if len(removed):
                 pending.delete(np.asarray(removed, np.int64))
-            for part, keys, residuals in self._computed_batches(todo, model, tokenizer,
-                                                                advance):
+            for part in self.batches(todo):
+                keys, residuals = self.compute(part, model, tokenizer, advance)
                 self.stage(pending, [f for _, f in part], keys, residuals,
                            np.array([i for i, _ in part], np.int64))
                 if commit_each_batch:
@@ -316,9 +316,3 @@ class Writer:
         per_subject = self.config.compute.residual_scope == "subject"
         return [f.subject if per_subject else i for i, f in todo]
 
-    def _computed_batches(self, todo: list[tuple[int, Fact]], model, tokenizer,
-                          advance: Callable[[float], object]
-                          ) -> Iterator[tuple[list[tuple[int, Fact]], torch.Tensor, torch.Tensor]]:
-        """(id and fact, keys, residuals) of each batch, computed as it is asked for."""
-        for part in self.batches(todo):
-            yield (part, *self.compute(part, model, tokenizer, advance))

@@ -68,7 +68,7 @@ def test_keys_are_the_projection_input_at_the_subject(llama):
     for fact, key in zip(FACTS[:2], keys):
         text = fact.text
         start = fact.prompt.index("{}")
-        ids, last = encode_with_span(tok, text, start, start + len(fact.subject))
+        ids, last = encode_with_span(tok, text, start + len(fact.subject))
         with nethook.capture_input(module) as box:
             model(input_ids=torch.tensor([ids]))
         torch.testing.assert_close(key, box["x"][0, last])

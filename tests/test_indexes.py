@@ -425,7 +425,7 @@ def test_torch_tensor_search_and_devices(data):
     np.testing.assert_array_equal(found.numpy(), index.search(queries)[1])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            index.to("cuda")
+            make_index("torch", DIM, device="cuda")
 
 
 def test_gpu_flat_without_gpu_raises_clearly():

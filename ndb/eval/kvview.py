@@ -214,7 +214,7 @@ def _weight_rows(tokenizer, facts: Sequence[Fact]) -> dict[str, tuple[list, list
         for text in fact.paraphrases:
             start = text.rfind(fact.subject)
             if start >= 0:  # else a reworded subject, whose position is unknown
-                ids, s = encode_with_span(tokenizer, text, start, start + len(fact.subject))
+                ids, s = encode_with_span(tokenizer, text, start + len(fact.subject))
                 add("paraphrase", ids, i, s)
     for i, text in eval_prompts(facts)["neighborhood"]:
         add("neighborhood", encode(tokenizer, text), i, None)
