@@ -16,7 +16,8 @@ from click.core import ParameterSource
 
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
 from ndb.facts import read_facts
-from ndb.output import check_creatable, dumps_strict
+from ndb.output import dumps_strict
+from ndb.store import check_creatable
 
 
 def user_errors(fn: Callable) -> Callable:

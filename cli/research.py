@@ -13,7 +13,8 @@ from ndb.cli.main import DEVICE, _load, user_errors
 from ndb.errors import ConfigError
 from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
 from ndb.facts import read_facts
-from ndb.output import check_creatable, check_writable, dumps_strict, write_strict_json
+from ndb.output import dumps_strict, write_strict_json
+from ndb.store import check_creatable, check_writable
 
 
 def _numbers(text: str, kind: type) -> list:

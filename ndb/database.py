@@ -32,7 +32,6 @@ from ndb.edits import AddResult, ProgressCallback
 from ndb.facts import Fact, as_facts
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
-from ndb.output import check_creatable
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.retrieval import GatedRetrieval
 from ndb.store import Store
@@ -64,7 +63,7 @@ class NeuralDB:
         """An empty database for ``model``; facts are added with :meth:`add`. ``config``
         (or its fields as keywords: ``layer=6, gamma=0.7``) says how it edits. ``progress``:
         a bar while it samples the text its keys are compared with (seconds to minutes)."""
-        check_creatable(path)  # before minutes of computation, not after
+        store_mod.check_creatable(path)  # before minutes of computation, not after
         if config is not None and settings:
             raise TypeError("pass either an EditConfig or its fields as keywords, not both")
         saved = NeuralDBConfig.for_model(model, tokenizer, config or EditConfig(**settings))

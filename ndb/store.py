@@ -28,6 +28,9 @@ manifest and index.json must be plain names of the form written here, the direct
 and files read must be real ones (no symbolic links), a segment's datasets are checked
 against the manifest and the file's size before anything large is read, and a segment
 whose sha256 differs from the manifest's record is refused.
+
+Before any work (minutes of it), ``check_creatable`` and ``check_writable`` refuse a path
+that could not be written once the work is done.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ndb.errors import LockedError, StoreError
+from ndb.errors import ConfigError, LockedError, StoreError
 
 CONFIG = "ndb_config.json"
 LEGACY_CONFIG = "config.json"  # its name before: too easily taken for a model's config.json
@@ -169,6 +172,33 @@ def config_file(path: Path) -> Path:
 
 def is_database(path: Path) -> bool:
     return config_file(path).is_file() and (Path(path) / MANIFEST).is_file()
+
+
+def check_writable(path: str | Path, what: str = "file") -> None:
+    """Refuse, before any work, a ``path`` that could not be written when the work is done:
+    a directory where a file is meant, or a location whose nearest existing folder is not
+    a writable directory."""
+    path = Path(path)
+    if what == "file" and path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: {folder} is not a writable directory")
+
+
+def check_creatable(path: str | Path) -> None:
+    """A new database can be made at ``path``: nothing is there (or an empty directory),
+    and the nearest existing folder is writable."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists():
+        what = ("a fact database" if is_database(path)
+                else "a directory that is not empty" if path.is_dir() else "a file")
+        raise StoreError(f"{path} already exists and is {what}")
+    check_writable(path, what="directory")
 
 
 def read_config(path: Path) -> dict:
