@@ -505,10 +505,12 @@ def calibrate(db_path, model_name, device):
     """Tune DB's approximate key index (lists probed, gate-skip margin) on its model's keys
     of texts about stored subjects; add, update and remove do it when it is due."""
     db = _open(db_path)
-    model, tokenizer = _model_of(db, model_name, device)
-    if not db.calibrate(model, tokenizer, progress=True):
-        click.echo(f"{db_path}: its {db.index.kind} index searches exactly; nothing to tune")
+    if not db.keys.approximate:  # before minutes of loading the model for nothing
+        click.echo(f"{db_path}: its {db.index.kind} index searches exactly (an IVF kind until "
+                   "it has enough keys to train on); nothing to tune")
         return
+    model, tokenizer = _model_of(db, model_name, device)
+    db.calibrate(model, tokenizer, progress=True)
     db.flush()
     click.echo(f"calibrated: {_calibration_summary(db.config.index_calibration)}")
 

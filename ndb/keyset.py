@@ -132,6 +132,7 @@ class KeySet:
         with self.store.writing():
             if not self.approximate:
                 return {}
+            self.config.check_model(model, self.store.path)  # keys of another model mislead
             texts = calibration_texts(facts, self.config.seed)
             with unedited(model):
                 queries = token_queries(model, tokenizer, self.config.layer, texts,

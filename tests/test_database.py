@@ -292,9 +292,16 @@ def test_calibrate_command(tmp_path, llama, tiny_model_dir):
     done = NeuralDB(db.path).config.index_calibration
     assert done["kind"] == "ivf-pq4" and done["n_keys"] == len(db)
     assert f"calibrated: ivf-pq4 at {len(db)} keys, gamma 0.5: probes" in result.output
+    other = tmp_path / "other-model"  # same shapes, other weights: its keys would mislead
+    tiny_model("llama", seed=1).save_pretrained(other)
+    llama[1].save_pretrained(other)
+    before = (db.path / "ndb_config.json").read_bytes()
+    result = CliRunner().invoke(cli, ["calibrate", str(db.path), "--model", str(other)])
+    assert result.exit_code == 1 and "does not match" in result.output
+    assert (db.path / "ndb_config.json").read_bytes() == before
     small = NeuralDB.create(tmp_path / "small", *llama, layer=2, gamma=0.5, compute=EXACT)
     result = CliRunner().invoke(cli, ["calibrate", str(small.path), *model])
-    assert result.exit_code == 0 and "searches exactly; nothing to tune" in result.output
+    assert result.exit_code == 0 and "searches exactly (an IVF kind until" in result.output
     assert NeuralDB(small.path).config.index_calibration is None
 
 
