@@ -20,8 +20,8 @@ from scaling import machine  # the scripts beside this one
 from sweep import cached_residuals, known_facts
 
 from ndb import load_model, read_facts
-from ndb.compute import ComputeConfig, context_prefixes
-from ndb.config import fingerprint
+from ndb.compute import context_prefixes
+from ndb.config import ComputeConfig, fingerprint
 from ndb.eval.baselines.editors import WeightEditConfig, applied, compute_deltas
 from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.eval.methods import SPREAD

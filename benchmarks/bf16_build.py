@@ -28,7 +28,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ndb import load_model, read_facts
-from ndb.compute import ComputeConfig, compute_residuals, context_prefixes
+from ndb.compute import compute_residuals, context_prefixes
+from ndb.config import ComputeConfig
 from ndb.models import default_edit_settings
 from ndb.output import write_strict_json
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ndb import NeuralDB, compute, load_model, read_facts
-from ndb.compute import ComputeConfig, context_prefixes
+from ndb.compute import context_prefixes
+from ndb.config import ComputeConfig
 from ndb.eval.metrics import counterfact_metrics, summarize
 from ndb.models import default_edit_settings
 from ndb.output import write_strict_json

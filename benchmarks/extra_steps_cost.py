@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ndb import load_model, read_facts
-from ndb.compute import ComputeConfig, FactBar, compute_residuals, context_prefixes
+from ndb.compute import FactBar, compute_residuals, context_prefixes
+from ndb.config import ComputeConfig
 from ndb.models import default_edit_settings
 from ndb.output import write_strict_json
 

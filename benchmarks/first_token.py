@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from ndb.anchor import encode
-from ndb.compute import ComputeConfig, compute_keys, context_prefixes, encode_prompt
-from ndb.config import model_name
+from ndb.compute import compute_keys, context_prefixes, encode_prompt
+from ndb.config import ComputeConfig, model_name
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.kvview import GAMMAS, KINDS, eval_prompts, gate_rates, score_rows, token_key_batches
 from ndb.facts import Fact, parse_record, read_facts

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ndb.anchor import encode
-from ndb.compute import ComputeConfig, compute_keys, context_prefixes
-from ndb.config import fingerprint, model_name
+from ndb.compute import compute_keys, context_prefixes
+from ndb.config import ComputeConfig, fingerprint, model_name
 from ndb.eval.baselines.editors import WeightEditConfig, null_space_projector
 from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.eval.kvview import (

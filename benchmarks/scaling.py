@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ndb import NeuralDB, load_model, read_facts
-from ndb.compute import ComputeConfig, compute_keys
+from ndb.compute import compute_keys
+from ndb.config import ComputeConfig
 from ndb.eval.baselines.editors import WeightEditConfig
 from ndb.eval.methods import make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure

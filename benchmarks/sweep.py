@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ndb import NeuralDB, load_model, read_facts
-from ndb.compute import ComputeConfig, compute_keys, compute_residuals, context_prefixes
+from ndb.compute import compute_keys, compute_residuals, context_prefixes
+from ndb.config import ComputeConfig
 from ndb.eval.metrics import counterfact_metrics, summarize
 from ndb.eval.tune import MAX_TRIGGER, choose, known_facts, score_gammas
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ndb import NeuralDB, load_model, read_facts
-from ndb.compute import ComputeConfig
+from ndb.config import ComputeConfig
 from ndb.eval.run import EvalSettings, markdown_table, measure_cases
 from ndb.output import write_strict_json
 

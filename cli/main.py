@@ -14,8 +14,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from ndb.config import read_database
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
-from ndb.facts import read_facts
+from ndb.facts import read_facts, read_stored
 from ndb.output import dumps_strict
 from ndb.store import check_creatable
 
@@ -263,7 +264,7 @@ def build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, in
 def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, index_kind,
            precision, residual_prefixes, method, resume, distributed: bool) -> None:
     """One process's build, or rank 0's part of a distributed one (committed at once)."""
-    from ndb.compute import ComputeConfig
+    from ndb.config import ComputeConfig
     from ndb.database import NeuralDB
     from ndb.indexes import check_kind
     from ndb.models import edit_defaults, ffn_out_path
@@ -459,8 +460,8 @@ def remove(db_path, ids, keys, subjects, model_name, device):
 @user_errors
 def list_facts(db_path, as_json):
     """List the facts in DB."""
-    db = _open(db_path)
-    for fact_id, fact in sorted(db.facts().items()):
+    _, store = read_database(Path(db_path))  # no model, no torch: a second, not three
+    for fact_id, fact in sorted(read_stored(store).items()):
         if as_json:  # both fields always: read back, a record with "key" never reads "id"
             record = {"id": fact_id, "key": fact.key, **fact.to_json()}
             click.echo(json.dumps(record, ensure_ascii=False))
@@ -476,17 +477,16 @@ def list_facts(db_path, as_json):
 @user_errors
 def info(db_path, as_json):
     """Show a database's configuration and size."""
-    db = _open(db_path)
+    cfg, store = read_database(Path(db_path))
     size = sum(p.stat().st_size for p in Path(db_path).rglob("*") if p.is_file())
-    cfg = db.config
     report = {
-        "path": str(db.path), "facts": len(db), "model": cfg.model_name,
+        "path": str(store.path), "facts": len(store.entries), "model": cfg.model_name,
         "model_type": cfg.model_type, "fingerprint": cfg.fingerprint, "layer": cfg.layer,
         "module": cfg.module, "gamma": cfg.gamma, "d_key": cfg.d_key, "d_value": cfg.d_value,
         "key_dtype": cfg.key_dtype, "residual_dtype": cfg.residual_dtype,
         "index": cfg.index, "calibration": _calibration_summary(cfg.index_calibration),
-        "segments": len(db.store.manifest.segments),
-        "version": db.store.manifest.version, "disk_bytes": size,
+        "segments": len(store.manifest.segments),
+        "version": store.manifest.version, "disk_bytes": size,
         "residuals": _residuals_summary(cfg.compute),
     }
     if as_json:

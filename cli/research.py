@@ -131,7 +131,7 @@ def evaluate(facts, db_path, limit, methods, stats_text, stats_positions, memit_
     import tempfile
     import time
 
-    from ndb.compute import ComputeConfig
+    from ndb.config import ComputeConfig
     from ndb.database import NeuralDB
     from ndb.eval.methods import METHODS, make_methods
     from ndb.eval.run import EvalSettings, evaluate, markdown_table, noted_rows, schema_of

@@ -10,9 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the interface is read without torch (ndb list, ndb info)
+    import torch
 
 Progress = Callable[[int, int], None]  # told (done, total) as a long call goes on
 
@@ -71,6 +74,8 @@ class KeyIndex(ABC):
         """``search`` for queries in a tensor (what the hook holds): (scores, ids) tensors,
         float32 and int64. Host backends answer on the CPU; a backend that searches on a
         device overrides this, answers on that device and sets ``searches_on_device``."""
+        import torch
+
         scores, ids = self.search(queries.detach().float().cpu().numpy(), floor)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 

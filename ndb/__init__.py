@@ -7,7 +7,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "ComputeConfig": "ndb.compute",
+    "ComputeConfig": "ndb.config",
     "ConfigError": "ndb.errors",
     "EditConfig": "ndb.config",
     "Fact": "ndb.facts",
@@ -49,8 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from ndb.anchor import anchor_tokenizer
     from ndb.attachment import attached
-    from ndb.compute import ComputeConfig
-    from ndb.config import EditConfig, NeuralDBConfig
+    from ndb.config import ComputeConfig, EditConfig, NeuralDBConfig
     from ndb.database import NeuralDB, attach
     from ndb.errors import (
         ConfigError,

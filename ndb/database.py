@@ -24,17 +24,17 @@ import torch
 from torch import nn
 
 from ndb import edits
+from ndb import facts as facts_mod
 from ndb import store as store_mod
 from ndb.attachment import Attachment, hooks_disabled
 from ndb.compute import background_keys
-from ndb.config import EditConfig, NeuralDBConfig
+from ndb.config import EditConfig, NeuralDBConfig, read_database
 from ndb.edits import AddResult, ProgressCallback
 from ndb.facts import Fact, as_facts
 from ndb.indexes import KeyIndex
 from ndb.keyset import KeySet
 from ndb.residual_cache import DEFAULT_CACHE_BYTES
 from ndb.retrieval import GatedRetrieval
-from ndb.store import Store
 
 
 class NeuralDB:
@@ -44,9 +44,7 @@ class NeuralDB:
     def __init__(self, path: str | Path, model: nn.Module | None = None, tokenizer=None, *,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = Path(path)
-        store_mod.check_layout(self.path)
-        self.config = NeuralDBConfig.read(self.path)
-        self.store = Store(self.path, self.config.entry_shapes())
+        self.config, self.store = read_database(self.path)
         self.keys = KeySet(self.store, self.config)
         self._writer = edits.Writer(self.store, self.config, self.keys)
         self._cache_bytes = cache_bytes
@@ -114,7 +112,7 @@ class NeuralDB:
         """All facts by id (read once, then kept up to date)."""
         self.refresh()
         if self._facts is None:
-            self._facts = edits.read_stored(self.store)
+            self._facts = facts_mod.read_stored(self.store)
         return self._facts
 
     def get(self, id_or_key: int | str) -> Fact:
@@ -248,8 +246,8 @@ class NeuralDB:
             if self._attachment is not None:
                 self._attachment.catch_up(*since)
             if self._facts is not None:  # a mutation reads its own entries, not every fact
-                self._facts = edits.caught_up(self.store, self._facts, self._synced_version,
-                                              *since)
+                self._facts = facts_mod.caught_up(self.store, self._facts,
+                                                  self._synced_version, *since)
         self._synced_version = version
 
     @property

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 from ndb import edits
-from ndb.compute import ComputeConfig, FactBar, check_encodable
+from ndb.compute import FactBar, check_encodable
+from ndb.config import ComputeConfig
 from ndb.errors import ConfigError, DistributedError
 from ndb.facts import Fact, as_facts
 from ndb.store import Pending

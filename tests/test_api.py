@@ -12,7 +12,7 @@ import torch
 
 import ndb
 from ndb import EditConfig, Fact, NeuralDB
-from ndb.compute import ComputeConfig
+from ndb.config import ComputeConfig
 from ndb.errors import ConfigError
 from ndb.models import get_module
 

@@ -5,6 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 import ndb.edits
+import ndb.facts
 from ndb import ComputeConfig, NeuralDB
 from ndb import store as st
 from ndb.cli.main import cli
@@ -109,8 +110,8 @@ def test_the_facts_catch_up_by_reading_only_what_a_commit_wrote(tmp_path, llama,
                               rng.standard_normal((len(facts), db.config.d_value)))
 
     read = []  # how many records each read parsed
-    real = ndb.edits.read_stored
-    monkeypatch.setattr(ndb.edits, "read_stored", lambda store, ids=None: read.append(
+    real = ndb.facts.read_stored
+    monkeypatch.setattr(ndb.facts, "read_stored", lambda store, ids=None: read.append(
         len(store.entries) if ids is None else len(ids)) or real(store, ids))
 
     def check(parsed):

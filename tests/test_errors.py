@@ -211,7 +211,7 @@ def test_an_unexpected_exception_keeps_its_traceback(built, monkeypatch, error):
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(NeuralDB, "from_pretrained", broken)
+    monkeypatch.setattr("ndb.cli.main.read_database", broken)  # what 'ndb info' opens with
     result = CliRunner().invoke(cli, ["info", str(built)])
     assert result.exit_code != 0
     assert result.exception is error  # not turned into a one-line user error
@@ -222,8 +222,7 @@ def test_a_bug_prints_a_traceback_from_the_real_command(built, tmp_path, monkeyp
     import subprocess
     import sys
 
-    script = ("import ndb.database as d; d.NeuralDB.from_pretrained = "
-              "lambda *a, **k: 1 / 0; from ndb.cli.main import main; main()")
+    script = ("import ndb.cli.main as m; m.read_database = lambda *a, **k: 1 / 0; m.main()")
     proc = subprocess.run([sys.executable, "-c", script, "info", str(built)],
                           capture_output=True, text=True)
     assert proc.returncode != 0
@@ -292,6 +291,7 @@ def test_resume_names_a_changed_model_seed_index_and_precision(built, tmp_path):
 
 
 def test_create_on_an_existing_path_fails_before_computing(tmp_path, llama, monkeypatch):
+    import ndb.compute
     import ndb.config
     import ndb.database
 
@@ -300,7 +300,7 @@ def test_create_on_an_existing_path_fails_before_computing(tmp_path, llama, monk
     def no_computation(*args, **kwargs):
         pytest.fail("computed before checking the path")
 
-    monkeypatch.setattr(ndb.config, "context_prefixes", no_computation)
+    monkeypatch.setattr(ndb.compute, "context_prefixes", no_computation)  # for_model's
     monkeypatch.setattr(ndb.database, "background_keys", no_computation)
     monkeypatch.setattr(ndb.config, "default_edit_settings", no_computation)
     (tmp_path / "taken").mkdir()
@@ -319,7 +319,7 @@ def test_create_on_an_existing_path_fails_before_computing(tmp_path, llama, monk
 
 
 def test_set_gamma_is_checked(tmp_path, llama):
-    from ndb.compute import ComputeConfig
+    from ndb.config import ComputeConfig
 
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
@@ -334,7 +334,7 @@ def test_set_gamma_is_checked(tmp_path, llama):
 
 
 def test_library_facts_are_validated_like_files(llama, tmp_path):
-    from ndb.compute import ComputeConfig
+    from ndb.config import ComputeConfig
 
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,
@@ -351,7 +351,7 @@ def test_library_facts_are_validated_like_files(llama, tmp_path):
 def test_a_fact_longer_than_the_context_is_refused_before_computing(llama, tmp_path,
                                                                       monkeypatch):
     import ndb.edits
-    from ndb.compute import ComputeConfig
+    from ndb.config import ComputeConfig
 
     model, tok = llama
     db = NeuralDB.create(tmp_path / "db", model, tok, layer=1,

@@ -119,9 +119,10 @@ def test_a_one_process_build_does_not_load_the_distributed_build():
     assert "database.py" in core and "distributed.py" not in core
 
 
-def test_list_and_info_read_a_database_without_loading_transformers(db):
-    """transformers is loaded where residuals are computed; reading a database needs none
-    of it (about a second of imports)."""
+def test_list_and_info_read_a_database_without_loading_torch_or_transformers(db):
+    """torch and transformers are loaded where a model is at hand; reading a database
+    needs neither (about two seconds of imports: 'ndb list' of 1,000 facts took 2.3 s with
+    them, 0.3 s without)."""
     body = f"""
 import sys
 from click.testing import CliRunner
@@ -132,7 +133,8 @@ for command in ("list", "info"):
     assert result.exit_code == 0, result.output
     output[command] = result.output
 assert "Paris" in output["list"]
-print("MODEL_LIBRARY", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+print("MODEL_LIBRARY", sorted(m for m in sys.modules
+                             if m.split(".")[0] in ("torch", "transformers")))
 """
     run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True,
                          timeout=300)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from ndb import NeuralDB
 from ndb.anchor import anchor_token_id
 from ndb.cli.main import cli
-from ndb.compute import ComputeConfig
+from ndb.config import ComputeConfig
 from ndb.errors import ModelError, ModelMismatchError
 from ndb.models import (
     BASELINE_DEFAULTS,
@@ -183,13 +183,12 @@ DEV = [
 @pytest.fixture
 def fast_compute(monkeypatch):
     """Every database the commands create computes with the fast test settings."""
-    from ndb import compute, config
+    from ndb import config
 
     def fast(**kwargs):
         return ComputeConfig(**{**FAST_COMPUTE, **kwargs})
 
-    monkeypatch.setattr(compute, "ComputeConfig", fast)  # the CLI's build imports it here
-    monkeypatch.setattr(config, "ComputeConfig", fast)  # NeuralDB.create's default
+    monkeypatch.setattr(config, "ComputeConfig", fast)  # the CLI's build and create's default
 
 
 def test_tune_then_build_uses_the_tuned_settings(tmp_path, tiny_model_dir, ndb_home,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ndb.compute import ComputeConfig, sample_texts
-from ndb.config import model_name
+from ndb.compute import sample_texts
+from ndb.config import ComputeConfig, model_name
 from ndb.database import NeuralDB
 from ndb.errors import FactError
 from ndb.eval.metrics import counterfact_metrics, summarize
