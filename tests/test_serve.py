@@ -17,13 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from openai import OpenAI
 
 from ndb import ComputeConfig, NeuralDB
 from ndb.completion import complete
 from ndb.errors import ConfigError
 from ndb.serve import Limits, Server, running
-from ndb.serve.engine import Stopper
+from ndb.serve.engine import Stopper, nucleus
 from ndb.serve.server import check_bind
 
 from conftest import FACTS, FAST_COMPUTE, tiny_model, write_jsonl
@@ -159,6 +160,19 @@ def test_requests_that_arrive_together_are_batched_and_answer_as_alone(served):
     for one, batched in zip(alone, together):
         assert batched["choices"][0]["text"] == one["choices"][0]["text"]
         assert batched["ndb"] == one["ndb"]
+
+
+@pytest.mark.parametrize("scale", [8.0, 1.0, 0.01])  # peaked to nearly flat: the last
+def test_nucleus_equals_a_full_sort(scale):  # needs the whole vocabulary looked at
+    """The nucleus found by a partial sort is the one a sort of all probabilities gives."""
+    generator = torch.Generator().manual_seed(0)
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        probs = torch.softmax(scale * torch.randn(49152, generator=generator), dim=-1)
+        ranked, order = probs.sort(descending=True)
+        ranked[ranked.cumsum(0) - ranked > top_p] = 0
+        expected = torch.zeros_like(probs).scatter(0, order, ranked)
+        top, tokens = nucleus(probs, top_p)
+        assert torch.equal(torch.zeros_like(probs).scatter(0, tokens, top), expected)
 
 
 def test_seed_reproduces_a_sample_and_stop_cuts_the_answer(served):

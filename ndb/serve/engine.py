@@ -94,12 +94,31 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     if sampling.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > sampling.top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if sampling.top_p >= 1:
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    kept, tokens = nucleus(probs, sampling.top_p)  # drawn among the candidates alone
+    return int(tokens[torch.multinomial(kept.cpu(), 1, generator=generator)])
+
+
+NUCLEUS_FIRST = 64  # the likeliest tokens a nucleus is looked for among first
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids) of candidates that hold the top-p nucleus, the tokens
+    outside it at probability 0: a token is in it if the tokens likelier than it sum to at
+    most ``top_p``. The candidates are the likeliest 64, or 256, ..., once they sum to more
+    than ``top_p``: a partial sort, where sorting all 49k probabilities and drawing among
+    them took 6-8 ms per row and step on a 2-core CPU, against 0.3 for this (SmolLM2 after
+    "The capital of France is", top_p 0.9)."""
+    k = min(NUCLEUS_FIRST, len(probs))
+    while True:
+        top, order = probs.topk(k)
+        cumulative = top.cumsum(0)
+        if cumulative[-1] > top_p or k == len(probs):
+            break
+        k = min(4 * k, len(probs))
+    top[cumulative - top > top_p] = 0
+    return top, order
 
 
 class Engine:
