@@ -99,6 +99,7 @@ class ComputeConfig:
         "{}. The name above is",
         "Tell me about {}. Sure! Here is what I know about",
     )
+
     def __post_init__(self) -> None:
         self.kl_prompts = tuple(self.kl_prompts)  # JSON gives a list
         if self.residual_prefixes is not None and not 0 <= self.residual_prefixes <= \
@@ -126,7 +127,6 @@ class ComputeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
 
 
 def _has_type(value: object, hint: object) -> bool:

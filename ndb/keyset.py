@@ -118,10 +118,11 @@ class KeySet:
         """Whether the index searches approximately and was last calibrated for another kind,
         another gamma or a number of keys 2x away (an IVF retrains at 4x), or never."""
         kind, done = self._kind(), self.config.index_calibration
-        due = kind in APPROXIMATE and (
-            done is None or done["kind"] != kind or done["gamma"] != self.config.gamma
-            or not done["n_keys"] / 2 <= self._n_keys() <= 2 * done["n_keys"])
-        return due and self.approximate  # the index is loaded only then
+        if kind not in APPROXIMATE:
+            return False
+        stale = (done is None or done["kind"] != kind or done["gamma"] != self.config.gamma
+                 or not done["n_keys"] / 2 <= self._n_keys() <= 2 * done["n_keys"])
+        return stale and not self.index.needs_training  # the index is loaded only then
 
     def calibrate(self, model, tokenizer, facts: list[Fact], progress: bool = False
                   ) -> dict[int, float]:
