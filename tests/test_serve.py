@@ -289,7 +289,9 @@ def test_health_and_metrics(served):
         assert client.get("/health").json() == {"status": "ok", "model": "tiny-llama",
                                                 "facts": 2, "version": 1, "jobs_pending": 0}
         before = _metrics(client.get("/metrics").text)
-        client.post("/v1/completions", json={"prompt": FACTS[0].text, "max_tokens": 3})
+        # greedy, so that no end of text can be drawn before the third token
+        answer = client.post("/v1/completions", json={"prompt": FACTS[0].text,
+                                                      "max_tokens": 3, "temperature": 0})
         # a batch is counted when it ends, just after its last answer went out
         deadline = time.monotonic() + 10
         while (after := _metrics(client.get("/metrics").text))["ndb_batches_total"] == \
@@ -298,6 +300,7 @@ def test_health_and_metrics(served):
             time.sleep(0.01)
     ok = 'ndb_requests_total{route="/v1/completions",status="200"}'
     assert after[ok] - before.get(ok, 0) == 1
+    assert answer.json()["usage"]["completion_tokens"] == 3
     assert after["ndb_generated_tokens_total"] - before["ndb_generated_tokens_total"] == 3
     assert after["ndb_gate_hits_total"] > before["ndb_gate_hits_total"]
     assert after["ndb_tokens_per_second"] > 0
