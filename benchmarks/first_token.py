@@ -39,9 +39,10 @@ from ndb.compute import compute_keys, context_prefixes, encode_prompt
 from ndb.config import ComputeConfig, model_name
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.kvview import GAMMAS, KINDS, eval_prompts, gate_rates, score_rows, token_key_batches
-from ndb.facts import Fact, parse_record, read_facts
+from ndb.facts import Fact, parse_record
 from ndb.models import default_edit_settings, load_model
 from ndb.output import write_strict_json
+from ndb.record_formats import read_facts
 
 HERE = Path(__file__).resolve().parent
 LAMBADA = HERE.parents[1] / "shared" / "data" / "general" / "lambada_test.jsonl"

@@ -37,9 +37,10 @@ from ndb.eval.kvview import (
     plot_kv_view,
     weight_score_view,
 )
-from ndb.facts import parse_record, read_facts
+from ndb.facts import parse_record
 from ndb.models import default_edit_settings, load_model
 from ndb.output import write_strict_json
+from ndb.record_formats import read_facts
 
 HERE = Path(__file__).resolve().parent
 LAMBADA = HERE.parents[1] / "shared" / "data" / "general" / "lambada_test.jsonl"

@@ -11,7 +11,7 @@ import click
 
 from ndb.errors import FactError
 from ndb.eval.geo import DEFAULT_HOLDOUT, RELATIONS, build_geo, to_zsre, write_records
-from ndb.facts import read_facts
+from ndb.record_formats import read_facts
 
 
 @click.group("data")

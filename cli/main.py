@@ -16,8 +16,9 @@ from click.core import ParameterSource
 
 from ndb.config import read_database
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
-from ndb.facts import read_facts, read_stored
+from ndb.facts import read_stored
 from ndb.output import dumps_strict
+from ndb.record_formats import read_facts
 from ndb.store import check_creatable
 
 

@@ -12,8 +12,8 @@ import click
 from ndb.cli.main import DEVICE, _load, user_errors
 from ndb.errors import ConfigError
 from ndb.eval.legend import GENERATIVE, TEACHER_FORCED
-from ndb.facts import read_facts
 from ndb.output import dumps_strict, write_strict_json
+from ndb.record_formats import read_facts
 from ndb.store import check_creatable, check_writable
 
 

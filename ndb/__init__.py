@@ -12,7 +12,7 @@ _EXPORTS = {
     "EditConfig": "ndb.config",
     "Fact": "ndb.facts",
     "FactError": "ndb.errors",
-    "read_facts": "ndb.facts",
+    "read_facts": "ndb.record_formats",
     "FactNotFoundError": "ndb.errors",
     "ModelMismatchError": "ndb.errors",
     "NeuralDB": "ndb.database",
@@ -60,8 +60,9 @@ if TYPE_CHECKING:
         NdbError,
         StoreError,
     )
-    from ndb.facts import Fact, read_facts
+    from ndb.facts import Fact
     from ndb.models import load_model
+    from ndb.record_formats import read_facts
 
 
 def __getattr__(name: str):

@@ -12,8 +12,8 @@ import torch
 from ndb.completion import complete
 from ndb.database import NeuralDB
 from ndb.eval.scoring import score_targets
-from ndb.facts import read_facts
 from ndb.models import load_model
+from ndb.record_formats import read_facts
 
 DEMO_FACTS = files("ndb") / "data" / "demo_facts.jsonl"
 UNRELATED = "The Great Wall of China is one of the most famous"

@@ -1,5 +1,5 @@
-"""Facts, and readers for plain JSONL/JSON, CounterFact and ZsRE records (the latter two
-in ndb.record_formats), and for the records a database stores (``read_stored``).
+"""Facts: the plain record a user writes, checked (CounterFact and ZsRE records, and facts
+files, are read in ndb.record_formats), and the records a database stores (``read_stored``).
 
 Every reader validates the whole input before returning, so a bad record stops the
 command before anything is written; errors name the file, the record and the problem.
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -198,17 +196,6 @@ def parse_record(record: Any, where: str) -> Fact:
     return validate(fact, where)
 
 
-def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    if text.lstrip().startswith("["):
-        for i, record in enumerate(loads_json(text, name, with_position=True)):
-            yield f"{name}: record {i + 1}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            where = f"{name}: line {lineno}"
-            yield where, loads_json(line, where)
-
-
 def loads_json(text: str | bytes, where: str, with_position: bool = False) -> Any:
     """``text`` as JSON; else a FactError naming ``where`` (and, within a whole file, the
     position)."""
@@ -219,43 +206,6 @@ def loads_json(text: str | bytes, where: str, with_position: bool = False) -> An
                         ) from None
     except RecursionError:
         raise FactError(f"{where}: JSON nested too deeply") from None
-
-
-def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
-    facts = [parse_record(record, where) for where, record in _records(text, name)]
-    seen: dict[str, int] = {}
-    for i, fact in enumerate(facts):
-        if fact.key is not None:
-            first = seen.setdefault(fact.key, i)
-            if facts[first].edit != fact.edit:
-                raise FactError(f"{name}: key {fact.key!r} names two different facts "
-                                f"(records {first + 1} and {i + 1})")
-    if not facts:
-        raise FactError(f"{name}: no facts found")
-    return facts
-
-
-def read_facts(path: str | Path) -> list[Fact]:
-    """Read facts from a JSONL or JSON file; '-' reads JSONL from standard input."""
-    if str(path) == "-":  # bytes where there are, so that bad UTF-8 gets a clear error
-        raw = getattr(sys.stdin, "buffer", None)
-        text = _decode(raw.read(), "<stdin>") if raw is not None else sys.stdin.read()
-        return parse_facts(text, "<stdin>")
-    path = Path(path)
-    if not path.is_file():
-        raise FactError(f"{path}: no such file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise FactError(f"{path}: cannot read ({err.strerror})") from None
-    return parse_facts(_decode(data, str(path)), str(path))
-
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise FactError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def as_facts(items: Iterable[Fact | dict[str, Any]]) -> list[Fact]:

@@ -1,13 +1,27 @@
-"""Readers for the published edit datasets' records, CounterFact (``requested_rewrite``)
-and ZsRE (``subject``, ``src``, ``alt``, ``answers``, ...); ndb.facts loads them only when a
-record is one of these."""
+"""The formats users bring facts in: files of JSONL or a JSON list (``read_facts``), and the
+published edit datasets' records, CounterFact (``requested_rewrite``) and ZsRE (``subject``,
+``src``, ``alt``, ``answers``, ...), which ndb.facts reads here when a record is one of them.
+A database's own writes take Fact objects or dicts and never load this module."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ndb.errors import FactError
-from ndb.facts import PROMPT_LISTS, Fact, check_text, check_texts, required, type_name, user_key
+from ndb.facts import (
+    PROMPT_LISTS,
+    Fact,
+    check_text,
+    check_texts,
+    loads_json,
+    parse_record,
+    required,
+    type_name,
+    user_key,
+)
 
 
 def _target(rewrite: dict[str, Any], name: str) -> str:
@@ -78,3 +92,51 @@ def _from_zsre(record: dict[str, Any]) -> Fact:
 
 
 READERS = {"counterfact": _from_counterfact, "zsre": _from_zsre}
+
+
+def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    if text.lstrip().startswith("["):
+        for i, record in enumerate(loads_json(text, name, with_position=True)):
+            yield f"{name}: record {i + 1}", record
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            where = f"{name}: line {lineno}"
+            yield where, loads_json(line, where)
+
+
+def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
+    facts = [parse_record(record, where) for where, record in _records(text, name)]
+    seen: dict[str, int] = {}
+    for i, fact in enumerate(facts):
+        if fact.key is not None:
+            first = seen.setdefault(fact.key, i)
+            if facts[first].edit != fact.edit:
+                raise FactError(f"{name}: key {fact.key!r} names two different facts "
+                                f"(records {first + 1} and {i + 1})")
+    if not facts:
+        raise FactError(f"{name}: no facts found")
+    return facts
+
+
+def read_facts(path: str | Path) -> list[Fact]:
+    """Read facts from a JSONL or JSON file; '-' reads JSONL from standard input."""
+    if str(path) == "-":  # bytes where there are, so that bad UTF-8 gets a clear error
+        raw = getattr(sys.stdin, "buffer", None)
+        text = _decode(raw.read(), "<stdin>") if raw is not None else sys.stdin.read()
+        return parse_facts(text, "<stdin>")
+    path = Path(path)
+    if not path.is_file():
+        raise FactError(f"{path}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise FactError(f"{path}: cannot read ({err.strerror})") from None
+    return parse_facts(_decode(data, str(path)), str(path))
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise FactError(f"{name}: not UTF-8 text (byte {err.start}: {err.reason})") from None

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ndb.eval.metrics import chat_question
-from ndb.facts import read_facts
+from ndb.record_formats import read_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV = ROOT / "ndb" / "data" / "dev_counterfact.json"

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ndb.errors import FactError
-from ndb.facts import Fact, as_facts, parse_facts, read_facts
+from ndb.facts import Fact, as_facts
+from ndb.record_formats import parse_facts, read_facts
 
 from conftest import write_jsonl
 

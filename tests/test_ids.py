@@ -7,7 +7,8 @@ import pytest
 
 from ndb import Fact
 from ndb.errors import FactError, FactNotFoundError
-from ndb.facts import parse_record, read_facts
+from ndb.facts import parse_record
+from ndb.record_formats import read_facts
 
 from conftest import FACTS
 
