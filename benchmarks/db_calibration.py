@@ -30,7 +30,7 @@ from prefill_search import decisions  # beside
 from scan_crossover import time_search
 
 import ndb
-from ndb.compute import token_queries
+from ndb.calibration import token_queries
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.bench import KEY_TEMPLATES, build_database, exact_top1, load_scale_keys
 from ndb.models import default_edit_settings

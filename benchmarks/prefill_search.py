@@ -33,7 +33,7 @@ from scan_crossover import time_search  # the script beside this one
 
 import ndb
 from ndb.anchor import anchor_token_id
-from ndb.compute import token_queries
+from ndb.calibration import token_queries
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.bench import KEY_TEMPLATES, exact_top1, load_scale_keys
 from ndb.indexes import KeyIndex, make_index

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import ndb
-from ndb.compute import token_queries
+from ndb.calibration import token_queries
 from ndb.eval.baselines.stats import read_texts
 from ndb.output import write_strict_json
 

@@ -22,13 +22,12 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ndb import nethook
-from ndb.anchor import anchor_token_id, encode, encode_with_span
+from ndb.anchor import anchor_token_id, encode_with_span
 from ndb.config import ComputeConfig
 from ndb.errors import FactError
 from ndb.facts import Fact
@@ -130,21 +129,6 @@ def background_keys(model, tokenizer, layer: int, seed: int, n: int = 64, length
     module = get_module(model, ffn_out_path(model, layer))
     x = nethook.run_until(model, module, input_ids=ids.to(_device(model)), use_cache=False)
     return torch.nn.functional.normalize(x[:, 1:].reshape(-1, x.shape[-1]).float().cpu(), dim=-1)
-
-
-@torch.no_grad()
-def token_queries(model, tokenizer, layer: int, texts: Sequence[str], max_tokens: int = 128,
-                  progress: str | None = None) -> np.ndarray:
-    """Normalized keys of every token (but the anchor) of each of ``texts`` at ``layer``: the
-    queries the hook searches with while the model reads them. ``progress``: the label of a
-    bar of the texts read (None: no bar)."""
-    module = get_module(model, ffn_out_path(model, layer))
-    out = []
-    for text in tqdm(texts, desc=progress, unit="text", disable=progress is None, leave=False):
-        ids = torch.tensor([encode(tokenizer, text)[:max_tokens]], device=_device(model))
-        x = nethook.run_until(model, module, input_ids=ids)[0, 1:].float().cpu()
-        out.append(F.normalize(x, dim=-1).numpy())
-    return np.concatenate(out)
 
 
 def encode_prompt(tokenizer, prefix: str, prompt: str, subject: str) -> tuple[list[int], int]:

@@ -12,11 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ndb import store as store_mod
-from ndb.attachment import unedited
-from ndb.compute import token_queries
 from ndb.config import NeuralDBConfig, check_gamma
 from ndb.errors import StoreError
 from ndb.facts import Fact
@@ -121,39 +118,16 @@ class KeySet:
         if kind not in APPROXIMATE:
             return False
         stale = (done is None or done["kind"] != kind or done["gamma"] != self.config.gamma
-                 or not done["n_keys"] / 2 <= self._n_keys() <= 2 * done["n_keys"])
+                 or not done["n_keys"] / 2 <= self.n_keys() <= 2 * done["n_keys"])
         return stale and not self.index.needs_training  # the index is loaded only then
 
     def calibrate(self, model, tokenizer, facts: list[Fact], progress: bool = False
                   ) -> dict[int, float]:
-        """Tune the index on the unedited ``model``'s token keys of texts about ``facts``
-        (see ``calibration_texts``) until its gate decisions agree with exact search on
-        99.9% of them, and record the tuning in the config, for an index rebuilt later;
-        returns {setting tried: agreement}; {} for an exact index, with nothing to tune."""
-        with self.store.writing():
-            if not self.approximate:
-                return {}
-            self.config.check_model(model, self.store.path)  # keys of another model mislead
-            texts = calibration_texts(facts, self.config.seed)
-            with unedited(model):
-                queries = token_queries(model, tokenizer, self.config.layer, texts,
-                                        progress="texts for calibrating the index" if progress
-                                        else None)
-            index = self.index
-            with tqdm(desc="calibrating the key index", unit="key", unit_scale=True,
-                      disable=not progress, leave=False) as bar:
-                def scanned(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
+        """Tune the approximate index on the model's keys (ndb.calibration.calibrate);
+        {} for an exact index, with nothing to tune."""
+        from ndb.calibration import calibrate  # only an approximate index needs it
 
-                table = index.calibrate(queries, self.config.gamma, progress=scanned)
-            done = {"kind": index.kind, "gamma": self.config.gamma, "n_keys": self._n_keys(),
-                    **index.tuning()}
-            # the config on disk, not this process's copy of it, with the tuning in
-            on_disk = NeuralDBConfig.read(self.store.path).to_dict()
-            store_mod.write_config(self.store.path, {**on_disk, "index_calibration": done})
-            self.config.index_calibration = done
-        return table
+        return calibrate(self, model, tokenizer, facts, progress)
 
     def calibrate_if_due(self, model, tokenizer, facts: Callable[[], list[Fact]],
                          progress: bool) -> None:
@@ -177,12 +151,12 @@ class KeySet:
         index.tune(done if matches else None)
 
     # -- building and catching up --------------------------------------------------------
-    def _n_keys(self) -> int:
+    def n_keys(self) -> int:
         return len(self.store.entries) * self.config.compute.keys_per_fact
 
     def _kind(self) -> str:
         kind = self.config.index
-        return choose_index_kind(self._n_keys(), self.device) if kind == "auto" else kind
+        return choose_index_kind(self.n_keys(), self.device) if kind == "auto" else kind
 
     def _entries(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Index rows of facts ``ids``: their keys, one row per key the guard keeps."""
@@ -229,15 +203,3 @@ class KeySet:
         self._index, self._version = index, meta["version"]
         return True
 
-
-CALIBRATION_FACTS = 256  # facts whose texts calibrate an approximate index
-CALIBRATION_QUESTION = "Tell me about {}."  # other text around the subject than a fact's prompt
-
-
-def calibration_texts(facts: list[Fact], seed: int) -> list[str]:
-    """Texts that mention stored subjects, whose token keys calibrate the index: the prompts
-    of a seeded sample of facts, and a question about each of their subjects."""
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(facts), min(len(facts), CALIBRATION_FACTS), replace=False)
-    sample = [facts[i] for i in sorted(picked)]
-    return [f.text for f in sample] + [CALIBRATION_QUESTION.format(f.subject) for f in sample]

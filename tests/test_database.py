@@ -237,7 +237,7 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
     subjects) and which keeps that tuning in its config: a rebuilt index searches with it."""
     from click.testing import CliRunner
 
-    from ndb import keyset
+    from ndb import calibration
     from ndb.cli.main import cli
 
     model, tok = llama
@@ -247,8 +247,8 @@ def test_approximate_index_calibrated_when_due(tmp_path, llama, monkeypatch):
     assert db.index.kind == "ivf-pq4" and db.config.index_calibration is None
     assert db.keys.calibration_due()  # add_vectors has no model to calibrate with
     calls = []  # the queries computed for calibrating
-    queries = keyset.token_queries
-    monkeypatch.setattr(keyset, "token_queries",
+    queries = calibration.token_queries
+    monkeypatch.setattr(calibration, "token_queries",
                         lambda *args, **kw: calls.append(q := queries(*args, **kw)) or q)
 
     db.add(FACTS[:1], model, tok)
@@ -306,7 +306,7 @@ def test_calibrate_command(tmp_path, llama, tiny_model_dir):
 
 
 def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypatch):
-    from ndb import keyset
+    from ndb import calibration
 
     model, tok = llama
     db = approximate_db(tmp_path / "db", llama)
@@ -314,7 +314,7 @@ def test_failed_calibration_warns_and_keeps_the_write(tmp_path, llama, monkeypat
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(keyset, "token_queries", fail)  # inside KeySet.calibrate
+    monkeypatch.setattr(calibration, "token_queries", fail)  # inside the calibration
     with pytest.warns(UserWarning, match="not calibrated .RuntimeError: out of memory"):
         (fact_id,) = db.add(FACTS[:1], model, tok)
     assert NeuralDB(db.path).get(fact_id) == FACTS[0]

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ndb.compute import compute_keys, token_queries
+from ndb.calibration import token_queries
+from ndb.compute import compute_keys
 from ndb.config import ComputeConfig
 from ndb.database import NeuralDB
 from ndb.errors import ConfigError
