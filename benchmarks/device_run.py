@@ -476,7 +476,7 @@ def dry_run_inputs(work: Path) -> tuple[str, Path, Path]:
     import transformers as tf
 
     from ndb.anchor import anchor_tokenizer
-    from ndb.models import resolve_model_path
+    from ndb.loading import resolve_model_path
 
     model_dir = work / "tiny-llama"
     if not (model_dir / "config.json").is_file():

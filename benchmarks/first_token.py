@@ -40,7 +40,8 @@ from ndb.config import ComputeConfig, model_name
 from ndb.eval.baselines.stats import read_texts
 from ndb.eval.kvview import GAMMAS, KINDS, eval_prompts, gate_rates, score_rows, token_key_batches
 from ndb.facts import Fact, parse_record
-from ndb.models import default_edit_settings, load_model
+from ndb.loading import load_model
+from ndb.models import default_edit_settings
 from ndb.output import write_strict_json
 from ndb.record_formats import read_facts
 

@@ -42,7 +42,7 @@ import yaml  # noqa: E402
 
 from ndb.anchor import anchor_token_id  # noqa: E402
 from ndb.eval import general  # noqa: E402
-from ndb.models import load_model  # noqa: E402
+from ndb.loading import load_model  # noqa: E402
 from ndb.output import write_strict_json
 
 # ndb's task name -> lm-eval's built-in task (or group) name

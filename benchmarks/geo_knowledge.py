@@ -23,7 +23,7 @@ import torch
 
 from ndb.eval.geo import RELATIONS, build_geo, count_available
 from ndb.eval.scoring import score_targets
-from ndb.models import DEFAULT_MODEL, load_model
+from ndb.loading import DEFAULT_MODEL, load_model
 from ndb.output import write_strict_json
 from ndb.tokens import target_ids
 

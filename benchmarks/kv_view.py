@@ -38,7 +38,8 @@ from ndb.eval.kvview import (
     weight_score_view,
 )
 from ndb.facts import parse_record
-from ndb.models import default_edit_settings, load_model
+from ndb.loading import load_model
+from ndb.models import default_edit_settings
 from ndb.output import write_strict_json
 from ndb.record_formats import read_facts
 

@@ -165,7 +165,7 @@ def make_model_dir(path: Path) -> Path:
     import transformers as tf
 
     from ndb.anchor import anchor_tokenizer
-    from ndb.models import resolve_model_path
+    from ndb.loading import resolve_model_path
 
     tiny_model("llama").save_pretrained(path)
     anchor_tokenizer(tf.AutoTokenizer.from_pretrained(resolve_model_path(None))

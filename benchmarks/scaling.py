@@ -25,9 +25,9 @@ from ndb import NeuralDB, load_model, read_facts
 from ndb.compute import compute_keys
 from ndb.config import ComputeConfig
 from ndb.eval.baselines.editors import WeightEditConfig
-from ndb.eval.methods import make_methods
+from ndb.eval.methods import baseline_hyper, make_methods
 from ndb.eval.run import EvalSettings, markdown_table, measure
-from ndb.models import baseline_hyper, default_edit_settings
+from ndb.models import default_edit_settings
 from ndb.output import write_strict_json
 from ndb.store import is_database
 
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--stats-text", default=None, help="default: lambada in --general")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scaling")
     ap.add_argument("--memit-lambda", type=float, default=None,
-                    help="default: the model's tuned value (models.BASELINE_DEFAULTS)")
+                    help="default: the model's tuned value (eval.methods.BASELINE_DEFAULTS)")
     ap.add_argument("--alphaedit-threshold", type=float, default=None)
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the Markdown table and plot from the JSON, computing nothing")

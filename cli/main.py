@@ -110,7 +110,7 @@ class BuildBatchSize(click.ParamType):
 def _load(name: str | None, device: str | None):
     from transformers.utils import logging
 
-    from ndb.models import load_model
+    from ndb.loading import load_model
 
     logging.disable_progress_bar()  # ndb's own bars are the ones worth watching
 

@@ -23,7 +23,7 @@ _EXPORTS = {
     "anchor_tokenizer": "ndb.anchor",
     "attach": "ndb.database",
     "attached": "ndb.attachment",
-    "load_model": "ndb.models",
+    "load_model": "ndb.loading",
 }
 
 __all__ = [
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
         StoreError,
     )
     from ndb.facts import Fact
-    from ndb.models import load_model
+    from ndb.loading import load_model
     from ndb.record_formats import read_facts
 
 

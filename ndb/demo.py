@@ -12,7 +12,7 @@ import torch
 from ndb.completion import complete
 from ndb.database import NeuralDB
 from ndb.eval.scoring import score_targets
-from ndb.models import load_model
+from ndb.loading import load_model
 from ndb.record_formats import read_facts
 
 DEMO_FACTS = files("ndb") / "data" / "demo_facts.jsonl"

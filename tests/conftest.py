@@ -56,7 +56,7 @@ def tiny_model(family: str = "llama", seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from ndb.models import resolve_model_path
+    from ndb.loading import resolve_model_path
 
     return anchor_tokenizer(tf.AutoTokenizer.from_pretrained(resolve_model_path(None)))
 
@@ -77,7 +77,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def real_model():
-    from ndb.models import load_model
+    from ndb.loading import load_model
 
     return load_model()
 

@@ -115,8 +115,9 @@ def test_bad_configs():
 
 
 def test_tuned_hyper_parameters_apply_to_the_default_model_only(llama):
-    from ndb.eval.methods import weight_edit_config
-    from ndb.models import BASELINE_DEFAULTS, DEFAULT_MODEL, DEFAULT_MODEL_IDENTITY, baseline_hyper
+    from ndb.eval.methods import BASELINE_DEFAULTS, baseline_hyper, weight_edit_config
+    from ndb.loading import DEFAULT_MODEL
+    from ndb.models import DEFAULT_MODEL_IDENTITY
 
     model, _ = llama
     model.config.name_or_path = DEFAULT_MODEL  # the name alone is not the model's identity

@@ -117,7 +117,7 @@ def test_wrong_model_is_refused(built, tmp_path):
     other = tmp_path / "other"
     tiny_model("llama", seed=3).save_pretrained(other)
     NeuralDB(built).config  # noqa: B018 - the database opens fine
-    from ndb.models import resolve_model_path
+    from ndb.loading import resolve_model_path
 
     tokdir = resolve_model_path(None)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -247,10 +247,10 @@ def test_disk_full_is_one_line_and_keeps_the_old_state(built, tmp_path, monkeypa
 
 
 def test_cuda_without_cuda_is_refused_before_loading_the_model(built, tmp_path, monkeypatch):
-    import ndb.models
+    import ndb.loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(ndb.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(ndb.loading, "load_model", lambda *a, **k: pytest.fail("loaded"))
     facts = write_jsonl(tmp_path / "facts.jsonl", [COUNTERFACT])
     for args in (["build", str(facts), "-o", str(tmp_path / "db"), "--device", "cuda"],
                  ["generate", str(built), "Paris is", "--device", "cuda:0"],

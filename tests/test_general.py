@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from ndb.models import resolve_model_path
+    from ndb.loading import resolve_model_path
 
     return anchor_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(None)))
 

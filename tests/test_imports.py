@@ -30,6 +30,7 @@ class NoExtras(importlib.abc.MetaPathFinder):
             raise ImportError(f"{{name}} is an extra the core must not need")
 
 sys.meta_path.insert(0, NoExtras())
+TOKENIZER = {tokenizer!r}  # the default model's, found by this test's process
 {body}
 APART = {apart!r}
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in EXTRAS
@@ -45,8 +46,7 @@ import tempfile
 import ndb
 from conftest import FACTS, tiny_model
 import transformers as tf
-from ndb.models import resolve_model_path
-tok = ndb.anchor_tokenizer(tf.AutoTokenizer.from_pretrained(resolve_model_path(None)))
+tok = ndb.anchor_tokenizer(tf.AutoTokenizer.from_pretrained(TOKENIZER))
 model = tiny_model("llama")
 with tempfile.TemporaryDirectory() as tmp:
     compute = ndb.ComputeConfig(n_prefixes=0, steps=1, batch_size=4)
@@ -66,10 +66,9 @@ from conftest import FACTS, tiny_model
 import transformers as tf
 from ndb.anchor import anchor_tokenizer
 from ndb.cli.main import cli
-from ndb.models import resolve_model_path
 with tempfile.TemporaryDirectory() as tmp:
     tiny_model("llama").save_pretrained(tmp + "/model")
-    tf.AutoTokenizer.from_pretrained(resolve_model_path(None)).save_pretrained(tmp + "/model")
+    tf.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp + "/model")
     facts = tmp + "/facts.jsonl"
     with open(facts, "w") as f:
         f.writelines(json.dumps(fact.to_json()) + "\\n" for fact in FACTS[:2])
@@ -86,7 +85,10 @@ with tempfile.TemporaryDirectory() as tmp:
 def _run(body: str) -> tuple[list[str], list[str]]:
     """(research, server and extra modules loaded, files of the ndb modules loaded) by
     ``body``."""
-    script = SCRIPT.format(tests=str(TESTS), extras=EXTRAS, apart=APART, body=body)
+    from ndb.loading import resolve_model_path
+
+    script = SCRIPT.format(tests=str(TESTS), extras=EXTRAS, apart=APART, body=body,
+                           tokenizer=str(resolve_model_path(None)))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -13,17 +13,15 @@ from ndb.anchor import anchor_token_id
 from ndb.cli.main import cli
 from ndb.config import ComputeConfig
 from ndb.errors import ModelError, ModelMismatchError
+from ndb.eval.methods import BASELINE_DEFAULTS, baseline_hyper
+from ndb.loading import load_model, resolve_model_path
 from ndb.models import (
-    BASELINE_DEFAULTS,
     DEFAULT_MODEL_IDENTITY,
     EDIT_DEFAULTS,
-    baseline_hyper,
     decoder_layers,
     default_edit_settings,
     edit_defaults,
-    load_model,
     model_identity,
-    resolve_model_path,
     tuned_path,
 )
 

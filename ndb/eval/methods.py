@@ -12,11 +12,17 @@ from ndb.database import NeuralDB
 from ndb.eval.baselines.editors import WeightEditConfig, applied, compute_deltas
 from ndb.eval.baselines.stats import key_second_moments, read_texts
 from ndb.facts import Fact
-from ndb.models import baseline_hyper
+from ndb.models import DEFAULT_MODEL_IDENTITY, model_identity
 
 METHODS = ("neuraldb", "neuraldb-paper", "memit", "memit-1", "alphaedit")
 NEURALDB = ("neuraldb", "neuraldb-paper")  # databases attached; the others edit weights
 SPREAD = 5  # MEMIT and AlphaEdit edit this many layers, ending at NeuralDB's layer
+# MEMIT's lambda and AlphaEdit's null-space threshold, tuned for the baselines like NeuralDB's
+# layer and gate (benchmarks/baseline_sweep.py; the published values suit GPT-J/Llama-3 key
+# scales), by models.model_identity
+BASELINE_DEFAULTS: dict[str, dict[str, float]] = {
+    DEFAULT_MODEL_IDENTITY: {"mom2_weight": 3000.0, "null_threshold": 0.05},
+}
 
 
 def weight_edit_config(name: str, layer: int, **hyper: float) -> WeightEditConfig:
@@ -24,6 +30,11 @@ def weight_edit_config(name: str, layer: int, **hyper: float) -> WeightEditConfi
     method = "memit" if name.startswith("memit") else "alphaedit"
     layers = [layer] if name == "memit-1" else list(range(max(0, layer - SPREAD + 1), layer + 1))
     return WeightEditConfig(method=method, layers=layers, **hyper)
+
+
+def baseline_hyper(model) -> dict[str, float]:
+    """WeightEditConfig overrides for ``model`` (empty: the papers' published values)."""
+    return dict(BASELINE_DEFAULTS.get(model_identity(model), {}))
 
 
 def make_methods(names: Sequence[str], model, tok, facts: Sequence[Fact], db: NeuralDB,
@@ -35,7 +46,7 @@ def make_methods(names: Sequence[str], model, tok, facts: Sequence[Fact], db: Ne
     attached (neuraldb-paper: per-fact residuals, ComputeConfig.paper()), and weight
     editors, which reuse the per-fact residuals (``paper_db``'s if given, else ``db``'s)
     and restore the weights on exit. ``hyper`` overrides the model's tuned WeightEditConfig
-    values (``models.BASELINE_DEFAULTS``)."""
+    values (``BASELINE_DEFAULTS``)."""
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
