@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ndb import ComputeConfig, NeuralDB, load_model, read_facts
-from ndb.compute import auto_batch_size
+from ndb.auto_batch import auto_batch_size
 from ndb.facts import Fact
 from ndb.output import write_strict_json
 

@@ -328,7 +328,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
 
 
 def _auto_batch_size(db, records, model, tokenizer) -> int:
-    from ndb.compute import auto_batch_size
+    from ndb.auto_batch import auto_batch_size
 
     cfg = db.config
     size = auto_batch_size(model, tokenizer, records, cfg.layer, cfg.prefixes, cfg.compute)
