@@ -26,25 +26,7 @@ _EXPORTS = {
     "load_model": "ndb.loading",
 }
 
-__all__ = [
-    "ComputeConfig",
-    "ConfigError",
-    "EditConfig",
-    "Fact",
-    "FactError",
-    "FactNotFoundError",
-    "LockedError",
-    "ModelMismatchError",
-    "NdbError",
-    "NeuralDB",
-    "NeuralDBConfig",
-    "StoreError",
-    "anchor_tokenizer",
-    "attach",
-    "attached",
-    "load_model",
-    "read_facts",
-]
+__all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from ndb.anchor import anchor_tokenizer
