@@ -42,20 +42,11 @@ APPROXIMATE = ("ivf", "ivf-pq", "ivf-pq4", "ivf-pca")  # kinds whose search ``ca
 _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load take ``device``
 
 # Up to this many keys the CPU choice is exact search with torch, above it ivf-pq4 (whose own
-# exact buffer covers the same range: min_train_keys = 8192). Measured on 1 thread of the shared
-# 2-core machine (benchmarks/results/bench_index.md), 1 query / 256 queries, in ms:
-#   10k keys:  torch 3.5 / 169,     flat-fp16 1.1 / 1125,  flat 11.6 / 334,   ivf 0.73 / 250
-#   100k keys: torch 53 / 1233,     flat-fp16 14 / 3710,   flat 35 / 1014,    ivf 8.6 / 2029
-#   1M keys:   torch 305 / 9930,    flat-fp16 180 / 57374, flat 548 / 20407,  ivf 58 / 13289
-# (ivf at nprobe = half the lists: gate disagreement <= 0.1 %, as float16 flat). For a
-# 256-token prompt plus 100 decoded tokens that is 0.5 s (torch) vs 1.2 s (flat-fp16) at 10k
-# keys, and ivf wins from ~10k on. FAISS's float16 flat index has no BLAS path: slow batches.
-# ivf-pq4 then beats ivf in the hook, calibrated, in one run each (prefill_search_*_pq4.md;
-# 256-token prefill / 16 decoded tokens over the unedited model, gate disagreement):
-#   101k real keys: ivf +33% / +27%, 0.047 %;   ivf-pq4 +15% / +4.5%, 0.071 %
-#   1M keys:        ivf +250% / +257%, 0.095 %; ivf-pq4 +13% / +9.8%, 0.095 %
-#                   (ivf-pq4 alone in a second run: +29% / +0.2%, prefill_search_1m_pq4_only.md)
-#                   (with torch's centroid scores: +10% / +3.2%, prefill_search_1m_pq4_torch.md)
+# exact buffer covers the same range: min_train_keys = 8192). One query took 3.5 ms exact
+# (torch) against 0.73 (ivf) at 10k keys, 53 against 8.6 at 100k (on 1 thread of this 2-core
+# machine, benchmarks/results/bench_index.md); ivf-pq4 searched 5-26x faster than the other
+# IVF kinds at 1M in the hook, with as many gate decisions differing from exact search (README,
+# "A first stage that reads 32x less").
 CPU_EXACT_MAX_KEYS = 8192
 
 
