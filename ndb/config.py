@@ -35,65 +35,45 @@ FORMAT_VERSION = 1
 
 @dataclass
 class ComputeConfig:
-    """Hyper-parameters of key and residual computation (MEMIT's, unless noted)."""
+    """Hyper-parameters of key and residual computation: MEMIT's, unless marked "ndb". Why
+    each ndb default won, and on what: the README ("Several facts about one subject" for the
+    residuals, "Results" for the keys), from the result files named here."""
 
     n_prefixes: int = 5  # model-sampled context prefixes, beside the bare prompt
-    # ndb, not the paper: how many of those prefixes the residual is optimized in (None: all);
-    # keys use them all. A faster build at a small price: 2 of 5 halves a fact's rows and
-    # built the dev sets 1.5x and 2.1x faster, scoring 87.8 against 88.0 on both together,
-    # with weaker chat answers about subjects with several edits (sweep_method_both.md)
+    # ndb: how many of those prefixes the residual is optimized in (None: all; keys use all):
+    # 2 built 1.5-2.1x faster at 87.8 against 88.0 on the dev sets (sweep_method_both.md)
     residual_prefixes: int | None = None
     prefix_tokens: int = 10  # length of each sampled prefix
     steps: int = 25  # Adam steps every fact takes (unless its loss falls below stop_loss)
-    # ndb, not the paper: after ``steps``, a group whose new objects are not yet the greedy
-    # choice at every token of every one of its prompts keeps optimizing, for at most this
-    # many more steps. The hardest groups (three or four rare multi-token objects in one
-    # residual) ended 25 steps with their NLL still falling and their objects garbled
-    # ("Kuwaiti dollar" for "Kuwaiti Dinar"); a fact that holds by then is not changed.
-    # 75 won the two dev sets together (benchmarks/results/sweep_method_both.md)
+    # ndb: at most this many more steps for a group whose new objects are not yet the greedy
+    # choice at every token of every one of its prompts
     extra_steps: int = 75
     lr: float = 0.5
-    # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone, the paper's). With the restatement probes
-    # of kl_prompts, keeping who the subject is must weigh as much as the edit's NLL, or the
-    # cheapest way to the new object is to turn the subject into another entity
+    # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone); lighter, the cheapest way to the new
+    # object is to turn the subject into another entity
     kl_weight: float = 1.0
     weight_decay: float = 0.5  # times ||delta|| / ||h||^2
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
-    # ndb, not the paper: a residual shared by k facts of one subject may grow to
-    # clamp * sqrt(k) * ||h||, the norm of k single-fact edits in independent directions.
-    # With one fact's bound, the hardest groups' residuals ended their steps on the bound with
-    # their edits' NLL still falling. Together with group_loss "sum" and the extra steps it
-    # won the two dev sets together (benchmarks/results/sweep_method_both.md); with 25 steps
-    # only it had lost on the default dev set by one group of five
+    # ndb: a residual shared by k facts may grow to clamp * sqrt(k) * ||h||
     clamp_grows_with_group: bool = True
-    # ndb, not the paper: how a shared residual weighs its edits' NLL against the KL term.
-    # "sum": each edit weighs as a fact alone does; "mean": the group's edits share one
-    # weight, so each of k edits pulls k times less against the KL term than a fact alone
+    # ndb: "sum": each edit of a shared residual weighs against the KL term as a fact alone
+    # does; "mean": k edits share one weight
     group_loss: str = "sum"
     stop_loss: float = 0.05  # a fact stops once its loss falls below this
     batch_size: int = 32  # facts optimized together
-    # ndb, not the paper: keep the bare-prompt key (subject at the start of a text) and the
-    # mean of the prefixed keys (subject inside a text, with a leading space) as two keys of
-    # the fact instead of averaging them. Higher recall at a higher gamma; a bare key that
-    # reads like a function word is caught by the database's key guard (NeuralDBConfig).
-    # See benchmarks/results/sweep.md and key_guard.md.
+    # ndb: the bare-prompt key and the mean of the prefixed keys kept as two keys of the
+    # fact, not averaged: higher recall at a higher gamma; a bare key that reads like a
+    # function word is caught by the key guard (sweep.md, key_guard.md)
     split_keys: bool = True
-    # "bfloat16" runs the residual optimization's FFNs from the edited layer up and its LM
-    # head in bfloat16 (autocast); attention and the deltas stay float32 (see _precision).
-    # Autocast everywhere, as before, had built the dev sets only 1.05x and 1.2x faster,
-    # scoring 87.7 against 88.0 on both together (benchmarks/results/sweep_method_both.md);
-    # FFNs and head only: 1.36x faster than float32 on 32 dev facts, the same teacher-forced
-    # scores (build_speed_bf16.md), but 87.0 against 88.0 on both dev sets: fewer chat
-    # answers on the groups dev set (sweep_method_both_bf16.md), so float32 stays the default
+    # "bfloat16": the FFNs from the edited layer up and the LM head under autocast (see
+    # _precision); 1.36x faster, but 87.0 against 88.0 on the dev sets (fewer chat answers
+    # on the groups dev set, sweep_method_both_bf16.md), so float32 stays the default
     precision: str = "float32"
-    # ndb, not the paper: "subject" gives every fact about one subject one residual, optimized
-    # on the prompts of all of them together (re-optimized when one is added, changed or
-    # removed), so that the residual the gate retrieves for a subject carries all its edits;
-    # "fact" is the paper's one residual per fact, whichever fact of the subject the gate finds
+    # ndb: "subject" gives every fact about one subject one residual, optimized on the
+    # prompts of all of them together; "fact" is the paper's one residual per fact
     residual_scope: str = "subject"
-    # prompts whose next-token distribution after the subject must not move (KL term). The
-    # paper's is ROME's "{} is a"; the others make the model still restate the subject as
-    # itself, so that an edit changes one relation of the subject, not who the subject is
+    # prompts whose next-token distribution after the subject must not move (KL term):
+    # ROME's "{} is a", and two that make the model still restate the subject as itself
     kl_prompts: tuple[str, ...] = (
         "{} is a",
         "{}. The name above is",
