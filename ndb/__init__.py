@@ -26,7 +26,25 @@ _EXPORTS = {
     "load_model": "ndb.loading",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ComputeConfig",
+    "ConfigError",
+    "EditConfig",
+    "Fact",
+    "FactError",
+    "FactNotFoundError",
+    "LockedError",
+    "ModelMismatchError",
+    "NdbError",
+    "NeuralDB",
+    "NeuralDBConfig",
+    "StoreError",
+    "anchor_tokenizer",
+    "attach",
+    "attached",
+    "load_model",
+    "read_facts",
+]
 
 if TYPE_CHECKING:
     from ndb.anchor import anchor_tokenizer
