@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import h5py
@@ -221,32 +222,43 @@ def test_manifests_without_checksums_still_open(db):
     assert len(st.Store(path).entries) == 4
 
 
+# reads the database until the stop file appears; says how often it read it whole
 READER = """
-import sys, numpy as np
+import os, sys, numpy as np
 from ndb.store import Store
-for _ in range(int(sys.argv[2])):
+reads = 0
+while not os.path.exists(sys.argv[2]):
     s = Store(sys.argv[1])
     assert len(s.read("residuals")) == len(s.entries) == 6
     s.close()
-print("ok", flush=True)
+    reads += 1
+    if reads == 1:
+        open(sys.argv[3], "w").close()
+print("ok", reads, flush=True)
 """
 
 
 def test_readers_never_fail_while_a_writer_compacts(tmp_path):
-    path = tmp_path / "db"
+    path, stop, reading = tmp_path / "db", tmp_path / "stop", tmp_path / "reading"
     st.create(path, {"format_version": 1})
     writer = st.Store(path)
     for seed in range(3):
         writer.append(*rows(2, seed))
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), "300"],
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(stop),
+                               str(reading)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    compactions = 0
-    while reader.poll() is None:
+    # a fixed number of compactions, all while the reader reads, however fast either runs
+    deadline = time.monotonic() + 120
+    while not reading.exists() and reader.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for _ in range(30):
         writer.compact()
-        compactions += 1
-    out, err = reader.communicate()
+    stop.touch()
+    out, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, err.strip().splitlines()[-1]
-    assert out.strip() == "ok" and compactions > 10
+    word, reads = out.split()
+    assert word == "ok" and int(reads) > 1
 
 
 @pytest.fixture
