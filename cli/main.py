@@ -18,7 +18,6 @@ from ndb.config import read_database
 from ndb.errors import USER_ERRORS, ConfigError, ModelError, environment_error, one_line
 from ndb.facts import read_stored
 from ndb.output import dumps_strict
-from ndb.record_formats import read_facts
 from ndb.store import check_creatable
 
 
@@ -269,6 +268,7 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
     from ndb.database import NeuralDB
     from ndb.indexes import check_kind
     from ndb.models import edit_defaults, ffn_out_path
+    from ndb.record_formats import read_facts
     from ndb.store import is_database
 
     records = read_facts(facts)
@@ -376,6 +376,8 @@ def _edit_options(fn: Callable) -> Callable:
 
 def _edit(db_path, facts, model_name, device, batch_size, edit: Callable) -> None:
     """Open DB with its model, run ``edit(db, facts, model, tokenizer)``, say what it did."""
+    from ndb.record_formats import read_facts
+
     records = read_facts(facts)
     db = _open(db_path)
     model, tokenizer = _model_of(db, model_name, device)

@@ -44,8 +44,8 @@ _DEVICE_KINDS = ("torch", "gpu-flat")  # backends whose constructor and load tak
 # Up to this many keys the CPU choice is exact search with torch, above it ivf-pq4 (whose own
 # exact buffer covers the same range: min_train_keys = 8192). One query took 3.5 ms exact
 # (torch) against 0.73 (ivf) at 10k keys, 53 against 8.6 at 100k (on 1 thread of this 2-core
-# machine, benchmarks/results/bench_index.md); ivf-pq4 searched 5-26x faster than the other
-# IVF kinds at 1M in the hook, with as many gate decisions differing from exact search (README,
+# machine, benchmarks/results/bench_index.md); ivf-pq4 searched 5-26x faster than ivf and
+# ivf-pca at 1M in the hook, with as many gate decisions differing from exact search (README,
 # "A first stage that reads 32x less").
 CPU_EXACT_MAX_KEYS = 8192
 

@@ -46,15 +46,17 @@ class ComputeConfig:
     prefix_tokens: int = 10  # length of each sampled prefix
     steps: int = 25  # Adam steps every fact takes (unless its loss falls below stop_loss)
     # ndb: at most this many more steps for a group whose new objects are not yet the greedy
-    # choice at every token of every one of its prompts
+    # choice at every token of every one of its prompts (sweep_method_both.md)
     extra_steps: int = 75
     lr: float = 0.5
-    # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone); lighter, the cheapest way to the new
-    # object is to turn the subject into another entity
+    # ndb: 1.0 (MEMIT: 0.0625 on "{} is a" alone); with the restatement probes of kl_prompts
+    # any lighter, the cheapest way to the new object is to turn the subject into another
+    # entity (same_subject.md)
     kl_weight: float = 1.0
     weight_decay: float = 0.5  # times ||delta|| / ||h||^2
     clamp: float = 0.75  # ||delta|| <= clamp * ||h||, h the residual stream at the subject
-    # ndb: a residual shared by k facts may grow to clamp * sqrt(k) * ||h||
+    # ndb: a residual shared by k facts may grow to clamp * sqrt(k) * ||h||; with group_loss
+    # "sum" and the extra steps it won the dev sets together (sweep_method_both.md)
     clamp_grows_with_group: bool = True
     # ndb: "sum": each edit of a shared residual weighs against the KL term as a fact alone
     # does; "mean": k edits share one weight
@@ -66,11 +68,13 @@ class ComputeConfig:
     # function word is caught by the key guard (sweep.md, key_guard.md)
     split_keys: bool = True
     # "bfloat16": the FFNs from the edited layer up and the LM head under autocast (see
-    # _precision); 1.36x faster, but 87.0 against 88.0 on the dev sets (fewer chat answers
-    # on the groups dev set, sweep_method_both_bf16.md), so float32 stays the default
+    # _precision); 1.36x faster on 32 dev facts (build_speed_bf16.md), but 87.0 against 88.0
+    # on the dev sets (fewer chat answers on the groups dev set, sweep_method_both_bf16.md),
+    # so float32 stays the default
     precision: str = "float32"
     # ndb: "subject" gives every fact about one subject one residual, optimized on the
     # prompts of all of them together; "fact" is the paper's one residual per fact
+    # (same_subject.md)
     residual_scope: str = "subject"
     # prompts whose next-token distribution after the subject must not move (KL term):
     # ROME's "{} is a", and two that make the model still restate the subject as itself
@@ -246,7 +250,7 @@ class NeuralDBConfig:
     # at least one key per fact; None turns the guard off
     guard_margin: float | None = 0.05
     compute: ComputeConfig = field(default_factory=ComputeConfig)
-    # how the last calibration tuned an approximate index (see KeySet.calibrate): its kind,
+    # how the last calibration tuned an approximate index (see ndb.calibration): its kind,
     # gamma and number of keys then, and the index's ``tuning()``; None before any
     index_calibration: dict[str, str | float | None] | None = None
     # fingerprints of the embeddings and of layers 0..layer, all that keys depend on (see

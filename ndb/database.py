@@ -8,8 +8,8 @@
 
 Every mutation is committed to disk before it returns (see ndb.store), and the weights of
 the model are never changed. The parts: ndb.store owns the directory's files, ndb.keyset
-the key index, its calibration and the guard, ndb.edits turns facts into entries,
-ndb.attachment puts the database into a model's forward pass.
+the key index and the guard (ndb.calibration tunes an approximate one), ndb.edits turns
+facts into entries, ndb.attachment puts the database into a model's forward pass.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class NeuralDB:
     def calibrate(self, model: nn.Module | None = None, tokenizer=None, *,
                   progress: bool = False) -> dict[int, float]:
         """Tune an approximate key index (ivf kinds) on texts about stored subjects (see
-        KeySet.calibrate); add, update and remove do it when due."""
+        ndb.calibration.calibrate); add, update and remove do it when due."""
         model, tokenizer = self._model_for([], model, tokenizer)
         with self.store.writing():
             self.refresh()

@@ -1,6 +1,6 @@
 """The keys of a database as the hook searches them: the key index's lifecycle (built,
-saved beside the segments, loaded and caught up with later commits, calibrated on the
-model's keys of texts about stored subjects) and the key guard.
+saved beside the segments, loaded and caught up with later commits, and when it searches
+approximately calibrated by ndb.calibration) and the key guard.
 
 Index ids are ``fact_id * keys_per_fact + k``; the hook divides to get the fact back.
 """

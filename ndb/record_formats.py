@@ -1,7 +1,7 @@
 """The formats users bring facts in: files of JSONL or a JSON list (``read_facts``), and the
 published edit datasets' records, CounterFact (``requested_rewrite``) and ZsRE (``subject``,
 ``src``, ``alt``, ``answers``, ...), which ndb.facts reads here when a record is one of them.
-A database's own writes take Fact objects or dicts and never load this module."""
+A database's writes of Fact objects or plain dicts never load this module."""
 
 from __future__ import annotations
 
