@@ -366,7 +366,8 @@ def test_a_fact_longer_than_the_context_is_refused_before_computing(llama, tmp_p
     assert len(db) == 0
 
 
-def test_eval_json_is_strict_with_reasons(tmp_path, tiny_model_dir):
+def test_eval_json_is_strict_with_reasons(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("NDB_HOME", str(tmp_path / "home"))  # measured here, not cached
     no_neighbors = {k: v for k, v in COUNTERFACT.items() if k != "neighborhood_prompts"}
     facts = write_jsonl(tmp_path / "cf.jsonl", [no_neighbors])
     out = tmp_path / "eval.json"
