@@ -158,6 +158,21 @@ def check_gamma(gamma: float) -> None:
                           f"got {gamma!r}")
 
 
+def check_ranges(data: dict) -> None:
+    """Refuse a stored config whose numbers are of the right type but impossible (the types
+    are checked first)."""
+    if "gamma" in data:
+        check_gamma(data["gamma"])
+    n_layers = data.get("num_layers", 0)
+    for name, low, high in (("num_layers", 1, 1 << 16), ("layer", 0, n_layers - 1),
+                            ("d_key", 1, 1 << 20), ("d_value", 1, 1 << 20)):
+        if name in data and not low <= data[name] <= high:
+            raise ValueError(f"config field {name} is {data[name]}, not in {low}..{high}")
+    margin = data.get("guard_margin")
+    if margin is not None and not 0 <= margin <= 2:
+        raise ValueError(f"config field guard_margin is {margin!r}, not in [0, 2]")
+
+
 def check_calibration(calibration: dict | None) -> None:
     """Refuse a stored index calibration whose settings an index could not search with."""
     if calibration is None:
@@ -353,6 +368,7 @@ class NeuralDBConfig:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         data = dict(data)
         check_types(cls, data)
+        check_ranges(data)
         check_calibration(data.get("index_calibration"))
         if not isinstance(data.get("compute", {}), dict):
             raise ValueError("config field compute is not a mapping of settings")

@@ -47,7 +47,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import h5py
@@ -186,6 +186,11 @@ def check_writable(path: str | Path, what: str = "file") -> None:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write {path}: {folder} is not a writable directory")
+    try:  # access() says yes to root, and on /proc or a read-only mount: try for real
+        os.rmdir(tempfile.mkdtemp(prefix=".ndb-probe-", dir=folder))
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {folder} is not a writable directory "
+                          f"({err.strerror})") from None
 
 
 def check_creatable(path: str | Path) -> None:
@@ -207,7 +212,21 @@ def read_config(path: Path) -> dict:
     if file.stat().st_size > MAX_CONFIG_BYTES:
         raise StoreError(f"{file} holds {file.stat().st_size:,} bytes, more than a config "
                          f"ever does ({MAX_CONFIG_BYTES:,}); refusing to read it")
-    return json.loads(file.read_bytes())
+    return _json_object(file)
+
+
+def _json_object(file: Path) -> dict:
+    """The JSON object in ``file``, or a StoreError saying why it is not one."""
+    try:
+        data = json.loads(file.read_bytes())
+    except RecursionError:
+        raise StoreError(f"{file} is unreadable: JSON nested too deeply") from None
+    except ValueError as err:  # also a number of more digits than Python reads
+        what = err.msg if isinstance(err, json.JSONDecodeError) else "a number too long"
+        raise StoreError(f"{file} is unreadable: not valid JSON ({what})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{file} is invalid: it holds {type(data).__name__}, not an object")
+    return data
 
 
 def write_config(path: Path, config: dict) -> None:
@@ -261,10 +280,12 @@ class Manifest:
         file = Path(path) / MANIFEST
         if not os.path.lexists(file):
             raise StoreError(f"{path}: not a fact database (no {MANIFEST})")
-        try:
-            manifest = cls(**json.loads(regular_file(file).read_bytes()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
-            raise StoreError(f"{file} is unreadable: {err}") from None
+        data = _json_object(regular_file(file))
+        known = {f.name for f in fields(cls)}
+        if not set(data) <= known:
+            raise StoreError(f"{file} is invalid: its fields are {sorted(data)}, a manifest's "
+                             f"are {sorted(known)}")
+        manifest = cls(**data)
         problem = manifest._problem()
         if problem:
             raise StoreError(f"{file} is invalid: {problem}")
@@ -272,8 +293,8 @@ class Manifest:
 
     def _problem(self) -> str | None:
         counters = (self.version, self.next_id, self.compacted_through)
-        if not all(type(v) is int and v >= 0 for v in counters):
-            return "version, next_id and compacted_through must be non-negative integers"
+        if not all(type(v) is int and 0 <= v < 1 << 62 for v in counters):
+            return "version, next_id and compacted_through must be integers in 0..2^62"
         if not isinstance(self.segments, list) or not isinstance(self.checksums, dict):
             return "segments must be a list and checksums a mapping"
         for name in self.segments:
@@ -496,6 +517,10 @@ class Store:
             empty = np.zeros(0, np.int64)
             return Entries(empty, empty, empty, empty)
         ids, seqs = np.concatenate(ids), np.concatenate(seqs)
+        # else the next new fact would overwrite a stored one
+        if len(ids) and (ids.max() >= manifest.next_id or ids.min() < 0):
+            raise StoreError(f"{self.path / MANIFEST} is invalid: next_id {manifest.next_id} "
+                             f"is not above every stored id ({ids.min()}..{ids.max()})")
         segs, rows, alive = np.concatenate(segs), np.concatenate(rows), np.concatenate(alive)
         order = np.lexsort((seqs, ids))  # by id, then by sequence number
         ids, seqs, segs, rows, alive = (a[order] for a in (ids, seqs, segs, rows, alive))
@@ -666,7 +691,7 @@ class Store:
         try:
             meta = json.loads(regular_file(self.path / INDEX / INDEX_META).read_bytes())
             version, kind, name = meta["version"], meta["kind"], meta["file"]
-        except (StoreError, ValueError, KeyError, TypeError):
+        except (StoreError, ValueError, KeyError, TypeError, RecursionError):
             return None
         usable = (type(version) is int and isinstance(kind, str) and isinstance(name, str)
                   and re.fullmatch(r"[a-z0-9-]+", kind) is not None

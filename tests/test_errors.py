@@ -112,6 +112,8 @@ BAD_ARGUMENTS = [
     (("build", "{facts}", "-o", "{new}", "--residual-prefixes", "6"),
      "residual_prefixes must be None or 0..n_prefixes (5), got 6"),
     (("build", "{facts}", "-o", "{file}/db"), "is not a writable directory"),
+    # where access() says yes (to root) and nothing can be made
+    (("build", "{facts}", "-o", "/proc/ndb-test-db"), "/proc is not a writable directory"),
     (("build", "{facts}", "-o", "{db}"), "already exists"),
     (("build", "{facts}", "-o", "{db}", "--resume", "--layer", "2", "--gamma", "0.5"),
      "--layer 2 (the database has 1); --gamma 0.5 (the database has 0.8)"),

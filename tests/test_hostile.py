@@ -361,3 +361,53 @@ def test_a_config_value_of_the_wrong_type_is_refused_in_one_line(saved, change):
     file.write_text(json.dumps({**data, key: value}))
     with pytest.raises(StoreError, match=key if key != "compute" else "compute"):
         NeuralDB.from_pretrained(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"gamma": float("nan")}, "gamma must be a number in"),
+    ({"gamma": 1e999}, "gamma must be a number in"),
+    ({"layer": -1}, "layer is -1, not in"),
+    ({"num_layers": 0}, "num_layers is 0, not in"),
+    ({"d_key": 10**12}, "d_key is 1000000000000, not in"),
+    ({"guard_margin": -0.5}, "guard_margin is -0.5, not in"),
+])
+def test_a_config_value_out_of_range_is_refused_in_one_line(saved, change, message):
+    path, _, _ = saved
+    file = st.config_file(path)
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))  # NaN as JSON does
+    with pytest.raises(StoreError, match=message) as refused:
+        NeuralDB.from_pretrained(path)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format_version": 1, "seed": 1' + "0" * 5000 + "}", "not valid JSON .a number too long"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply|not an object"),
+    ("[1, 2]", "holds list, not an object"),
+])
+def test_a_config_that_is_not_a_json_object_is_refused_in_one_line(saved, text, message):
+    path, _, _ = saved
+    st.config_file(path).write_text(text)
+    with pytest.raises(StoreError, match=message):
+        NeuralDB.from_pretrained(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "holds list, not an object"),
+    ('{"version": 1, "next_id": 3, "evil": 1}', "its fields are"),
+    ('{"version": 1, "next_id": ' + "9" * 5000 + "}", "a number too long"),
+    ('{"version": 1, "next_id": ' + str(2**70) + "}", "integers in 0..2.62"),
+])
+def test_a_malformed_manifest_is_refused_in_one_line(db, content, message):
+    path, _ = db
+    (path / st.MANIFEST).write_text(content)
+    with pytest.raises(StoreError, match=message):
+        st.Store(path)
+
+
+def test_a_manifest_whose_next_id_would_overwrite_a_stored_fact_is_refused(db):
+    """An add takes next_id for its new fact: below a stored id it would replace that fact."""
+    path, _ = db
+    edit_manifest(path, next_id=1)
+    with pytest.raises(StoreError, match="next_id 1 is not above every stored id .0..2."):
+        st.Store(path)
