@@ -196,16 +196,35 @@ def parse_record(record: Any, where: str) -> Fact:
     return validate(fact, where)
 
 
-def loads_json(text: str | bytes, where: str, with_position: bool = False) -> Any:
+def loads_json(text: str | bytes, where: str, with_position: bool = False,
+               fields_once: bool = False) -> Any:
     """``text`` as JSON; else a FactError naming ``where`` (and, within a whole file, the
-    position)."""
+    position). ``fields_once``: refuse an object that gives a field twice, where JSON keeps
+    the last (for what a user wrote: a third slower to parse)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_fields_once if fields_once else None)
+    except _FieldTwice as err:
+        raise FactError(f"{where}: field {err.args[0]!r} is given twice") from None
     except json.JSONDecodeError as err:
         raise FactError(f"{where}: not valid JSON ({err if with_position else err.msg})"
                         ) from None
+    except ValueError:  # Python reads integers of at most 4,300 digits
+        raise FactError(f"{where}: not valid JSON (a number too long)") from None
     except RecursionError:
         raise FactError(f"{where}: JSON nested too deeply") from None
+
+
+class _FieldTwice(Exception):
+    pass
+
+
+def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a field given twice (JSON would keep the last)."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        seen = set()
+        raise _FieldTwice(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return fields
 
 
 def as_facts(items: Iterable[Fact | dict[str, Any]]) -> list[Fact]:

@@ -96,13 +96,13 @@ READERS = {"counterfact": _from_counterfact, "zsre": _from_zsre}
 
 def _records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     if text.lstrip().startswith("["):
-        for i, record in enumerate(loads_json(text, name, with_position=True)):
+        for i, record in enumerate(loads_json(text, name, with_position=True, fields_once=True)):
             yield f"{name}: record {i + 1}", record
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             where = f"{name}: line {lineno}"
-            yield where, loads_json(line, where)
+            yield where, loads_json(line, where, fields_once=True)
 
 
 def parse_facts(text: str, name: str = "<facts>") -> list[Fact]:
@@ -126,8 +126,10 @@ def read_facts(path: str | Path) -> list[Fact]:
         text = _decode(raw.read(), "<stdin>") if raw is not None else sys.stdin.read()
         return parse_facts(text, "<stdin>")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FactError(f"{path}: no such file")
+    if not path.is_file():
+        raise FactError(f"{path}: not a regular file")
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,26 @@ def test_unreadable_inputs(tmp_path):
     empty.write_text("\n")
     with pytest.raises(FactError, match="no facts"):
         read_facts(empty)
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)  # opened, it would wait for a writer forever
+    for path in (tmp_path, fifo):
+        with pytest.raises(FactError, match="not a regular file"):
+            read_facts(path)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"subject": "Oslo", "subject": "Lima", "prompt": "{} is in", "target_new": "Peru"}',
+     "line 1: field 'subject' is given twice"),
+    ('[{"subject": "Oslo", "prompt": "{} is in", "target_new": "Peru", "key": "a", "key": 1}]',
+     "f.jsonl: field 'key' is given twice"),
+    ('{"subject": "Oslo", "prompt": "{} is in", "target_new": "Peru", "key": 1' + "0" * 5000
+     + "}", "not valid JSON .a number too long"),
+])
+def test_json_that_python_would_read_into_something_else_is_refused(line, problem):
+    """JSON keeps the last of two equal fields, and Python refuses 4,301-digit integers
+    with advice about its own settings: both name the record and the problem instead."""
+    with pytest.raises(FactError, match=problem):
+        parse_facts(line, "f.jsonl")
 
 
 def test_a_key_naming_two_facts_is_refused_and_repeats_are_not():
