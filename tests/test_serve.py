@@ -24,7 +24,7 @@ from ndb import ComputeConfig, NeuralDB
 from ndb.completion import complete
 from ndb.errors import ConfigError
 from ndb.serve import Limits, Server, running
-from ndb.serve.engine import Stopper, nucleus
+from ndb.serve.engine import Sampling, Stopper, nucleus, sample
 from ndb.serve.server import check_bind
 
 from conftest import FACTS, FAST_COMPUTE, tiny_model, write_jsonl
@@ -183,6 +183,26 @@ def test_nucleus_equals_a_full_sort(scale):  # needs the whole vocabulary looked
         expected = torch.zeros_like(probs).scatter(0, order, ranked)
         top, tokens = nucleus(probs, top_p)
         assert torch.equal(torch.zeros_like(probs).scatter(0, tokens, top), expected)
+
+
+def test_a_tiny_temperature_draws_the_likeliest_token(served):
+    """Logits divided by 1e-300 overflowed to inf, and the softmax to NaN: a 500 for the
+    request and for every other request of its batch."""
+    logits = 5 * torch.randn(49152, generator=torch.Generator().manual_seed(1))
+    for temperature in (1e-300, 1e-45, 1e-8):
+        for top_p in (1.0, 0.5):
+            drawn = sample(logits, Sampling(temperature=temperature, top_p=top_p),
+                           torch.Generator().manual_seed(0))
+            assert drawn == int(logits.argmax())
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=60) as client:
+        def ask(temperature: float) -> httpx.Response:
+            return client.post("/v1/completions", json={
+                "prompt": FACTS[0].text, "max_tokens": 4, "temperature": temperature})
+
+        tiny = ask(1e-300)
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["choices"][0]["text"] == ask(0).json()["choices"][0]["text"]
 
 
 def test_seed_reproduces_a_sample_and_stop_cuts_the_answer(served):

@@ -93,7 +93,10 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     """The next token from one row's logits: greedy at temperature 0, else nucleus."""
     if sampling.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    # in float64 (which holds every positive temperature; float32 rounds 1e-300 to 0) and
+    # from the largest logit down, so that a tiny temperature gives -inf, never inf or NaN
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
     if sampling.top_p >= 1:
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
     kept, tokens = nucleus(probs, sampling.top_p)  # drawn among the candidates alone
