@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ndb.anchor import fixed_first_ids
-from ndb.models import get_module
+from ndb.errors import ConfigError
+from ndb.models import check_model_inputs, get_module
 from ndb.residual_cache import ResidualCache
 from ndb.retrieval import GatedRetrieval
 
@@ -32,11 +33,15 @@ class Attachment:
 
     def __init__(self, db: NeuralDB, model: nn.Module, tokenizer, *, force: bool,
                  device: torch.device | str | None, cache_bytes: int):
+        check_model_inputs(model, tokenizer)
         if not force:
             db.config.check_model(model, db.path)
         self.db, self.model = db, model
         self.projection = get_module(model, db.config.module)
-        device = torch.device(device or next(model.parameters()).device)
+        try:
+            device = torch.device(device or next(model.parameters()).device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"{device!r} is not a torch device (e.g. cpu, cuda:0)") from None
         db.keys.move_to(device)
         self.residuals = ResidualCache(db.store, db.config.d_value, device, cache_bytes)
         anchor = db.config.anchor_token_id

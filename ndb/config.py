@@ -18,6 +18,7 @@ from ndb.anchor import anchor_token_id
 from ndb.errors import ConfigError, ModelMismatchError, StoreError
 from ndb.indexes import APPROXIMATE, check_kind
 from ndb.models import (
+    check_model_inputs,
     decoder_layers,
     default_edit_settings,
     embedding_params,
@@ -279,6 +280,9 @@ class NeuralDBConfig:
         """The config of a new database that edits ``model`` as ``edit`` says."""
         from ndb.compute import context_prefixes  # the model's own text, sampled with torch
 
+        check_model_inputs(model, tokenizer)
+        if not isinstance(edit.compute, ComputeConfig):
+            raise TypeError(f"compute must be a ComputeConfig, got {type(edit.compute).__name__}")
         layer, gamma = edit.layer, edit.gamma
         if layer is None or gamma is None:  # defaults are looked up only when needed
             default_layer, default_gamma = default_edit_settings(model)
@@ -319,6 +323,7 @@ class NeuralDBConfig:
     def check_model(self, model: nn.Module, where: object) -> None:
         """Refuse a model that differs from the one the database at ``where`` was built
         for (see ``mismatch``)."""
+        check_model_inputs(model)
         problem = self.mismatch(model)
         if problem:
             built_for = repr(self.model_name) if self.model_name else "a model without a name"

@@ -80,10 +80,11 @@ class NeuralDB:
     def save_pretrained(self, path: str | Path) -> None:
         """Write a compact copy of this database to ``path`` (which must not exist yet):
         every file a database consists of (see ndb.store), its segments merged into one."""
+        if Path(path).resolve() == self.path.resolve():
+            return self.flush()
+        store_mod.check_copy_target(self.path, Path(path))  # before anything is written
         self.flush()
-        if Path(path).resolve() != self.path.resolve():
-            self.refresh()
-            store_mod.copy_database(self.store, Path(path))
+        store_mod.copy_database(self.store, Path(path))
 
     def flush(self) -> None:
         """Persist the key index, so that the next open needs no rebuild."""
@@ -95,6 +96,7 @@ class NeuralDB:
 
     # -- facts ---------------------------------------------------------------------------
     def __len__(self) -> int:
+        self.refresh()  # another writer may have committed since
         return len(self.store.entries)
 
     def __iter__(self) -> Iterator[Fact]:
@@ -106,6 +108,7 @@ class NeuralDB:
 
     @property
     def ids(self) -> np.ndarray:
+        self.refresh()
         return self.store.entries.ids.copy()
 
     def facts(self) -> dict[int, Fact]:

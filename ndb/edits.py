@@ -19,6 +19,7 @@ from ndb.config import NeuralDBConfig
 from ndb.errors import FactError, FactNotFoundError
 from ndb.facts import Fact
 from ndb.keyset import KeySet
+from ndb.models import check_model_inputs
 from ndb.store import Pending, Store
 
 
@@ -85,8 +86,8 @@ def sort_out(stored: dict[int, Fact], facts: list[Fact], update: bool, skip_exis
 def as_fact_id(value: object) -> int:
     """A database id: an integer that fits the int64 ids of the store."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"fact ids are integers (the database's ids), got {value!r}; "
-                         "a fact's own key is a string")
+        raise FactError(f"fact ids are integers (the database's ids), got {value!r}; "
+                        "a fact's own key is a string")
     if not np.iinfo(np.int64).min <= int(value) <= np.iinfo(np.int64).max:
         raise FactNotFoundError(f"no fact with id {value} (ids are 64-bit integers)")
     return int(value)
@@ -120,6 +121,10 @@ def removable(stored: dict[int, Fact], ids_or_keys: Iterable[int | str], where: 
 
 def ids_of_edits(stored: dict[int, Fact], facts: Iterable[Fact], where: object) -> list[int]:
     """Ids of stored facts with the same edits as ``facts``, in order."""
+    facts = list(facts)
+    wrong = sorted({type(f).__name__ for f in facts if not isinstance(f, Fact)})
+    if wrong:
+        raise TypeError(f"ids_of takes Fact objects, got {', '.join(wrong)}")
     by_edit = {f.edit: i for i, f in stored.items()}
     for fact in facts:
         if fact.edit not in by_edit:
@@ -146,6 +151,7 @@ def editing_model(facts: list[Fact], model, tokenizer, config: NeuralDBConfig) -
     if model is None or tokenizer is None:
         raise ValueError("a model and tokenizer are needed: pass them, open the database "
                          "with from_pretrained(path, model, tokenizer), or attach first")
+    check_model_inputs(model, tokenizer)
     check_encodable(facts, model, tokenizer, config.prefixes, config.compute)
     return model, tokenizer
 

@@ -98,12 +98,14 @@ def type_name(value: Any) -> str:
 
 
 def _check_fact(fact: Fact) -> None:
+    if not isinstance(fact.extra, dict):
+        raise FactError(f"'extra' must be an object, got {type_name(fact.extra)}")
     for name in ("subject", "prompt", "target_new"):
         check_text(getattr(fact, name), name)
     if fact.target_true is not None:
         check_text(fact.target_true, "target_true")
-    if fact.key is not None:
-        check_text(fact.key, "key")
+    if fact.key is not None and "\n" in check_text(fact.key, "key"):
+        raise FactError(f"'key' must be one line, got {fact.key!r}")
     check_texts(fact.paraphrases, "paraphrases")
     for name in PROMPT_LISTS:
         if name in fact.extra:
@@ -229,13 +231,23 @@ def _fields_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def as_facts(items: Iterable[Fact | dict[str, Any]]) -> list[Fact]:
     """Accept Fact objects or plain/CounterFact/ZsRE dicts, validated."""
-    facts = [
-        validate(x, f"fact {i + 1}") if isinstance(x, Fact) else parse_record(x, f"fact {i + 1}")
-        for i, x in enumerate(items)
-    ]
+    facts = [_storable(x, f"fact {i + 1}") if isinstance(x, Fact)
+             else parse_record(x, f"fact {i + 1}") for i, x in enumerate(items)]
     if not facts:
         raise FactError("no facts given")
     return facts
+
+
+def _storable(fact: Fact, where: str) -> Fact:
+    """``fact``, validated, if the record a database stores for it reads back (what a Fact
+    built in code may hold in ``extra`` need not)."""
+    validate(fact, where)
+    try:
+        record = json.loads(json.dumps(fact.to_json()))
+    except (TypeError, ValueError) as err:
+        raise FactError(f"{where}: 'extra' holds what JSON cannot ({err})") from None
+    parse_record(record, where)
+    return fact
 
 
 def read_stored(store: Store, ids: np.ndarray | None = None) -> dict[int, Fact]:

@@ -136,6 +136,19 @@ def default_edit_settings(model: nn.Module) -> tuple[int, float]:
     return defaults.layer, defaults.gamma
 
 
+def check_model_inputs(model: nn.Module, tokenizer=None) -> None:
+    """Refuse, with a TypeError naming it, what is not a model or a tokenizer (before it
+    fails as an AttributeError deep inside)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a loaded torch model (nn.Module), got "
+                        f"{type(model).__name__}; ndb.load_model loads one by name")
+    if tokenizer is not None and not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got "
+                        f"{type(tokenizer).__name__}")
+
+
 def family_of(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:

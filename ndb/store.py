@@ -853,13 +853,23 @@ def create(path: Path, config: dict, background: np.ndarray | None = None) -> No
         Manifest().write(staging)
 
 
+def check_copy_target(source: Path, path: Path) -> None:
+    """Refuse a path a copy of the database at ``source`` cannot be made at: one that
+    exists, lies inside the database, or cannot be written."""
+    if os.path.lexists(path):
+        raise StoreError(f"{path} already exists")
+    if Path(source).resolve() in Path(path).resolve().parents:
+        raise ConfigError(f"{path} is inside the database {source}; save the copy elsewhere")
+    check_writable(path, what="directory")
+
+
 def copy_database(source: Store, path: Path) -> None:
     """Copy the database of ``source`` to ``path`` (which must not exist), compacted: every
     file listed at the top of this module but the lock and the index cache, which is
     rebuilt on first use (a copy's one segment invalidates it anyway)."""
     path = Path(path)
-    if os.path.lexists(path):
-        raise StoreError(f"{path} already exists")
+    check_copy_target(source.path, path)
+    source.refresh()  # what was committed last, by any writer
     with _new_directory(path) as staging:
         atomic_write_bytes(staging / CONFIG, regular_file(config_file(source.path)).read_bytes())
         if os.path.lexists(source.path / BACKGROUND):

@@ -237,3 +237,51 @@ def test_create_add_and_remove_show_bars_unless_told_not_to(tmp_path, llama, cap
                             progress=False)
     quiet.add(FACTS[:2], model, tok, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_what_a_fact_object_holds_is_checked_before_it_is_stored(db):
+    """A Fact built in code is not a parsed record: an 'extra' that is not an object was
+    stored, and every later read of the database failed on it."""
+    before = dict(db.facts())
+    for fact, problem in [
+        (Fact("Anna", "{} is", "x", extra=[1]), "'extra' must be an object, got list"),
+        (Fact("Anna", "{} is", "x", extra=None), "'extra' must be an object, got null"),
+        (Fact("Anna", "{} is", "x", extra={"s": {1, 2}}), "'extra' holds what JSON cannot"),
+        (Fact("Anna", "{} is", "x", key="a\nb"), "'key' must be one line"),
+    ]:
+        with pytest.raises(ndb.FactError, match=problem):
+            db.add([fact])
+    assert NeuralDB(db.path).facts() == before
+
+
+def test_what_is_not_a_model_a_tokenizer_or_a_fact_is_a_type_error(db, llama, tmp_path):
+    model, tok = llama
+    for call in (lambda: db.attach(None), lambda: db.attach("smollm2-135m"),
+                 lambda: db.attach(model, 5), lambda: db.add(FACTS[:1], "gpt2", tok),
+                 lambda: NeuralDB.create(tmp_path / "new", None, tok),
+                 lambda: NeuralDB.create(tmp_path / "new", model, tok, compute={"steps": 1}),
+                 lambda: db.ids_of("Paris")):
+        with pytest.raises(TypeError):
+            call()
+    assert not (tmp_path / "new").exists() and not ndb.attached(model)
+    with pytest.raises(ConfigError, match="'bogus' is not a torch device"):
+        db.attach(model, device="bogus")
+
+
+def test_a_copy_is_refused_inside_the_database_and_where_it_cannot_be_made(db, tmp_path):
+    files = sorted(p.relative_to(db.path) for p in db.path.rglob("*"))
+    with pytest.raises(ConfigError, match="is inside the database"):
+        db.save_pretrained(db.path / "copy")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="not a writable directory"):
+        db.save_pretrained(tmp_path / "afile" / "copy")
+    assert sorted(p.relative_to(db.path) for p in db.path.rglob("*")) == files
+
+
+def test_a_second_handle_counts_what_the_first_wrote(db, llama):
+    model, tok = llama
+    other = NeuralDB(db.path)
+    (new_id,) = db.add([Fact("Anna", "{} lives in", "Oslo")], model, tok)
+    assert len(other) == len(db) and new_id in other.ids
+    db.remove([new_id], model, tok)
+    assert len(other) == len(db) and new_id not in other.ids
