@@ -183,10 +183,11 @@ def fast_compute(monkeypatch):
     """Every database the commands create computes with the fast test settings."""
     from ndb import config
 
-    def fast(**kwargs):
-        return ComputeConfig(**{**FAST_COMPUTE, **kwargs})
+    class Fast(ComputeConfig):
+        def __init__(self, **kwargs):
+            super().__init__(**{**FAST_COMPUTE, **kwargs})
 
-    monkeypatch.setattr(config, "ComputeConfig", fast)  # the CLI's build and create's default
+    monkeypatch.setattr(config, "ComputeConfig", Fast)  # the CLI's build and create's default
 
 
 def test_tune_then_build_uses_the_tuned_settings(tmp_path, tiny_model_dir, ndb_home,
