@@ -318,7 +318,6 @@ def _build(facts, db_path, model_name, layer, gamma, device, batch_size, seed, i
             ids = db.add(records, model, tokenizer, skip_existing=resume, progress=True,
                          commit_each_batch=True)
     except BaseException:
-        db.refresh()
         click.echo(f"ndb: {len(db) - before} facts were committed to {path} before the "
                    f"failure; 'ndb build FACTS -o {path} --resume' continues", err=True)
         raise

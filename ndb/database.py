@@ -80,11 +80,9 @@ class NeuralDB:
     def save_pretrained(self, path: str | Path) -> None:
         """Write a compact copy of this database to ``path`` (which must not exist yet):
         every file a database consists of (see ndb.store), its segments merged into one."""
-        if Path(path).resolve() == self.path.resolve():
-            return self.flush()
-        store_mod.check_copy_target(self.path, Path(path))  # before anything is written
+        if Path(path).resolve() != self.path.resolve():
+            store_mod.copy_database(self.store, Path(path))  # checks the path first
         self.flush()
-        store_mod.copy_database(self.store, Path(path))
 
     def flush(self) -> None:
         """Persist the key index, so that the next open needs no rebuild."""

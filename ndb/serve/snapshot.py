@@ -42,8 +42,7 @@ class Snapshot:
     @classmethod
     def of(cls, db: NeuralDB, device: torch.device) -> Snapshot:
         """The database's current committed state, copied out of it."""
-        db.refresh()
-        ids = db.ids
+        ids = db.ids  # as last committed
         keys = KeySet(db.store, db.config)  # a fresh index that no later commit updates
         keys.move_to(device)
         residuals = (db.store.read("residuals", ids).astype(np.float32) if len(ids)
